@@ -1,0 +1,110 @@
+"""Configuration of diffseg_d2: every key lives under ``MODEL.DIFFSEG``.
+
+``add_diffseg_config(cfg)`` adds the node with the reference settings as defaults
+and is idempotent, so it can be called after (or before) other projects'
+``add_*_config``. ``get_diffseg_cfg(config_file, opts)`` is the one setup helper
+used by the tools, the tests and user code.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+__all__ = ["add_diffseg_config", "get_diffseg_cfg"]
+
+
+def add_diffseg_config(cfg: CN) -> CN:
+    """Add the ``MODEL.DIFFSEG`` node to ``cfg`` (in place; a no-op if present)."""
+    if "DIFFSEG" in cfg.MODEL:
+        return cfg
+    was_frozen = cfg.is_frozen()
+    cfg.defrost()
+    _c = cfg.MODEL.DIFFSEG = CN()
+
+    # --- the shared Stable Diffusion substrate -----------------------------------
+    _c.SD = CN()
+    # Hub id, local diffusers folder (model_index.json + unet/ vae/ text_encoder/
+    # tokenizer/ scheduler/), or "tiny" (small random weights built once into the cache).
+    _c.SD.WEIGHTS = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    # Hub revision (branch, tag or commit); empty for the default branch.
+    _c.SD.REVISION = ""
+    # Compute dtype of the frozen SD parts: float32, float16 or bfloat16 (the last two on CUDA only).
+    _c.SD.DTYPE = "float32"
+
+    # --- DiffSegmenter ---------------------------------------------------------------
+    # Side of the square the image is resized to before the VAE (512 for SD 1.5).
+    _c.IMAGE_SIZE = 512
+    # Diffusion timestep (of the scheduler's 1000) at which noise is added before the one UNet pass.
+    _c.NOISE_STEP = 100
+    # Seed of the added noise; the same image always gets the same noise.
+    _c.SEED = 0
+    # Prompt of each class; "{}" is replaced by the class name.
+    _c.PROMPT_TEMPLATE = "a photograph of {}."
+    # "shared": ONE UNet pass conditioned on CARRIER_TEMPLATE, every class prompt's cross-attention
+    # read out against that pass's queries (cost nearly flat in the number of classes);
+    # "per_class": every class prompt conditions its own batch element, as in the reference (cost linear).
+    _c.CONDITIONING = "shared"
+    # Carrier prompt of "shared" conditioning; "{}" is replaced by the comma-joined class names.
+    _c.CARRIER_TEMPLATE = "a photograph of {}."
+    # Most class prompts per batched UNet call with "per_class" conditioning (larger vocabularies are chunked).
+    _c.CLASS_CHUNK_SIZE = 8
+    # Latent downsampling factors whose cross-attention is read: 8, 4, 2, 1 are the 8/16/32/64 maps of SD 1.5 at 512.
+    _c.CROSS_ATTN_FACTORS = [8, 4, 2, 1]
+    # Weight of each factor's min-max normalised map in the sum (same order as CROSS_ATTN_FACTORS).
+    _c.CROSS_ATTN_WEIGHTS = [0.3, 0.5, 0.1, 0.1]
+    # Refine the class maps with the self-attention averaged at this latent factor (1 = 64x64 for SD 1.5).
+    _c.SELF_ATTN_FACTOR = 1
+    # Apply the self-attention refinement M = S @ c.
+    _c.REFINE = True
+    # Score of the background channel; a pixel whose normalised class scores all fall below it is background.
+    _c.BACKGROUND_THRESHOLD = 0.4
+    # Class names to segment; empty = the stuff_classes of DATASETS.TEST[0].
+    _c.VOCABULARY = []
+
+    # --- CLIP, shared by the category filter (and later methods) -----------------------
+    _c.CLIP = CN()
+    # open_clip weights: a hub id (loaded as "hf-hub:<id>"), a local folder with open_clip_config.json
+    # and weights, or "tiny" (small random weights built once into the cache).
+    _c.CLIP.WEIGHTS = "laion/CLIP-ViT-L-14-laion2B-s32B-b82K"
+    # Prompt templates whose text embeddings are averaged per class.
+    _c.CLIP.TEMPLATES = ["a photo of a {}.", "a photo of the {}.", "a photograph of a {}."]
+
+    # --- category filter -----------------------------------------------------------------
+    _c.CATEGORY_FILTER = CN()
+    # Drop classes that CLIP judges absent from the image before the argmax.
+    _c.CATEGORY_FILTER.ENABLED = True
+    # Keep a class when its softmax probability over the vocabulary (CLIP image-text) is at least this.
+    _c.CATEGORY_FILTER.THRESHOLD = 0.02
+    # Keep at most this many classes (the most probable); 0 = no cap.
+    _c.CATEGORY_FILTER.TOP_K = 0
+
+    # --- caption augmentation --------------------------------------------------------------
+    _c.CAPTION = CN()
+    # Append a generated caption to every class prompt (the reference's prompt augmentation).
+    _c.CAPTION.ENABLED = False
+    # Captioner (transformers BLIP): a hub id or a local folder.
+    _c.CAPTION.WEIGHTS = "Salesforce/blip-image-captioning-base"
+    # Longest generated caption, in tokens.
+    _c.CAPTION.MAX_NEW_TOKENS = 20
+
+    if was_frozen:
+        cfg.freeze()
+    return cfg
+
+
+def get_diffseg_cfg(config_file: Optional[str] = None, opts: Optional[Sequence[str]] = None) -> CN:
+    """A detectron2 config with the diffseg_d2 keys, merged from a yaml and ``KEY VALUE`` opts.
+
+    Importing diffseg_d2 here makes sure every registry entry a config may name exists.
+    """
+    import diffseg_d2  # noqa: F401  (registers meta-architectures and datasets)
+
+    cfg = get_cfg()
+    add_diffseg_config(cfg)
+    if config_file:
+        cfg.merge_from_file(config_file)
+    if opts:
+        cfg.merge_from_list(list(opts))
+    return cfg

@@ -1,0 +1,20 @@
+"""The diffusion substrate shared by every method: SD loading, prompts, attention recording.
+
+Nothing here imports diffusers or transformers at import time.
+"""
+from .attention import AttentionRecorder, AttentionStore, attention_layers, available_factors, record_attention
+from .frozen_sd import FrozenStableDiffusion, StableDiffusionParts, load_stable_diffusion
+from .prompts import ClassPrompts, build_class_prompts
+
+__all__ = [
+    "AttentionRecorder",
+    "AttentionStore",
+    "ClassPrompts",
+    "FrozenStableDiffusion",
+    "StableDiffusionParts",
+    "attention_layers",
+    "available_factors",
+    "build_class_prompts",
+    "load_stable_diffusion",
+    "record_attention",
+]

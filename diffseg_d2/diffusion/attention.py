@@ -1,0 +1,316 @@
+"""Recording attention maps from a diffusers UNet, streamed into small accumulators.
+
+``record_attention(unet, store)`` installs an ``AttentionRecorder`` processor on
+the chosen layers only (``unet.set_attn_processor``); every other layer keeps
+its fast default processor, and the original processors are put back when the
+context exits. A recorder computes its layer's output exactly as diffusers'
+default processor does and, on the way, reduces the attention probabilities it
+needs straight into the ``AttentionStore``:
+
+* cross-attention: for every class, the probability mass on the class word's
+  tokens (mean over its sub-word tokens), averaged over heads -> summed into a
+  ``(K, h*w)`` accumulator per latent factor;
+* self-attention: averaged over heads and batch -> summed into one
+  ``(h*w, h*w)`` accumulator per latent factor.
+
+Nothing is kept per layer or per head. Cross-attention can be read in two ways:
+against the layer's own keys (each batch element is one class prompt), or, with
+``store.readout_context`` set, against the keys of all class prompts at once
+while the UNet itself runs on one carrier prompt (``shared`` conditioning).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Dict, Iterator, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+# Largest transient tensor (bytes) a recorder materialises at once; bounds the extra memory.
+_CHUNK_BYTES = 64 * 2**20
+
+
+def attention_layers(unet) -> Dict[str, Tuple[str, int]]:
+    """Map each attention processor name to ``(kind, factor)``.
+
+    ``kind`` is ``"self"`` (``attn1``) or ``"cross"`` (``attn2``); ``factor`` is the
+    layer's downsampling relative to the latent (1, 2, 4, ...): down block ``i``
+    works at ``2**i``, the mid block at the coarsest level, up block ``j`` at
+    ``2**(n-1-j)``.
+    """
+    n_down, n_up = len(unet.down_blocks), len(unet.up_blocks)
+    layers = {}
+    for name in unet.attn_processors:
+        parts = name.split(".")
+        if parts[0] == "down_blocks":
+            level = int(parts[1])
+        elif parts[0] == "mid_block":
+            level = n_down - 1
+        elif parts[0] == "up_blocks":
+            level = n_up - 1 - int(parts[1])
+        else:
+            continue
+        if ".attn1." in name:
+            kind = "self"
+        elif ".attn2." in name:
+            kind = "cross"
+        else:
+            continue
+        layers[name] = (kind, 2**level)
+    return layers
+
+
+def available_factors(unet, kind: str) -> list:
+    """Sorted latent factors at which ``unet`` has attention layers of ``kind``."""
+    return sorted({f for k, f in attention_layers(unet).values() if k == kind})
+
+
+def _scaled_size(size: int, factor: int) -> int:
+    # Each UNet downsampling (stride-2 conv, padding 1) rounds up.
+    while factor > 1:
+        size = math.ceil(size / 2)
+        factor //= 2
+    return size
+
+
+class AttentionStore:
+    """Streaming per-factor sums of attention maps for one image.
+
+    Args:
+        latent_size: ``(h, w)`` of the latent the UNet runs on.
+        token_index: ``(K, T)`` positions, in each class prompt, of the class word's tokens.
+        token_weight: ``(K, T)`` weights over those positions (1/n for the n real
+            sub-word tokens, 0 for padding), so a weighted sum is the mean.
+        readout_context: optional ``(K, L, D)`` encoded class prompts. When set,
+            cross-attention is read against these keys instead of the layer's own.
+    """
+
+    def __init__(
+        self,
+        latent_size: Tuple[int, int],
+        token_index: torch.Tensor,
+        token_weight: torch.Tensor,
+        readout_context: Optional[torch.Tensor] = None,
+    ):
+        self.latent_size = tuple(latent_size)
+        self.token_index = token_index
+        self.token_weight = token_weight
+        self.readout_context = readout_context
+        self.num_classes = token_index.shape[0]
+        # Rows of the class accumulators that the current UNet batch holds
+        # ("per_class" conditioning: one class prompt per batch element).
+        self.batch_classes = slice(0, self.num_classes)
+        self.reset()
+
+    def reset(self) -> None:
+        self._cross: Dict[int, torch.Tensor] = {}
+        self._cross_count: Dict[int, torch.Tensor] = {}
+        self._self: Dict[int, torch.Tensor] = {}
+        self._self_count: Dict[int, int] = {}
+
+    def resolution(self, factor: int) -> Tuple[int, int]:
+        h, w = self.latent_size
+        return _scaled_size(h, factor), _scaled_size(w, factor)
+
+    def add_cross(self, factor: int, rows: slice, maps: torch.Tensor) -> None:
+        """Add ``(len(rows), N)`` head-averaged class maps of one layer."""
+        if factor not in self._cross:
+            n = maps.shape[-1]
+            self._cross[factor] = torch.zeros(self.num_classes, n, device=maps.device)
+            self._cross_count[factor] = torch.zeros(self.num_classes, device=maps.device)
+        self._cross[factor][rows] += maps.float()
+        self._cross_count[factor][rows] += 1
+
+    def add_self(self, factor: int, summed: torch.Tensor, count: int) -> None:
+        """Add an ``(N, N)`` sum of ``count`` self-attention probability maps."""
+        if factor not in self._self:
+            self._self[factor] = torch.zeros_like(summed, dtype=torch.float32)
+            self._self_count[factor] = 0
+        self._self[factor] += summed.float()
+        self._self_count[factor] += count
+
+    def cross_factors(self) -> list:
+        return sorted(self._cross)
+
+    def cross_maps(self, factor: int) -> torch.Tensor:
+        """Mean class maps at ``factor``: ``(K, h, w)``."""
+        if factor not in self._cross:
+            raise KeyError(f"no cross-attention was recorded at latent factor {factor}")
+        mean = self._cross[factor] / self._cross_count[factor].clamp(min=1)[:, None]
+        return mean.view(self.num_classes, *self.resolution(factor))
+
+    def self_map(self, factor: int) -> torch.Tensor:
+        """Mean self-attention at ``factor``: ``(N, N)``, rows are queries (each sums to 1)."""
+        if factor not in self._self:
+            raise KeyError(f"no self-attention was recorded at latent factor {factor}")
+        return self._self[factor] / self._self_count[factor]
+
+
+def class_token_maps(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    token_index: torch.Tensor,
+    token_weight: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Head-averaged attention on each class's word tokens.
+
+    Args:
+        query: ``(Bq, H, N, d)`` with ``Bq`` = 1 (shared) or K.
+        key: ``(K, H, L, d)``: one prompt's keys per class.
+        token_index, token_weight: ``(K, T)``.
+        scale: softmax temperature of the layer (``1/sqrt(d)``).
+
+    Returns:
+        ``(K, N)``: for every query position, the softmax(QK^T * scale) mass on
+        the class word (mean over its sub-word tokens), averaged over heads.
+    """
+    K, H, L, _ = key.shape
+    N = query.shape[2]
+    per_class = H * N * L * query.element_size()
+    step = max(1, _CHUNK_BYTES // max(per_class, 1))
+    out = []
+    for start in range(0, K, step):
+        stop = min(K, start + step)
+        q = query if query.shape[0] == 1 else query[start:stop]
+        probs = torch.matmul(q, key[start:stop].transpose(-1, -2)).mul_(scale).softmax(dim=-1)  # (k, H, N, L)
+        idx = token_index[start:stop].to(probs.device)
+        picked = probs.gather(-1, idx[:, None, None, :].expand(-1, H, N, -1))  # (k, H, N, T)
+        w = token_weight[start:stop].to(device=probs.device, dtype=probs.dtype)
+        out.append((picked * w[:, None, None, :]).sum(-1).mean(1))
+    return torch.cat(out, dim=0)
+
+
+class AttentionRecorder:
+    """A diffusers attention processor that also feeds an ``AttentionStore``.
+
+    The layer output matches diffusers' ``AttnProcessor2_0``. Cross-attention
+    output still comes from ``scaled_dot_product_attention``; self-attention is
+    computed explicitly, a few heads at a time, because its probabilities are
+    the thing being recorded.
+    """
+
+    def __init__(self, store: AttentionStore, kind: str, factor: int):
+        if kind not in ("self", "cross"):
+            raise ValueError(f"kind must be 'self' or 'cross', not {kind!r}")
+        self.store = store
+        self.kind = kind
+        self.factor = factor
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        batch, _, _ = hidden_states.shape
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        key = attn.to_k(context)
+        value = attn.to_v(context)
+        heads = attn.heads
+        head_dim = key.shape[-1] // heads
+        query = query.view(batch, -1, heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        if self.kind == "self" and attention_mask is None:
+            out = self._self_attention(query, key, value, attn.scale)
+        else:
+            mask = None
+            if attention_mask is not None:
+                mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
+                mask = mask.view(batch, heads, -1, mask.shape[-1])
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scale)
+            if self.kind == "cross":
+                self._read_cross(attn, query, key)
+            else:
+                raise NotImplementedError("recording masked self-attention is not supported")
+
+        out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def _read_cross(self, attn, query: torch.Tensor, key: torch.Tensor) -> None:
+        store = self.store
+        if store.readout_context is not None:
+            context = store.readout_context.to(device=query.device, dtype=query.dtype)
+            if attn.norm_cross:
+                context = attn.norm_encoder_hidden_states(context)
+            k = attn.to_k(context)
+            k = k.view(k.shape[0], -1, attn.heads, k.shape[-1] // attn.heads).transpose(1, 2)
+            if attn.norm_k is not None:
+                k = attn.norm_k(k)
+            rows = slice(0, store.num_classes)
+            query = query[:1]  # the carrier batch holds one image
+        else:
+            k = key
+            rows = store.batch_classes
+        maps = class_token_maps(query, k, store.token_index[rows], store.token_weight[rows], attn.scale)
+        store.add_cross(self.factor, rows, maps)
+
+    def _self_attention(self, query, key, value, scale: float) -> torch.Tensor:
+        batch, heads, n, _ = query.shape
+        per_head = batch * n * key.shape[2] * 4
+        step = max(1, min(heads, _CHUNK_BYTES // max(per_head, 1)))
+        out = torch.empty_like(query)
+        summed = None
+        for start in range(0, heads, step):
+            sl = slice(start, min(heads, start + step))
+            probs = torch.matmul(query[:, sl], key[:, sl].transpose(-1, -2)).mul_(scale).softmax(dim=-1)
+            out[:, sl] = torch.matmul(probs, value[:, sl])
+            part = probs.sum(dim=(0, 1), dtype=torch.float32)
+            summed = part if summed is None else summed.add_(part)
+        self.store.add_self(self.factor, summed, batch * heads)
+        return out
+
+
+@contextlib.contextmanager
+def record_attention(
+    unet,
+    store: AttentionStore,
+    cross_factors: Sequence[int] = (),
+    self_factors: Sequence[int] = (),
+) -> Iterator[AttentionStore]:
+    """Record the chosen layers of ``unet`` into ``store`` inside the ``with`` block.
+
+    Only layers at ``cross_factors`` (cross-attention) and ``self_factors``
+    (self-attention) get a recorder; the rest keep their processors. The
+    original processors are restored on exit, also after an exception.
+    """
+    layers = attention_layers(unet)
+    for kind, wanted in (("cross", cross_factors), ("self", self_factors)):
+        missing = sorted(set(wanted) - set(available_factors(unet, kind)))
+        if missing:
+            raise ValueError(
+                f"The UNet has no {kind}-attention at latent factors {missing}; "
+                f"it has them at {available_factors(unet, kind)}."
+            )
+    originals = dict(unet.attn_processors)
+    processors = {}
+    for name, proc in originals.items():
+        kind, factor = layers.get(name, (None, None))
+        chosen = (kind == "cross" and factor in cross_factors) or (kind == "self" and factor in self_factors)
+        processors[name] = AttentionRecorder(store, kind, factor) if chosen else proc
+    unet.set_attn_processor(processors)
+    try:
+        yield store
+    finally:
+        unet.set_attn_processor(originals)

@@ -1,0 +1,177 @@
+"""The frozen Stable Diffusion substrate shared by every method.
+
+``load_stable_diffusion`` reads the five SD components from a hub id, a local
+diffusers folder or the ``tiny`` preset, always through ``from_pretrained`` with
+safetensors. ``FrozenStableDiffusion`` wraps them: VAE encoding of images,
+noising at a timestep, prompt tokenisation and encoding, and the UNet call.
+Its parameters never train and it stays in eval mode.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..optional_imports import require
+from ..tiny_models import TINY_SD_FOLDER, build_tiny_stable_diffusion
+from ..weights import WeightsLocation, hub_load_error, resolve_weights
+
+logger = logging.getLogger(__name__)
+
+SD_WEIGHTS_KEY = "MODEL.DIFFSEG.SD.WEIGHTS"
+# What a local SD folder must hold for the loader below (weights as safetensors only).
+SD_REQUIRED_FILES = (
+    "unet/config.json",
+    "unet/*.safetensors",
+    "vae/config.json",
+    "vae/*.safetensors",
+    "text_encoder/config.json",
+    "text_encoder/*.safetensors",
+    "tokenizer/tokenizer_config.json",
+    "scheduler/scheduler_config.json",
+)
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class StableDiffusionParts:
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+
+
+def resolve_sd_weights(weights: str) -> WeightsLocation:
+    return resolve_weights(
+        weights,
+        config_key=SD_WEIGHTS_KEY,
+        required_files=SD_REQUIRED_FILES,
+        tiny=(TINY_SD_FOLDER, build_tiny_stable_diffusion),
+    )
+
+
+def load_stable_diffusion(weights: str, revision: Optional[str] = None) -> StableDiffusionParts:
+    """Load UNet, VAE, text encoder, tokenizer and a DDIM scheduler (float32, CPU).
+
+    Args:
+        weights: hub id, local diffusers folder, or ``"tiny"`` (see ``MODEL.DIFFSEG.SD.WEIGHTS``).
+        revision: hub revision; ignored for local folders.
+    """
+    diffusers = require("diffusers", "diffusers", "Loading Stable Diffusion")
+    transformers = require("transformers", "transformers", "Loading Stable Diffusion")
+    location = resolve_sd_weights(weights)
+    kwargs = {} if location.is_local or not revision else {"revision": revision}
+    logger.info("loading Stable Diffusion from %s", location.path)
+    try:
+        return StableDiffusionParts(
+            unet=diffusers.UNet2DConditionModel.from_pretrained(
+                location.path, subfolder="unet", use_safetensors=True, **kwargs
+            ),
+            vae=diffusers.AutoencoderKL.from_pretrained(
+                location.path, subfolder="vae", use_safetensors=True, **kwargs
+            ),
+            text_encoder=transformers.CLIPTextModel.from_pretrained(
+                location.path, subfolder="text_encoder", use_safetensors=True, **kwargs
+            ),
+            tokenizer=transformers.CLIPTokenizer.from_pretrained(location.path, subfolder="tokenizer", **kwargs),
+            # SD 1.5 ships a PNDM scheduler config; the noise schedule (betas) is what matters
+            # here and DDIM reads the same keys.
+            scheduler=diffusers.DDIMScheduler.from_pretrained(location.path, subfolder="scheduler", **kwargs),
+        )
+    except OSError as e:
+        if location.is_local:
+            raise
+        raise hub_load_error(location, "Stable Diffusion components", e) from e
+
+
+class FrozenStableDiffusion(nn.Module):
+    """Frozen SD components with the few operations the methods need.
+
+    Args:
+        parts: the loaded components.
+        dtype: compute dtype of UNet, VAE and text encoder. Half precision is
+            only used on CUDA; on CPU the parts stay float32.
+    """
+
+    def __init__(self, parts: StableDiffusionParts, dtype: str = "float32"):
+        super().__init__()
+        if dtype not in _DTYPES:
+            raise ValueError(f"MODEL.DIFFSEG.SD.DTYPE = '{dtype}' is not one of {sorted(_DTYPES)}.")
+        self.requested_dtype = _DTYPES[dtype]
+        self.unet = parts.unet
+        self.vae = parts.vae
+        self.text_encoder = parts.text_encoder
+        self.tokenizer = parts.tokenizer
+        self.scheduler = parts.scheduler
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "FrozenStableDiffusion":
+        # Frozen parts stay in eval mode whatever the parent model does.
+        return super().train(False)
+
+    def _apply(self, fn, recurse: bool = True):
+        # Every .to()/.cuda() runs through here: after a move, apply the dtype policy
+        # (half precision on CUDA only, by config).
+        super()._apply(fn, recurse)
+        want = self.requested_dtype if self.device.type == "cuda" else torch.float32
+        if self.unet.dtype != want:
+            super()._apply(lambda t: t.to(want) if t.is_floating_point() else t, recurse)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent cell along each side (8 for SD 1.5)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.tokenizer.model_max_length)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """VAE posterior means, scaled: (B, 3, H, W) in [-1, 1] -> (B, C_lat, H/f, W/f)."""
+        posterior = self.vae.encode(images.to(self.dtype)).latent_dist
+        return posterior.mean * self.vae.config.scaling_factor
+
+    def add_noise(self, latents: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
+        """Noise latents to timestep ``step`` of the scheduler's training schedule (same shape)."""
+        noise = torch.randn(latents.shape, generator=generator, device=generator.device, dtype=torch.float32)
+        timesteps = torch.full((latents.shape[0],), int(step), dtype=torch.long)
+        noisy = self.scheduler.add_noise(latents.float().cpu(), noise.cpu(), timesteps)
+        return noisy.to(device=latents.device, dtype=latents.dtype)
+
+    def tokenize(self, prompts: Sequence[str], truncate: bool = False) -> torch.Tensor:
+        """Token ids padded to the context length: (B, L). Raises if a prompt is too long."""
+        out = self.tokenizer(
+            list(prompts), padding="max_length", max_length=self.context_length,
+            truncation=truncate, return_tensors="pt",
+        )
+        ids = out.input_ids
+        if ids.shape[1] > self.context_length:
+            raise ValueError(f"prompts longer than the text encoder's context of {self.context_length} tokens")
+        return ids
+
+    @torch.no_grad()
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Per-token text embeddings: (B, L) ids -> (B, L, D)."""
+        return self.text_encoder(input_ids.to(self.device))[0].to(self.dtype)
+
+    @torch.no_grad()
+    def unet_forward(self, latents: torch.Tensor, step: int, context: torch.Tensor) -> torch.Tensor:
+        """One UNet call: latents (B, C, h, w), context (B, L, D) -> noise prediction (B, C, h, w)."""
+        t = torch.full((latents.shape[0],), int(step), device=latents.device, dtype=torch.long)
+        return self.unet(latents.to(self.dtype), t, encoder_hidden_states=context.to(self.dtype)).sample

@@ -1,0 +1,77 @@
+"""Class prompts and the positions of each class word's tokens in them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence
+
+import torch
+
+from ..vocabulary import VocabularyError
+
+
+@dataclass
+class ClassPrompts:
+    """Tokenised prompts, one per class.
+
+    Attributes:
+        prompts: the K prompt strings.
+        input_ids: ``(K, L)`` token ids padded to the text encoder's context L.
+        token_index: ``(K, T)`` positions of the class word's (sub-word) tokens.
+        token_weight: ``(K, T)``: 1/n on the n real positions of a row, 0 on padding.
+    """
+
+    prompts: List[str]
+    input_ids: torch.Tensor
+    token_index: torch.Tensor
+    token_weight: torch.Tensor
+
+
+def _find(seq: Sequence[int], sub: Sequence[int]) -> int:
+    for i in range(len(seq) - len(sub) + 1):
+        if list(seq[i : i + len(sub)]) == list(sub):
+            return i
+    return -1
+
+
+def build_class_prompts(tokenizer, names: Sequence[str], template: str, suffix: str = "") -> ClassPrompts:
+    """Prompt ``template.format(name) + suffix`` per class, and where the name's tokens sit.
+
+    Raises:
+        VocabularyError: a name that tokenises to nothing, a prompt longer than
+            the tokenizer's context, or a template that does not contain the
+            name as separate words.
+    """
+    if "{}" not in template:
+        raise VocabularyError(f"The prompt template {template!r} has no '{{}}' where the class name goes.")
+    context = int(tokenizer.model_max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompts, rows, positions = [], [], []
+    for name in names:
+        name_ids = tokenizer(name, add_special_tokens=False).input_ids
+        if not name_ids:
+            raise VocabularyError(
+                f"The class name {name!r} tokenises to nothing; use a name made of letters or digits."
+            )
+        prompt = template.format(name) + (f" {suffix}" if suffix else "")
+        ids = tokenizer(prompt).input_ids
+        if len(ids) > context:
+            raise VocabularyError(
+                f"The prompt {prompt!r} is {len(ids)} tokens long, more than the text encoder's context of "
+                f"{context}. Shorten the class name or MODEL.DIFFSEG.PROMPT_TEMPLATE."
+            )
+        start = _find(ids, name_ids)
+        if start < 0:
+            raise VocabularyError(
+                f"The class name {name!r} is not tokenised the same way inside the prompt {prompt!r}; "
+                "put '{}' in MODEL.DIFFSEG.PROMPT_TEMPLATE between spaces or punctuation."
+            )
+        prompts.append(prompt)
+        rows.append(ids + [pad] * (context - len(ids)))
+        positions.append(list(range(start, start + len(name_ids))))
+    width = max(len(p) for p in positions)
+    token_index = torch.zeros(len(names), width, dtype=torch.long)
+    token_weight = torch.zeros(len(names), width)
+    for i, pos in enumerate(positions):
+        token_index[i, : len(pos)] = torch.tensor(pos)
+        token_weight[i, : len(pos)] = 1.0 / len(pos)
+    return ClassPrompts(prompts, torch.tensor(rows, dtype=torch.long), token_index, token_weight)

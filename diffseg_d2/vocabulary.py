@@ -1,0 +1,67 @@
+"""Class vocabularies: where they come from and what makes one valid.
+
+A vocabulary is an ordered list of class names; its order is the channel
+order of the ``sem_seg`` output. A class named ``background`` is not prompted:
+its channel is the method's background score. Every method and tool checks a
+vocabulary here, so the same mistakes get the same messages.
+"""
+from __future__ import annotations
+
+from typing import Iterable, List, Optional, Sequence, Union
+
+BACKGROUND = "background"
+
+
+class VocabularyError(ValueError):
+    """A vocabulary that cannot be segmented with."""
+
+
+def parse_vocabulary(names: Union[str, Iterable[str]]) -> List[str]:
+    """Validate class names (a list, or one comma-separated string) and return them stripped.
+
+    Raises:
+        VocabularyError: no classes, an empty name, or the same name twice
+            (compared case-insensitively, ignoring surrounding spaces).
+    """
+    if isinstance(names, str):
+        names = names.split(",")
+    names = [str(n).strip() for n in names]
+    if not names or all(not n for n in names):
+        raise VocabularyError(
+            "The vocabulary is empty: give at least one class name (e.g. --vocab 'cat,dog' or "
+            "MODEL.DIFFSEG.VOCABULARY, or evaluate on a dataset whose metadata has stuff_classes)."
+        )
+    empty = [i for i, n in enumerate(names) if not n]
+    if empty:
+        raise VocabularyError(f"The vocabulary has empty class names at positions {empty}: {names}.")
+    seen, dupes = {}, []
+    for n in names:
+        k = " ".join(n.lower().split())
+        if k in seen and n not in dupes:
+            dupes.append(n)
+        seen[k] = n
+    if dupes:
+        raise VocabularyError(f"The vocabulary names these classes more than once: {dupes}. Each class must be unique.")
+    return names
+
+
+def background_index(names: Sequence[str]) -> Optional[int]:
+    """Index of the ``background`` class, or None."""
+    for i, n in enumerate(names):
+        if n.strip().lower() == BACKGROUND:
+            return i
+    return None
+
+
+def vocabulary_from_metadata(dataset_name: str) -> List[str]:
+    """The ``stuff_classes`` of a registered dataset (the classes it is evaluated on)."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    if dataset_name not in DatasetCatalog.list():
+        known = sorted(n for n in DatasetCatalog.list() if n.startswith("diffseg_"))
+        raise KeyError(f"Unknown dataset '{dataset_name}'. Registered diffseg_d2 datasets: {known}.")
+    meta = MetadataCatalog.get(dataset_name)
+    classes = meta.get("stuff_classes", None)
+    if not classes:
+        raise VocabularyError(f"The metadata of dataset '{dataset_name}' has no stuff_classes to segment.")
+    return parse_vocabulary(classes)

