@@ -55,11 +55,11 @@ def background_index(names: Sequence[str]) -> Optional[int]:
 
 def vocabulary_from_metadata(dataset_name: str) -> List[str]:
     """The ``stuff_classes`` of a registered dataset (the classes it is evaluated on)."""
-    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data import MetadataCatalog
 
-    if dataset_name not in DatasetCatalog.list():
-        known = sorted(n for n in DatasetCatalog.list() if n.startswith("diffseg_"))
-        raise KeyError(f"Unknown dataset '{dataset_name}'. Registered diffseg_d2 datasets: {known}.")
+    from .data.datasets import check_dataset_name
+
+    check_dataset_name(dataset_name)
     meta = MetadataCatalog.get(dataset_name)
     classes = meta.get("stuff_classes", None)
     if not classes:

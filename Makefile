@@ -1,0 +1,39 @@
+# Two commands set up everything on a fresh machine with Python 3.11:
+#   make demo   - segment the bundled sample image (writes output/demo/)
+#   make test   - run the test-suite
+# Both create (or reuse) the virtual environment .venv/ in the checkout and install into it:
+# torch + torchvision (the registry's standard builds), detectron2 (tools/install_detectron2.py,
+# which keeps one that is already installed) and diffseg_d2 itself in editable mode.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.diffseg_d2-installed
+DEMO_CONFIG ?= configs/tiny/diffsegmenter.yaml
+DEMO_VOCAB ?= person,chair,bottle,dining table
+PYTEST_ARGS ?=
+
+.PHONY: install demo test benchmark clean-venv
+
+install: $(STAMP)
+
+$(STAMP): setup.py tools/install_detectron2.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade "pip>=23"
+	$(PY) -m pip install "torch>=2.1" "torchvision>=0.16"
+	$(PY) tools/install_detectron2.py
+	$(PY) -m pip install -e ".[test,benchmark]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) tools/demo.py --config-file $(DEMO_CONFIG) --vocab "$(DEMO_VOCAB)" --output output/demo
+	@echo "Overlay and label PNGs are in output/demo/"
+
+test: $(STAMP)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+benchmark: $(STAMP)
+	$(PY) tools/benchmark.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,42 @@
+"""Dataset registrations. Importing this package registers every ``diffseg_`` dataset.
+
+Registration lists no files and writes nothing; see ``docs/datasets.md`` for
+the names and the folder layout expected under ``$DETECTRON2_DATASETS``.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+from detectron2.data import DatasetCatalog
+
+from . import builtin_meta, register_sample, register_semseg  # noqa: F401  (registers datasets)
+from .register_sample import SAMPLE_DATASET_NAMES, sample_image_path
+from .register_semseg import SEMSEG_DATASET_NAMES
+
+__all__ = [
+    "SAMPLE_DATASET_NAMES",
+    "SEMSEG_DATASET_NAMES",
+    "check_dataset_name",
+    "registered_diffseg_datasets",
+    "sample_image_path",
+]
+
+
+def registered_diffseg_datasets() -> List[str]:
+    """Names in ``DatasetCatalog`` that start with ``diffseg_``, sorted."""
+    return sorted(n for n in DatasetCatalog.list() if n.startswith("diffseg_"))
+
+
+def check_dataset_name(name: str) -> None:
+    """Raise a KeyError that lists the ``diffseg_`` datasets when ``name`` is not registered.
+
+    Use before building a data loader or evaluator from a config, to replace
+    detectron2's bare "not registered" error with the list of choices.
+    """
+    if name not in DatasetCatalog.list():
+        raise KeyError(
+            f"Dataset '{name}' is not registered in detectron2's DatasetCatalog. "
+            f"diffseg_d2 registers: {', '.join(registered_diffseg_datasets())}. "
+            "Other datasets must be registered by the code that defines them."
+        )

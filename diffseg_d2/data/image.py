@@ -1,0 +1,59 @@
+"""Reading image files of any common mode as 8-bit RGB.
+
+Detectron2's ``read_image`` converts with PIL's ``convert("RGB")``, which clips
+16-bit values to 255 (a white image) and drops alpha onto black. Here:
+
+* grayscale, palette, CMYK, YCbCr -> RGB;
+* 16-bit or 32-bit integer images -> scaled to 0..255 by their bit depth;
+* float images -> values in [0, 1] scaled to 0..255, others clipped to 0..255;
+* alpha (RGBA, LA, palette transparency) -> composited over white;
+* EXIF orientation applied.
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageOps
+
+WHITE = (255, 255, 255)
+
+
+def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    if mode.startswith("I;16") or (mode == "I" and arr.max(initial=0) > 255):
+        # 16-bit data (PIL opens 16-bit PNGs as "I;16" or "I"): keep the full range.
+        return (arr.astype(np.float64) / 257.0).round().clip(0, 255).astype(np.uint8)
+    if mode == "F":
+        scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
+        return (arr.astype(np.float64) * scale).round().clip(0, 255).astype(np.uint8)
+    return arr.clip(0, 255).astype(np.uint8)
+
+
+def pil_to_rgb(img: Image.Image) -> np.ndarray:
+    """Any PIL image -> (H, W, 3) uint8 RGB."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        gray = _to_uint8(np.asarray(img), img.mode)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, WHITE + (255,))
+        img = Image.alpha_composite(background, img)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+def read_image_rgb(path: str) -> np.ndarray:
+    """Read an image file as (H, W, 3) uint8 RGB.
+
+    Raises:
+        ValueError: the file is not a readable image, or has no pixels.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            rgb = pil_to_rgb(img)
+    except (OSError, SyntaxError) as e:  # PIL raises SyntaxError for some corrupt files
+        raise ValueError(f"Could not read the image {path}: {e}") from e
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ValueError(f"The image {path} has no pixels.")
+    return rgb

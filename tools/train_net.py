@@ -1,0 +1,49 @@
+#!/usr/bin/env python
+"""Train or evaluate a diffseg_d2 model with detectron2.
+
+    python tools/train_net.py --config-file configs/tiny/diffsegmenter.yaml --eval-only
+    python tools/train_net.py --config-file configs/diffsegmenter/voc21.yaml --eval-only MODEL.DEVICE cuda
+
+Training-free models (DiffSegmenter) only run with --eval-only.
+"""
+import logging
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.utils import comm
+
+from diffseg_d2 import get_diffseg_cfg
+from diffseg_d2.engine import DiffSegTrainer
+from diffseg_d2.evaluation import format_results_table
+
+TRAINING_FREE = {"DiffSegmenter"}
+
+
+def setup(args):
+    cfg = get_diffseg_cfg(args.config_file, args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if not args.eval_only:
+        if cfg.MODEL.META_ARCHITECTURE in TRAINING_FREE:
+            raise SystemExit(f"{cfg.MODEL.META_ARCHITECTURE} is training-free: run with --eval-only.")
+        trainer = DiffSegTrainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        return trainer.train()
+    model = DiffSegTrainer.build_model(cfg)
+    DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+    results = DiffSegTrainer.test(cfg, model)
+    if comm.is_main_process():
+        print(format_results_table(results), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    logging.getLogger(__name__).info("Command line arguments: %s", args)
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
