@@ -103,8 +103,15 @@ def get_diffseg_cfg(config_file: Optional[str] = None, opts: Optional[Sequence[s
 
     cfg = get_cfg()
     add_diffseg_config(cfg)
-    if config_file:
-        cfg.merge_from_file(config_file)
-    if opts:
-        cfg.merge_from_list(list(opts))
+    try:
+        if config_file:
+            cfg.merge_from_file(config_file)
+        if opts:
+            cfg.merge_from_list(list(opts))
+    except (AssertionError, KeyError) as e:
+        # yacs reports unknown keys with a bare assert; say where the known ones are.
+        raise KeyError(
+            f"{e} (in {config_file or 'opts'}). Keys under MODEL.DIFFSEG are listed in diffseg_d2/config.py; "
+            "other keys are detectron2's (detectron2/config/defaults.py)."
+        ) from e
     return cfg

@@ -7,6 +7,7 @@ vocabulary here, so the same mistakes get the same messages.
 """
 from __future__ import annotations
 
+import unicodedata
 from typing import Iterable, List, Optional, Sequence, Union
 
 BACKGROUND = "background"
@@ -17,15 +18,17 @@ class VocabularyError(ValueError):
 
 
 def parse_vocabulary(names: Union[str, Iterable[str]]) -> List[str]:
-    """Validate class names (a list, or one comma-separated string) and return them stripped.
+    """Validate class names (a list, or one comma-separated string) and return them cleaned.
 
     Raises:
-        VocabularyError: no classes, an empty name, or the same name twice
+        VocabularyError: no classes, a name with no visible characters, or the same name twice
             (compared case-insensitively, ignoring surrounding spaces).
     """
     if isinstance(names, str):
         names = names.split(",")
-    names = [str(n).strip() for n in names]
+    # Control and format characters (NUL, zero-width space, BOM, ...) carry no meaning for a
+    # text encoder; a name made only of them would give a prompt with no class word.
+    names = ["".join(ch for ch in str(n) if unicodedata.category(ch)[0] != "C").strip() for n in names]
     if not names or all(not n for n in names):
         raise VocabularyError(
             "The vocabulary is empty: give at least one class name (e.g. --vocab 'cat,dog' or "
@@ -33,7 +36,10 @@ def parse_vocabulary(names: Union[str, Iterable[str]]) -> List[str]:
         )
     empty = [i for i, n in enumerate(names) if not n]
     if empty:
-        raise VocabularyError(f"The vocabulary has empty class names at positions {empty}: {names}.")
+        raise VocabularyError(
+            f"The vocabulary has class names with no visible characters at positions {empty}; such a "
+            "name tokenises to nothing. Remove them or give each class a name."
+        )
     seen, dupes = {}, []
     for n in names:
         k = " ".join(n.lower().split())

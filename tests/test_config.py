@@ -1,0 +1,88 @@
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+from detectron2.modeling import META_ARCH_REGISTRY
+
+from diffseg_d2 import add_diffseg_config, get_diffseg_cfg
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+SHIPPED = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+
+
+def test_there_are_configs_for_every_dataset():
+    leaves = {os.path.basename(p) for p in SHIPPED if "diffsegmenter" in p}
+    for name in ("voc21", "voc20", "context59", "context60", "coco_object", "coco_stuff171", "ade150", "cityscapes"):
+        assert f"{name}.yaml" in leaves
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[os.path.relpath(p, ROOT) for p in SHIPPED])
+def test_every_shipped_config_parses(path):
+    cfg = get_diffseg_cfg(path)
+    assert cfg.MODEL.META_ARCHITECTURE in META_ARCH_REGISTRY
+    d = cfg.MODEL.DIFFSEG
+    assert len(d.CROSS_ATTN_FACTORS) == len(d.CROSS_ATTN_WEIGHTS) > 0
+    assert d.CONDITIONING in ("shared", "per_class")
+    from detectron2.data import DatasetCatalog
+
+    for name in cfg.DATASETS.TEST:
+        assert name in DatasetCatalog.list()
+
+
+def test_sd15_configs_carry_the_reference_settings():
+    cfg = get_diffseg_cfg(os.path.join(ROOT, "configs", "diffsegmenter", "voc21.yaml"))
+    d = cfg.MODEL.DIFFSEG
+    assert d.SD.WEIGHTS == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert (d.IMAGE_SIZE, d.NOISE_STEP) == (512, 100)
+    assert list(d.CROSS_ATTN_FACTORS) == [8, 4, 2, 1]
+    assert list(d.CROSS_ATTN_WEIGHTS) == [0.3, 0.5, 0.1, 0.1]
+    assert d.PROMPT_TEMPLATE == "a photograph of {}."
+    assert cfg.DATASETS.TEST == ("diffseg_voc21_val",)
+
+
+def test_add_config_is_idempotent_and_coexists_with_other_projects():
+    cfg = get_cfg()
+    cfg.MODEL.OTHER_PROJECT = CN({"KEY": 1})  # another project's add_*_config
+    add_diffseg_config(cfg)
+    cfg.MODEL.DIFFSEG.NOISE_STEP = 250
+    add_diffseg_config(cfg)  # a second call must not reset values
+    assert cfg.MODEL.DIFFSEG.NOISE_STEP == 250
+    assert cfg.MODEL.OTHER_PROJECT.KEY == 1
+    frozen = get_cfg()
+    frozen.freeze()
+    add_diffseg_config(frozen)
+    assert frozen.is_frozen() and "DIFFSEG" in frozen.MODEL
+
+
+def test_opts_override_and_unknown_keys_are_refused(tiny_cfg_path):
+    cfg = get_diffseg_cfg(tiny_cfg_path, ["MODEL.DIFFSEG.NOISE_STEP", "300"])
+    assert cfg.MODEL.DIFFSEG.NOISE_STEP == 300
+    with pytest.raises(KeyError, match="NOT_A_KEY"):
+        get_diffseg_cfg(tiny_cfg_path, ["MODEL.DIFFSEG.NOT_A_KEY", "1"])
+
+
+def test_every_key_has_a_comment():
+    """Each key of add_diffseg_config is preceded by a comment line."""
+    src = open(os.path.join(ROOT, "diffseg_d2", "config.py")).read().splitlines()
+    for i, line in enumerate(src):
+        stripped = line.strip()
+        if stripped.startswith("_c.") and " = " in stripped and "CN()" not in stripped:
+            assert src[i - 1].strip().startswith("#"), f"no comment over: {stripped}"
+
+
+def test_import_registers_without_heavy_imports():
+    code = (
+        "import sys, diffseg_d2\n"
+        "from detectron2.modeling import META_ARCH_REGISTRY\n"
+        "from detectron2.data import DatasetCatalog\n"
+        "assert 'DiffSegmenter' in META_ARCH_REGISTRY\n"
+        "assert 'diffseg_sample_voc' in DatasetCatalog.list()\n"
+        "heavy = [m for m in ('diffusers', 'transformers', 'open_clip') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
