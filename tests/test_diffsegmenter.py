@@ -1,0 +1,173 @@
+"""DiffSegmenter on the tiny preset: outputs, vocabularies, batching, refinement, predictor."""
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from detectron2.engine import DefaultPredictor
+
+from diffseg_d2 import get_diffseg_cfg
+from diffseg_d2.data.datasets.register_sample import sample_image_path
+from diffseg_d2.data.image import read_image_rgb
+from diffseg_d2.diffusion import AttentionStore
+from diffseg_d2.modeling.meta_arch.diffsegmenter import DROPPED_SCORE
+
+VOCAB = ["background", "person", "chair", "bottle", "dining table"]
+
+
+@pytest.fixture(scope="module")
+def sample_rgb():
+    return read_image_rgb(sample_image_path())  # (375, 500, 3) uint8, a real VOC photo
+
+
+@contextlib.contextmanager
+def patched(obj, **attrs):
+    """Set attributes for the block and restore them (monkeypatch loses nn.Module submodules)."""
+    old = {k: getattr(obj, k) for k in attrs}
+    for k, v in attrs.items():
+        setattr(obj, k, v)
+    try:
+        yield obj
+    finally:
+        for k, v in old.items():
+            setattr(obj, k, v)
+
+
+def _image(rgb):
+    return torch.as_tensor(rgb).permute(2, 0, 1)
+
+
+def _count_unet_calls(model, monkeypatch):
+    calls = []
+    original = model.diffusion.unet_forward
+
+    def counting(latents, step, context):
+        calls.append(latents.shape[0])
+        return original(latents, step, context)
+
+    monkeypatch.setattr(model.diffusion, "unet_forward", counting)
+    return calls
+
+
+def test_default_predictor_returns_sem_seg_for_a_real_image(tiny_cfg_path, sample_rgb):
+    cfg = get_diffseg_cfg(tiny_cfg_path, ["DATASETS.TEST", "()", "MODEL.DIFFSEG.VOCABULARY", str(VOCAB)])
+    predictor = DefaultPredictor(cfg)
+    out = predictor(np.ascontiguousarray(sample_rgb[:, :, ::-1]))  # BGR, like cv2.imread
+    sem_seg = out["sem_seg"]
+    assert sem_seg.shape == (len(VOCAB), 375, 500)
+    assert torch.all(sem_seg[0] == cfg.MODEL.DIFFSEG.BACKGROUND_THRESHOLD)
+    kept = sem_seg[1:].flatten(1).max(dim=1).values > DROPPED_SCORE
+    assert kept.any()
+    for channel in sem_seg[1:][kept]:  # per-class min-max normalised maps
+        assert channel.min() == 0 and abs(float(channel.max()) - 1) < 1e-5
+
+
+def test_vocabulary_comes_from_the_test_dataset_metadata(tiny_model):
+    from detectron2.data import MetadataCatalog
+
+    assert tiny_model.vocabulary == MetadataCatalog.get("diffseg_sample_voc").stuff_classes
+    assert len(tiny_model.vocabulary) == 21
+
+
+def test_output_is_deterministic_and_at_the_requested_size(tiny_model, sample_rgb):
+    x = {"image": _image(sample_rgb), "height": 150, "width": 200, "vocabulary": VOCAB}
+    a = tiny_model([x])[0]["sem_seg"]
+    b = tiny_model([x])[0]["sem_seg"]
+    assert a.shape == (5, 150, 200)
+    torch.testing.assert_close(a, b)
+
+
+def test_call_time_vocabulary_overrides_the_model_vocabulary(tiny_model, sample_rgb):
+    out = tiny_model([{"image": _image(sample_rgb), "vocabulary": ["cat", "dog"]}])[0]["sem_seg"]
+    assert out.shape == (2, 375, 500)  # no background class given -> no background channel
+    assert len(tiny_model.vocabulary) == 21  # the model's own vocabulary is unchanged
+
+
+def test_one_unet_call_per_image_whatever_the_number_of_classes(tiny_model, sample_rgb, monkeypatch):
+    calls = _count_unet_calls(tiny_model, monkeypatch)
+    with patched(tiny_model, category_filter=None):
+        for n in (1, 5, 20):
+            names = tiny_model.vocabulary[1 : 1 + n]
+            tiny_model([{"image": _image(sample_rgb), "vocabulary": names}])
+    assert calls == [1, 1, 1]
+
+
+def test_per_class_conditioning_batches_prompts_in_chunks(tiny_model, sample_rgb, monkeypatch):
+    calls = _count_unet_calls(tiny_model, monkeypatch)
+    x = {"image": _image(sample_rgb), "vocabulary": tiny_model.vocabulary[1:]}  # 20 classes
+    with patched(tiny_model, category_filter=None, conditioning="per_class", class_chunk_size=8):
+        chunked = tiny_model([x])[0]["sem_seg"]
+    assert calls == [8, 8, 4]
+    with patched(tiny_model, category_filter=None, conditioning="per_class", class_chunk_size=20):
+        whole = tiny_model([x])[0]["sem_seg"]
+    assert calls[3:] == [20]
+    torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-4)
+
+
+def test_combination_weights_and_self_attention_refinement(tiny_model):
+    """_combine = sum_f w_f * minmax(upsampled map_f), then M = S c."""
+    model = tiny_model
+    store = AttentionStore((16, 16), torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1))
+    torch.manual_seed(0)
+    per_factor = {f: torch.rand(2, *store.resolution(f)) for f in model.cross_attn_factors}
+    for f, maps in per_factor.items():
+        store.add_cross(f, slice(0, 2), maps.flatten(1))
+    attn = torch.softmax(torch.randn(256, 256), dim=-1)
+    store.add_self(1, attn, count=1)
+
+    def minmax(m):
+        lo = m.flatten(1).min(1).values[:, None, None]
+        hi = m.flatten(1).max(1).values[:, None, None]
+        return (m - lo) / (hi - lo)
+
+    c = sum(
+        w * minmax(torch.nn.functional.interpolate(per_factor[f][None], size=(16, 16), mode="bilinear")[0])
+        for f, w in zip(model.cross_attn_factors, model.cross_attn_weights)
+    )
+    expected = torch.einsum("ij,kj->ki", attn, c.flatten(1)).view(2, 16, 16)
+    torch.testing.assert_close(model._combine(store), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_refinement_changes_the_maps(tiny_model, sample_rgb, monkeypatch):
+    x = {"image": _image(sample_rgb), "vocabulary": ["person", "chair"]}
+    with patched(tiny_model, category_filter=None):
+        refined = tiny_model([x])[0]["sem_seg"]
+        with patched(tiny_model, refine=False):
+            raw = tiny_model([x])[0]["sem_seg"]
+    assert not torch.allclose(refined, raw)
+
+
+def test_category_filter_drops_classes(tiny_model, sample_rgb):
+    with patched(tiny_model.category_filter, top_k=1, threshold=0.0):
+        out = tiny_model([{"image": _image(sample_rgb), "vocabulary": VOCAB}])[0]["sem_seg"]
+    dropped = [k for k in range(1, 5) if torch.all(out[k] == DROPPED_SCORE)]
+    assert len(dropped) == 3  # exactly one prompted class is kept
+    assert set(out.argmax(0).unique().tolist()) <= {0} | (set(range(1, 5)) - set(dropped))
+
+
+def test_category_filter_threshold_and_top_k(tiny_model, sample_rgb):
+    flt = tiny_model.category_filter
+    names = tiny_model.vocabulary[1:]
+    probs = flt.clip.class_probabilities(_image(sample_rgb).float()[None], names)[0]
+    assert torch.isclose(probs.sum(), torch.tensor(1.0))
+    keep = flt(_image(sample_rgb).float(), names)
+    expected = probs >= flt.threshold
+    expected[probs.argmax()] = True
+    assert torch.equal(keep, expected)
+
+
+def test_text_embeddings_are_cached_per_vocabulary(tiny_model, sample_rgb, monkeypatch):
+    calls = []
+    original = tiny_model.diffusion.encode_text
+
+    def counting(ids):
+        calls.append(ids.shape[0])
+        return original(ids)
+
+    monkeypatch.setattr(tiny_model.diffusion, "encode_text", counting)
+    x = {"image": _image(sample_rgb), "vocabulary": ["lamp", "table", "window"]}
+    with patched(tiny_model, category_filter=None):
+        tiny_model([x])
+        tiny_model([x])
+    # class prompts encoded once (3), the one-prompt carrier once per image (1 each)
+    assert calls == [3, 1, 1]

