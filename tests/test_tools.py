@@ -86,3 +86,16 @@ def test_train_net_refuses_training_a_training_free_model(tiny_cfg_path, tmp_pat
         capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), timeout=600,
     )
     assert proc.returncode != 0 and "training-free: run with --eval-only" in proc.stderr
+
+
+def test_the_library_example_project_runs(tiny_cfg_path):
+    from diffseg_d2.data.datasets.register_sample import sample_image_path
+
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "projects", "use_as_library", "segment.py"), "--config-file",
+         tiny_cfg_path, "--image", sample_image_path(), "--vocab", "person,chair"],
+        capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shares = [float(m) for m in re.findall(r":\s+([\d.]+) %", proc.stdout)]
+    assert len(shares) == 3 and abs(sum(shares) - 100.0) < 0.5
