@@ -156,3 +156,17 @@ def test_tiny_huge_and_odd_channel_images(tiny_model, shape):
 def test_a_malformed_image_tensor(tiny_model):
     with pytest.raises(ValueError, match="shape \\(C, H, W\\)"):
         tiny_model([{"image": torch.zeros(2, 10, 10), "vocabulary": ["cat"]}])
+
+
+def test_half_precision_is_cuda_only_and_bad_dtypes_are_refused(tiny_sd):
+    from diffseg_d2.diffusion import FrozenStableDiffusion
+    from diffseg_d2.diffusion.frozen_sd import StableDiffusionParts
+
+    parts = StableDiffusionParts(tiny_sd.unet, tiny_sd.vae, tiny_sd.text_encoder, tiny_sd.tokenizer, tiny_sd.scheduler)
+    half = FrozenStableDiffusion(parts, dtype="float16").to("cpu")
+    assert half.dtype == torch.float32  # on CPU the parts stay float32
+    assert not any(p.requires_grad for p in half.parameters())
+    half.train()
+    assert not half.training and not half.unet.training  # frozen parts stay in eval mode
+    with pytest.raises(ValueError, match="MODEL.DIFFSEG.SD.DTYPE"):
+        FrozenStableDiffusion(parts, dtype="float8")

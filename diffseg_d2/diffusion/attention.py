@@ -174,10 +174,11 @@ def class_token_maps(
     for start in range(0, K, step):
         stop = min(K, start + step)
         q = query if query.shape[0] == 1 else query[start:stop]
-        probs = torch.matmul(q, key[start:stop].transpose(-1, -2)).mul_(scale).softmax(dim=-1)  # (k, H, N, L)
+        # softmax in float32: the maps are small, and half-precision runs (CUDA) keep their accuracy
+        probs = torch.matmul(q, key[start:stop].transpose(-1, -2)).float().mul_(scale).softmax(dim=-1)  # (k, H, N, L)
         idx = token_index[start:stop].to(probs.device)
         picked = probs.gather(-1, idx[:, None, None, :].expand(-1, H, N, -1))  # (k, H, N, T)
-        w = token_weight[start:stop].to(device=probs.device, dtype=probs.dtype)
+        w = token_weight[start:stop].to(device=probs.device)
         out.append((picked * w[:, None, None, :]).sum(-1).mean(1))
     return torch.cat(out, dim=0)
 

@@ -37,7 +37,7 @@ class BlipCaptioner(nn.Module):
         location = resolve_weights(
             weights,
             config_key=CAPTION_WEIGHTS_KEY,
-            required_files=("config.json", "*.safetensors", "preprocessor_config.json"),
+            required_files=("config.json", "*.safetensors"),
         )
         try:
             processor = transformers.BlipProcessor.from_pretrained(location.path)

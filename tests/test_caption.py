@@ -1,0 +1,69 @@
+"""Caption augmentation with a tiny random BLIP saved to a temp folder and loaded like a real one."""
+import os
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+
+from diffseg_d2 import get_diffseg_cfg
+from diffseg_d2.modeling.blip_captioner import BlipCaptioner
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "photo", "of", "cat", "dog", "people", "sitting"]
+
+
+@pytest.fixture(scope="module")
+def blip_folder(tmp_path_factory):
+    import transformers
+
+    root = tmp_path_factory.mktemp("blip")
+    (root / "vocab.txt").write_text("\n".join(WORDS) + "\n")
+    tokenizer = transformers.BertTokenizer(str(root / "vocab.txt"))
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    processor = transformers.BlipProcessor(
+        image_processor=transformers.BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer
+    )
+    config = transformers.BlipConfig(
+        text_config=dict(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, bos_token_id=5, pad_token_id=0, sep_token_id=3, eos_token_id=3,
+                         encoder_hidden_size=16),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    folder = root / "tiny-blip"
+    transformers.BlipForConditionalGeneration(config).save_pretrained(str(folder))
+    processor.save_pretrained(str(folder))
+    return str(folder)
+
+
+def test_captioner_loads_from_a_folder_and_writes_words_of_its_vocabulary(blip_folder):
+    captioner = BlipCaptioner.from_weights(blip_folder, max_new_tokens=4)
+    caption = captioner(torch.randint(0, 256, (3, 40, 50)).float())
+    assert caption and set(caption.split()) <= set(WORDS[6:])
+
+
+def test_caption_is_appended_to_every_class_prompt(tiny_cfg_path, blip_folder, monkeypatch):
+    cfg = get_diffseg_cfg(tiny_cfg_path, [
+        "MODEL.DIFFSEG.CAPTION.ENABLED", "True", "MODEL.DIFFSEG.CAPTION.WEIGHTS", blip_folder,
+        "MODEL.DIFFSEG.CAPTION.MAX_NEW_TOKENS", "4", "MODEL.DIFFSEG.CATEGORY_FILTER.ENABLED", "False",
+        "DATASETS.TEST", "()",
+    ])
+    model = build_model(cfg).eval()
+    image = torch.randint(0, 256, (3, 60, 80), dtype=torch.uint8)
+    caption = model.captioner(image.float())
+    seen = []
+    from diffseg_d2.modeling.meta_arch import diffsegmenter
+
+    original = diffsegmenter.build_class_prompts
+
+    def spy(tokenizer, names, template, suffix=""):
+        prompts = original(tokenizer, names, template, suffix)
+        seen.extend(prompts.prompts)
+        return prompts
+
+    monkeypatch.setattr(diffsegmenter, "build_class_prompts", spy)
+    out = model([{"image": image, "vocabulary": ["background", "cat", "dog"]}])[0]["sem_seg"]
+    assert out.shape == (3, 60, 80)
+    # the last prompts built are the ones the UNet read (earlier ones checked the vocabulary)
+    assert seen[-2:] == [f"a photograph of cat. {caption}", f"a photograph of dog. {caption}"]
