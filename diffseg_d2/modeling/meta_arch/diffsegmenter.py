@@ -264,15 +264,9 @@ class DiffSegmenter(nn.Module):
         if min(image.shape[-2:]) < 1:
             raise ValueError(f"The image is empty: shape {tuple(image.shape)}.")
         image = image.to(self.device, dtype=torch.float32)
-        if image.shape[0] == 1:
-            image = image.expand(3, -1, -1)
-        elif image.shape[0] == 4:
-            image = image[:3]  # alpha is dropped; data/image.py composites it when reading files
-            if self.input_format == "BGR":
-                image = image.flip(0)
-        elif self.input_format == "BGR":
-            image = image.flip(0)
-        return image
+        # gray -> 3 channels; alpha is dropped (data/image.py composites it when reading files)
+        image = image.expand(3, -1, -1) if image.shape[0] == 1 else image[:3]
+        return image.flip(0) if self.input_format == "BGR" else image
 
     @torch.no_grad()
     def segment(self, image: torch.Tensor, names: Sequence[str], out_size: Tuple[int, int]) -> torch.Tensor:
