@@ -169,5 +169,5 @@ def test_text_embeddings_are_cached_per_vocabulary(tiny_model, sample_rgb, monke
     with patched(tiny_model, category_filter=None):
         tiny_model([x])
         tiny_model([x])
-    # class prompts encoded once (3), the one-prompt carrier once per image (1 each)
-    assert calls == [3, 1, 1]
+    # class prompts (3) and the one-prompt carrier (1) are encoded once for both images
+    assert calls == [3, 1]

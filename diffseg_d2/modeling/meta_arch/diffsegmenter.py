@@ -38,11 +38,11 @@ _CACHE_SIZE = 8
 
 
 def _minmax(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Per-map min-max normalisation of (K, ...) maps to [0, 1]."""
+    """Per-map min-max normalisation of (K, ...) maps to [0, 1] (a new tensor)."""
     flat = maps.flatten(1)
     lo = flat.min(dim=1, keepdim=True).values
     hi = flat.max(dim=1, keepdim=True).values
-    return ((flat - lo) / (hi - lo).clamp(min=eps)).view_as(maps)
+    return (flat - lo).div_((hi - lo).clamp(min=eps)).view_as(maps)
 
 
 @META_ARCH_REGISTRY.register()
@@ -138,7 +138,7 @@ class DiffSegmenter(nn.Module):
         # SD's VAE takes RGB in [-1, 1]: (x - 127.5) / 127.5. Fixed by the model, not a config choice.
         self.register_buffer("pixel_mean", torch.full((3, 1, 1), 127.5), persistent=False)
         self.register_buffer("pixel_std", torch.full((3, 1, 1), 127.5), persistent=False)
-        self._prompt_cache: "OrderedDict[Tuple, Tuple[ClassPrompts, torch.Tensor]]" = OrderedDict()
+        self._prompt_cache: "OrderedDict[Tuple, object]" = OrderedDict()
         self._vocabulary: Optional[List[str]] = None
         if vocabulary:
             self.set_vocabulary(vocabulary)
@@ -210,17 +210,30 @@ class DiffSegmenter(nn.Module):
         if prompted:
             self._vocabulary_prompts(tuple(prompted))
 
-    def _vocabulary_prompts(self, names: Tuple[str, ...]) -> Tuple[ClassPrompts, torch.Tensor]:
-        """Class prompts and their encoded text ``(K, L, D)``, cached per vocabulary."""
-        if names in self._prompt_cache:
-            self._prompt_cache.move_to_end(names)
-            return self._prompt_cache[names]
-        prompts = build_class_prompts(self.diffusion.tokenizer, names, self.prompt_template)
-        encoded = self.diffusion.encode_text(prompts.input_ids)
-        self._prompt_cache[names] = (prompts, encoded)
+    def _cached(self, key: Tuple, compute):
+        """A small LRU cache of encoded prompts, keyed ("vocabulary", names) or ("carrier", text)."""
+        if key in self._prompt_cache:
+            self._prompt_cache.move_to_end(key)
+            return self._prompt_cache[key]
+        value = self._prompt_cache[key] = compute()
         while len(self._prompt_cache) > _CACHE_SIZE:
             self._prompt_cache.popitem(last=False)
-        return prompts, encoded
+        return value
+
+    def _vocabulary_prompts(self, names: Tuple[str, ...]) -> Tuple[ClassPrompts, torch.Tensor]:
+        """Class prompts and their encoded text ``(K, L, D)``, cached per vocabulary."""
+
+        def compute():
+            prompts = build_class_prompts(self.diffusion.tokenizer, names, self.prompt_template)
+            return prompts, self.diffusion.encode_text(prompts.input_ids)
+
+        return self._cached(("vocabulary", names), compute)
+
+    def _carrier_context(self, carrier: str) -> torch.Tensor:
+        """Encoded carrier prompt ``(1, L, D)``, cached (it repeats whenever the kept classes do)."""
+        # The carrier only steers the pass; truncating it loses no class read-out.
+        d = self.diffusion
+        return self._cached(("carrier", carrier), lambda: d.encode_text(d.tokenize([carrier], truncate=True)))
 
     # ------------------------------------------------------------------ inference
     def forward(self, batched_inputs: List[Dict]) -> List[Dict[str, torch.Tensor]]:
@@ -284,8 +297,11 @@ class DiffSegmenter(nn.Module):
             kept = [i for i, k in zip(prompted, keep.tolist()) if k]
         caption = self.captioner(image) if self.captioner is not None else ""
         maps = self.class_maps(image, [names[i] for i in prompted], [prompted.index(i) for i in kept], caption)
-        maps = F.interpolate(maps[None], size=out_size, mode="bilinear", align_corners=False)[0]
-        scores[kept] = _minmax(maps)
+        # One class at a time, straight into the output: peak memory stays near one (K, H, W)
+        # tensor however large the image or the vocabulary.
+        for row, channel in enumerate(kept):
+            up = F.interpolate(maps[row][None, None], size=out_size, mode="bilinear", align_corners=False)
+            scores[channel] = _minmax(up[0])[0]
         return scores
 
     def class_maps(
@@ -324,8 +340,7 @@ class DiffSegmenter(nn.Module):
                 carrier = self.carrier_template.format(", ".join(names[r] for r in rows))
                 if caption:
                     carrier = f"{carrier} {caption}"
-                # The carrier only steers the pass; truncating it loses no class read-out.
-                d.unet_forward(noisy, self.noise_step, d.encode_text(d.tokenize([carrier], truncate=True)))
+                d.unet_forward(noisy, self.noise_step, self._carrier_context(carrier))
             else:
                 for start in range(0, len(rows), self.class_chunk_size):
                     chunk = slice(start, min(len(rows), start + self.class_chunk_size))
