@@ -176,7 +176,7 @@ def class_token_maps(
     """
     K, H, L, _ = key.shape
     N = query.shape[2]
-    per_class = H * N * L * query.element_size()
+    per_class = H * N * L * 4  # float32 probabilities
     step = max(1, _CHUNK_BYTES // max(per_class, 1))
     out = []
     for start in range(0, K, step):
@@ -196,7 +196,7 @@ class AttentionRecorder:
 
     The layer output matches diffusers' ``AttnProcessor2_0``. Cross-attention
     output still comes from ``scaled_dot_product_attention``; self-attention is
-    computed explicitly, a few heads at a time, because its probabilities are
+    computed explicitly, in blocks of query rows, because its probabilities are
     the thing being recorded.
     """
 
