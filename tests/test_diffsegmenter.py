@@ -171,3 +171,29 @@ def test_text_embeddings_are_cached_per_vocabulary(tiny_model, sample_rgb, monke
         tiny_model([x])
     # class prompts (3) and the one-prompt carrier (1) are encoded once for both images
     assert calls == [3, 1]
+
+
+def test_every_registered_vocabulary_is_valid_and_promptable(tiny_model):
+    """Each dataset's classes are unique, and each name sits whole in its prompt under the CLIP tokenizer."""
+    from detectron2.data import MetadataCatalog
+
+    from diffseg_d2.data.datasets import registered_diffseg_datasets
+    from diffseg_d2.vocabulary import background_index, parse_vocabulary
+
+    for name in registered_diffseg_datasets():
+        classes = MetadataCatalog.get(name).stuff_classes
+        assert parse_vocabulary(classes) == list(classes), name
+        bg = background_index(classes)
+        prompted = tuple(c for i, c in enumerate(classes) if i != bg)
+        prompts, context = tiny_model._vocabulary_prompts(prompted)
+        assert context.shape[0] == len(prompted) and (prompts.token_weight.sum(1) - 1).abs().max() < 1e-5
+
+
+def test_a_150_class_vocabulary_in_one_pass(tiny_model, sample_rgb, monkeypatch):
+    from detectron2.data import MetadataCatalog
+
+    calls = _count_unet_calls(tiny_model, monkeypatch)
+    names = MetadataCatalog.get("diffseg_ade150_val").stuff_classes
+    with patched(tiny_model, category_filter=None):
+        out = tiny_model([{"image": _image(sample_rgb), "vocabulary": names}])[0]["sem_seg"]
+    assert out.shape == (150, 375, 500) and calls == [1]
