@@ -87,50 +87,17 @@ def build_tiny(device: str, dtype: str, conditioning: str):
 
 def build_sd15(device: str, dtype: str, conditioning: str):
     """DiffSegmenter on the Stable Diffusion 1.5 architecture with random weights, at 512x512."""
-    import diffusers
-    import torch
     import transformers
 
-    from diffseg_d2.diffusion import FrozenStableDiffusion, StableDiffusionParts
+    from diffseg_d2.diffusion import FrozenStableDiffusion
     from diffseg_d2.diffusion.frozen_sd import resolve_sd_weights
     from diffseg_d2.modeling import DiffSegmenter
+    from diffseg_d2.random_models import random_stable_diffusion
 
-    # The tiny preset's tokenizer is the real CLIP BPE and its scheduler SD 1.x's noise schedule.
+    # The tiny preset's tokenizer is the real CLIP BPE.
     folder = resolve_sd_weights("tiny").path
     tokenizer = transformers.CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-    scheduler = diffusers.DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=64,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    )
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-    )
-    text_encoder = transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    diffusion = FrozenStableDiffusion(StableDiffusionParts(unet, vae, text_encoder, tokenizer, scheduler), dtype=dtype)
+    diffusion = FrozenStableDiffusion(random_stable_diffusion("sd15", tokenizer), dtype=dtype)
     model = DiffSegmenter(
         diffusion=diffusion,
         image_size=512,

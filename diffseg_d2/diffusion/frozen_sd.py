@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..optional_imports import require
-from ..tiny_models import TINY_SD_FOLDER, build_tiny_stable_diffusion
+from ..random_models import TINY_SD_FOLDER, build_tiny_stable_diffusion
 from ..weights import WeightsLocation, hub_load_error, resolve_weights
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..optional_imports import require
-from ..tiny_models import TINY_CLIP_FOLDER, build_tiny_open_clip
+from ..random_models import TINY_CLIP_FOLDER, build_tiny_open_clip
 from ..weights import hub_load_error, resolve_weights
 
 logger = logging.getLogger(__name__)
