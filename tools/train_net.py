@@ -10,14 +10,12 @@ import logging
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
 
 from diffseg_d2 import get_diffseg_cfg
 from diffseg_d2.engine import DiffSegTrainer
 from diffseg_d2.evaluation import format_results_table
-
-TRAINING_FREE = {"DiffSegmenter"}
-
 
 def setup(args):
     cfg = get_diffseg_cfg(args.config_file, args.opts)
@@ -29,7 +27,7 @@ def setup(args):
 def main(args):
     cfg = setup(args)
     if not args.eval_only:
-        if cfg.MODEL.META_ARCHITECTURE in TRAINING_FREE:
+        if getattr(META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE), "TRAINING_FREE", False):
             raise SystemExit(f"{cfg.MODEL.META_ARCHITECTURE} is training-free: run with --eval-only.")
         trainer = DiffSegTrainer(cfg)
         trainer.resume_or_load(resume=args.resume)

@@ -49,6 +49,9 @@ def _minmax(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 class DiffSegmenter(nn.Module):
     """Open-vocabulary semantic segmentation from Stable Diffusion attention (training-free)."""
 
+    # Read by tools/train_net.py: a training-free model is only ever evaluated.
+    TRAINING_FREE = True
+
     @configurable
     def __init__(
         self,
