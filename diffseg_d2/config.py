@@ -89,6 +89,79 @@ def add_diffseg_config(cfg: CN) -> CN:
     # Longest generated caption, in tokens.
     _c.CAPTION.MAX_NEW_TOKENS = 20
 
+    # --- DINOv2 dense features (FreeDA) ------------------------------------------------
+    _c.DINO = CN()
+    # timm weights: a hub id (loaded as "hf-hub:<id>"), a local timm folder (config.json +
+    # model.safetensors), or "tiny" (small random weights built once into the cache).
+    _c.DINO.WEIGHTS = "timm/vit_base_patch14_dinov2.lvd142m"
+
+    # --- FreeDA --------------------------------------------------------------------------
+    _c.FREEDA = CN()
+    # Folder of the prototype bank written by tools/build_freeda_bank.py (read at test time).
+    _c.FREEDA.BANK = ""
+    # Keys retrieved per class query; their prototypes are averaged into the class prototype.
+    _c.FREEDA.TOP_K = 350
+    # A class whose nearest key has a lower cosine similarity has no prototype: it falls back
+    # to the global CLIP score alone (logged). A judgement call, not tuned on any dataset.
+    _c.FREEDA.MIN_KEY_SIMILARITY = 0.5
+    # Prompt templates of the class query (CLIP token embeddings of the class word, averaged).
+    _c.FREEDA.QUERY_TEMPLATES = ["a photo of a {}.", "a photo of the {}.", "there is a {} in the scene."]
+    # Weight of the local (superpixel-prototype) score; the global CLIP score gets 1 minus it.
+    _c.FREEDA.LOCAL_WEIGHT = 0.8
+    # Felzenszwalb superpixels (skimage.segmentation.felzenszwalb), set per dataset in the configs.
+    _c.FREEDA.SUPERPIXEL = CN()
+    # Felzenszwalb scale: larger gives larger segments.
+    _c.FREEDA.SUPERPIXEL.SCALE = 100.0
+    # Gaussian smoothing (pixels) before segmenting.
+    _c.FREEDA.SUPERPIXEL.SIGMA = 1.0
+    # Smallest segment, in pixels of the resized image.
+    _c.FREEDA.SUPERPIXEL.MIN_SIZE = 20
+    # The image is resized so that its short side is this many pixels before anything else.
+    _c.FREEDA.SHORT_SIDE = 448
+    # DINOv2 reads square crops of this side (sliding window) ...
+    _c.FREEDA.WINDOW = 448
+    # ... every STRIDE pixels; features are averaged where crops overlap.
+    _c.FREEDA.STRIDE = 224
+    # HNSW search breadth (faiss efSearch); raised to at least TOP_K. Ignored by exact indexes.
+    _c.FREEDA.EF_SEARCH = 512
+    # IVF lists visited per query (faiss nprobe). Ignored by other indexes.
+    _c.FREEDA.NPROBE = 16
+
+    # --- FreeDA offline bank building (tools/build_freeda_bank.py) ------------------------
+    _c.FREEDA.BUILD = CN()
+    # Side of the generated square images (512 for SD 1.5).
+    _c.FREEDA.BUILD.IMAGE_SIZE = 512
+    # DDIM denoising steps per generated image.
+    _c.FREEDA.BUILD.STEPS = 50
+    # Classifier-free guidance scale of the generation.
+    _c.FREEDA.BUILD.GUIDANCE_SCALE = 7.5
+    # Seed of caption i's image is SEED + i: a bank is reproducible caption by caption.
+    _c.FREEDA.BUILD.SEED = 0
+    # Latent factors whose cross-attention is summed into the noun maps (DAAM); empty = every one.
+    _c.FREEDA.BUILD.CROSS_ATTN_FACTORS = []
+    # A noun's mask is where its min-max normalised attention map is at least this (DAAM's tau).
+    _c.FREEDA.BUILD.MASK_THRESHOLD = 0.4
+    # Where nouns come from: "nltk" (NLTK's perceptron POS tagger; its data must be installed,
+    # see README) or "list" (words and phrases of NOUN_LIST found in the caption).
+    _c.FREEDA.BUILD.NOUNS = "nltk"
+    # Noun list file, one noun or phrase per line (used when NOUNS is "list").
+    _c.FREEDA.BUILD.NOUN_LIST = ""
+    # Captions per shard: the unit of work that is written atomically and resumed.
+    _c.FREEDA.BUILD.SHARD_SIZE = 64
+    # Nearest-neighbour index over the keys: "flat" (exact), "hnsw", "ivf", or "auto"
+    # (flat up to EXACT_UP_TO keys, HNSW above).
+    _c.FREEDA.BUILD.INDEX = "auto"
+    # Largest bank that "auto" indexes exactly.
+    _c.FREEDA.BUILD.EXACT_UP_TO = 200000
+    # HNSW graph degree (faiss M).
+    _c.FREEDA.BUILD.HNSW_M = 32
+    # HNSW construction breadth (faiss efConstruction).
+    _c.FREEDA.BUILD.HNSW_EF_CONSTRUCTION = 200
+    # IVF lists; 0 = 4 * sqrt(number of keys).
+    _c.FREEDA.BUILD.IVF_NLIST = 0
+    # Also save each generated image and its noun masks under <bank>/inspect/ (for looking at).
+    _c.FREEDA.BUILD.KEEP_IMAGES = False
+
     if was_frozen:
         cfg.freeze()
     return cfg

@@ -151,3 +151,32 @@ def build_tiny_open_clip(folder: Path) -> None:
     )
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     safetensors_torch.save_file(state, str(folder / "open_clip_model.safetensors"))
+
+
+TINY_DINO_FOLDER = "tiny-dinov2-v1"
+# timm architecture and sizes of the random DINOv2-shaped encoders built here.
+DINO_ARCHITECTURES = {
+    # DINOv2's ViT with patch 14, 2 blocks of width 32: a few hundred kB.
+    "tiny": dict(architecture="vit_small_patch14_dinov2", img_size=56, embed_dim=32, depth=2, num_heads=2),
+    # DINOv2 ViT-B/14 (86M parameters), the FreeDA reference encoder.
+    "vitb14": dict(architecture="vit_base_patch14_dinov2"),
+}
+
+
+def random_dino(architecture: str, seed: int = TINY_SEED):
+    """A timm DINOv2 ViT with random weights (``DINO_ARCHITECTURES`` key), accepting any input size."""
+    timm = require("timm", "timm", "Random DINOv2 models")
+    args = dict(DINO_ARCHITECTURES[architecture])
+    name = args.pop("architecture")
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, dynamic_img_size=True, **args)
+
+
+def build_tiny_dino(folder: Path) -> None:
+    """Save a tiny DINOv2-shaped timm ViT as a timm local folder (config.json + model.safetensors)."""
+    timm_hub = require("timm.models._hub", "timm", "The tiny DINOv2 preset")
+    args = dict(DINO_ARCHITECTURES["tiny"])
+    args.pop("architecture")
+    model = random_dino("tiny")
+    # model_args go into config.json, so timm's "local-dir:" loading rebuilds the same sizes.
+    timm_hub.save_for_hf(model, str(folder), model_args=args, safe_serialization=True)

@@ -2,7 +2,14 @@
 
 Nothing here imports diffusers or transformers at import time.
 """
-from .attention import AttentionRecorder, AttentionStore, attention_layers, available_factors, record_attention
+from .attention import (
+    AttentionRecorder,
+    AttentionStore,
+    attention_layers,
+    available_factors,
+    minmax_per_map,
+    record_attention,
+)
 from .frozen_sd import FrozenStableDiffusion, StableDiffusionParts, load_stable_diffusion
 from .prompts import ClassPrompts, build_class_prompts
 
@@ -16,5 +23,6 @@ __all__ = [
     "available_factors",
     "build_class_prompts",
     "load_stable_diffusion",
+    "minmax_per_map",
     "record_attention",
 ]

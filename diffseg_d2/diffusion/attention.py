@@ -141,6 +141,12 @@ class AttentionStore:
     def cross_factors(self) -> list:
         return sorted(self._cross)
 
+    def cross_sum(self, factor: int) -> torch.Tensor:
+        """Summed class maps at ``factor`` over every recorded layer and call: ``(K, h, w)``."""
+        if factor not in self._cross:
+            raise KeyError(f"no cross-attention was recorded at latent factor {factor}")
+        return self._cross[factor].view(self.num_classes, *self.resolution(factor))
+
     def cross_maps(self, factor: int) -> torch.Tensor:
         """Mean class maps at ``factor``: ``(K, h, w)``."""
         if factor not in self._cross:
@@ -153,6 +159,14 @@ class AttentionStore:
         if factor not in self._self:
             raise KeyError(f"no self-attention was recorded at latent factor {factor}")
         return self._self[factor] / self._self_count[factor]
+
+
+def minmax_per_map(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Per-map min-max normalisation of (K, ...) maps to [0, 1] (a new tensor)."""
+    flat = maps.flatten(1)
+    lo = flat.min(dim=1, keepdim=True).values
+    hi = flat.max(dim=1, keepdim=True).values
+    return (flat - lo).div_((hi - lo).clamp(min=eps)).view_as(maps)
 
 
 def class_token_maps(

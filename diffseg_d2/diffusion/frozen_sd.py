@@ -175,3 +175,63 @@ class FrozenStableDiffusion(nn.Module):
         """One UNet call: latents (B, C, h, w), context (B, L, D) -> noise prediction (B, C, h, w)."""
         t = torch.full((latents.shape[0],), int(step), device=latents.device, dtype=torch.long)
         return self.unet(latents.to(self.dtype), t, encoder_hidden_states=context.to(self.dtype)).sample
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE decoding: (B, C_lat, h, w) scaled latents -> (B, 3, h*f, w*f) RGB in [0, 255]."""
+        images = self.vae.decode(latents.to(self.dtype) / self.vae.config.scaling_factor).sample
+        return ((images.float().clamp(-1, 1) + 1) * 127.5).round()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        context: torch.Tensor,
+        *,
+        image_size: int,
+        steps: int,
+        guidance_scale: float,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Text-to-image with DDIM and classifier-free guidance.
+
+        Each UNet call runs the batch ``[conditional, unconditional]`` in that
+        order, so an attention read-out that takes batch element 0 (see
+        ``AttentionStore.readout_context``) sees the prompted half.
+
+        Args:
+            context: (1, L, D) encoded prompt.
+            image_size: side of the square image, a multiple of the latent factor.
+            steps: DDIM steps.
+            guidance_scale: classifier-free guidance weight (1 = no guidance).
+            generator: source of the initial noise (seeded by the caller).
+
+        Returns:
+            (1, 3, image_size, image_size) RGB in [0, 255].
+        """
+        diffusers = require("diffusers", "diffusers", "Generating images")
+        if context.shape[0] != 1:
+            raise ValueError(f"generate() takes one prompt at a time, got a batch of {context.shape[0]}.")
+        # A private scheduler: set_timesteps changes its state.
+        scheduler = diffusers.DDIMScheduler.from_config(self.scheduler.config)
+        scheduler.set_timesteps(int(steps))
+        side = int(image_size) // self.latent_factor
+        shape = (1, self.unet.config.in_channels, side, side)
+        latents = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+        latents = latents.to(self.device) * scheduler.init_noise_sigma
+        uncond = self._empty_prompt_context()
+        both = torch.cat([context.to(self.dtype), uncond.to(self.dtype)])
+        for t in scheduler.timesteps:
+            x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+            noise = self.unet_forward(x, int(t), both)
+            cond, free = noise.float().chunk(2)
+            guided = free + guidance_scale * (cond - free)
+            latents = scheduler.step(guided, t, latents).prev_sample
+        return self.decode_latents(latents)
+
+    def _empty_prompt_context(self) -> torch.Tensor:
+        """Encoded empty prompt (1, L, D), the unconditional half of guidance (cached per device)."""
+        cached = getattr(self, "_empty_context", None)
+        if cached is None or cached.device != self.device:
+            cached = self.encode_text(self.tokenize([""]))
+            self._empty_context = cached
+        return cached

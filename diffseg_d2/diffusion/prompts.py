@@ -26,7 +26,10 @@ class ClassPrompts:
     token_weight: torch.Tensor
 
 
-def _find(seq: Sequence[int], sub: Sequence[int]) -> int:
+def find_subsequence(seq: Sequence[int], sub: Sequence[int]) -> int:
+    """Start of the first occurrence of ``sub`` in ``seq`` (token ids), or -1."""
+    if not sub:
+        return -1
     for i in range(len(seq) - len(sub) + 1):
         if list(seq[i : i + len(sub)]) == list(sub):
             return i
@@ -59,7 +62,7 @@ def build_class_prompts(tokenizer, names: Sequence[str], template: str, suffix: 
                 f"The prompt {prompt!r} is {len(ids)} tokens long, more than the text encoder's context of "
                 f"{context}. Shorten the class name or MODEL.DIFFSEG.PROMPT_TEMPLATE."
             )
-        start = _find(ids, name_ids)
+        start = find_subsequence(ids, name_ids)
         if start < 0:
             raise VocabularyError(
                 f"The class name {name!r} is not tokenised the same way inside the prompt {prompt!r}; "

@@ -6,12 +6,13 @@ methods (FreeDA keys, ODISE classification) reuse it.
 from __future__ import annotations
 
 import logging
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..diffusion.prompts import find_subsequence
 from ..optional_imports import require
 from ..random_models import TINY_CLIP_FOLDER, build_tiny_open_clip
 from ..weights import hub_load_error, resolve_weights
@@ -72,6 +73,11 @@ class OpenCLIP(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
+    @property
+    def embed_dim(self) -> int:
+        """Dimension of the joint image-text embedding space."""
+        return int(self.model.visual.output_dim)
+
     def clear_cache(self) -> None:
         self._text_cache.clear()
 
@@ -97,6 +103,64 @@ class OpenCLIP(nn.Module):
             emb = emb.view(len(names), len(self.templates), -1).mean(1)
             self._text_cache[key] = F.normalize(emb, dim=-1)
         return self._text_cache[key]
+
+    def word_positions(self, text: str, word: str) -> Optional[List[int]]:
+        """Positions of ``word``'s tokens in the tokenised ``text`` (first occurrence), or None."""
+        ids = self.tokenizer([text])[0].tolist()
+        start = find_subsequence(ids, self.tokenizer.encode(word))
+        if start < 0:
+            return None
+        return list(range(start, start + len(self.tokenizer.encode(word))))
+
+    @torch.no_grad()
+    def encode_words_in_context(self, texts: Sequence[str], words: Sequence[str]) -> torch.Tensor:
+        """Contextual embedding of ``words[i]`` inside ``texts[i]``: (N,) -> (N, D), L2-normalised.
+
+        The final-layer text features at the word's token positions (mean over
+        its sub-word tokens) are projected into the joint image-text space, as
+        the sentence embedding is at its end-of-text token. FreeDA's keys (a noun
+        in its caption) and queries (a class name in its prompts) both use it.
+
+        Raises:
+            ValueError: a word that is not among its text's tokens (absent, or cut
+                off by the context length).
+        """
+        model = self.model
+        if not hasattr(model, "token_embedding"):
+            raise ValueError(
+                "Contextual word embeddings need an open_clip model with its own text transformer "
+                f"(open_clip.CLIP); {type(model).__name__} has a different text tower."
+            )
+        positions = []
+        for text, word in zip(texts, words):
+            pos = self.word_positions(text, word)
+            if pos is None:
+                raise ValueError(f"The word {word!r} is not among the tokens of {text!r} (or beyond the context).")
+            positions.append(pos)
+        ids = self.tokenizer(list(texts)).to(self.device)
+        cast = model.transformer.get_cast_dtype()
+        x = model.token_embedding(ids).to(cast) + model.positional_embedding.to(cast)
+        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))  # (N, L, W)
+        width = max(len(p) for p in positions)
+        index = torch.zeros(len(texts), width, dtype=torch.long)
+        weight = torch.zeros(len(texts), width)
+        for i, p in enumerate(positions):
+            index[i, : len(p)] = torch.tensor(p)
+            weight[i, : len(p)] = 1.0 / len(p)
+        picked = x.gather(1, index.to(x.device)[..., None].expand(-1, -1, x.shape[-1]))
+        pooled = (picked.float() * weight.to(x.device)[..., None]).sum(1)
+        proj = model.text_projection
+        if proj is not None:
+            pooled = proj(pooled.to(cast)) if isinstance(proj, nn.Linear) else pooled.to(cast) @ proj
+        return F.normalize(pooled.float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_class_queries(self, names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+        """Each name's contextual embedding averaged over ``templates``: K names -> (K, D), L2-normalised."""
+        texts = [t.format(n) for n in names for t in templates]
+        words = [n for n in names for _ in templates]
+        emb = self.encode_words_in_context(texts, words).view(len(names), len(templates), -1).mean(1)
+        return F.normalize(emb, dim=-1)
 
     @torch.no_grad()
     def class_probabilities(self, images: torch.Tensor, names: Sequence[str]) -> torch.Tensor:

@@ -8,8 +8,7 @@ background score decides where no class is.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +23,11 @@ from ...diffusion import (
     available_factors,
     build_class_prompts,
     load_stable_diffusion,
+    minmax_per_map,
     record_attention,
 )
-from ...vocabulary import background_index, parse_vocabulary, vocabulary_from_metadata
+from ...vocabulary import background_index
+from .open_vocab import OpenVocabularySegmenter, vocabulary_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -34,23 +35,11 @@ __all__ = ["DiffSegmenter"]
 
 # Score of classes the category filter dropped: below any kept class's [0, 1] score.
 DROPPED_SCORE = -1.0
-_CACHE_SIZE = 8
-
-
-def _minmax(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Per-map min-max normalisation of (K, ...) maps to [0, 1] (a new tensor)."""
-    flat = maps.flatten(1)
-    lo = flat.min(dim=1, keepdim=True).values
-    hi = flat.max(dim=1, keepdim=True).values
-    return (flat - lo).div_((hi - lo).clamp(min=eps)).view_as(maps)
 
 
 @META_ARCH_REGISTRY.register()
-class DiffSegmenter(nn.Module):
+class DiffSegmenter(OpenVocabularySegmenter):
     """Open-vocabulary semantic segmentation from Stable Diffusion attention (training-free)."""
-
-    # Read by tools/train_net.py: a training-free model is only ever evaluated.
-    TRAINING_FREE = True
 
     @configurable
     def __init__(
@@ -98,7 +87,7 @@ class DiffSegmenter(nn.Module):
             captioner: optional module ``image -> caption`` appended to every prompt.
             input_format: "RGB" or "BGR", the channel order of input images.
         """
-        super().__init__()
+        super().__init__(input_format=input_format)
         if conditioning not in ("shared", "per_class"):
             raise ValueError(f"MODEL.DIFFSEG.CONDITIONING must be 'shared' or 'per_class', not {conditioning!r}.")
         if len(cross_attn_factors) != len(cross_attn_weights) or not cross_attn_factors:
@@ -119,8 +108,6 @@ class DiffSegmenter(nn.Module):
         multiple = diffusion.latent_factor * max(available_factors(unet, "self") + available_factors(unet, "cross"))
         if image_size <= 0 or image_size % multiple:
             raise ValueError(f"MODEL.DIFFSEG.IMAGE_SIZE = {image_size} must be a positive multiple of {multiple}.")
-        if input_format not in ("RGB", "BGR"):
-            raise ValueError(f"INPUT.FORMAT must be 'RGB' or 'BGR' for DiffSegmenter, not {input_format!r}.")
 
         self.diffusion = diffusion
         self.image_size = int(image_size)
@@ -137,21 +124,16 @@ class DiffSegmenter(nn.Module):
         self.background_threshold = float(background_threshold)
         self.category_filter = category_filter
         self.captioner = captioner
-        self.input_format = input_format
         # SD's VAE takes RGB in [-1, 1]: (x - 127.5) / 127.5. Fixed by the model, not a config choice.
         self.register_buffer("pixel_mean", torch.full((3, 1, 1), 127.5), persistent=False)
         self.register_buffer("pixel_std", torch.full((3, 1, 1), 127.5), persistent=False)
-        self._prompt_cache: "OrderedDict[Tuple, object]" = OrderedDict()
-        self._vocabulary: Optional[List[str]] = None
         if vocabulary:
             self.set_vocabulary(vocabulary)
 
     @classmethod
     def from_config(cls, cfg) -> Dict:
         d = cfg.MODEL.DIFFSEG
-        vocabulary = list(d.VOCABULARY) or None
-        if vocabulary is None and len(cfg.DATASETS.TEST):
-            vocabulary = vocabulary_from_metadata(cfg.DATASETS.TEST[0])
+        vocabulary = vocabulary_from_config(cfg)
         category_filter = captioner = None
         if d.CATEGORY_FILTER.ENABLED:
             from ..clip import CategoryFilter, OpenCLIP
@@ -189,39 +171,12 @@ class DiffSegmenter(nn.Module):
         }
 
     # ------------------------------------------------------------------ vocabulary
-    @property
-    def device(self) -> torch.device:
-        return self.pixel_mean.device
-
-    @property
-    def vocabulary(self) -> Optional[List[str]]:
-        return None if self._vocabulary is None else list(self._vocabulary)
-
-    def set_vocabulary(self, names) -> None:
-        """Set the classes to segment (a list or a comma-separated string), checked before use."""
-        names = parse_vocabulary(names)
-        self._check_prompts(names)
-        self._vocabulary = names
-
-    def set_vocabulary_from_dataset(self, dataset_name: str) -> None:
-        """Use the ``stuff_classes`` of a registered dataset (the one being evaluated)."""
-        self.set_vocabulary(vocabulary_from_metadata(dataset_name))
-
-    def _check_prompts(self, names: Sequence[str]) -> None:
+    def _check_vocabulary(self, names: Sequence[str]) -> None:
+        # Building the class prompts checks them (tokenisation, length) and warms the cache.
         bg = background_index(names)
         prompted = [n for i, n in enumerate(names) if i != bg]
         if prompted:
             self._vocabulary_prompts(tuple(prompted))
-
-    def _cached(self, key: Tuple, compute):
-        """A small LRU cache of encoded prompts, keyed ("vocabulary", names) or ("carrier", text)."""
-        if key in self._prompt_cache:
-            self._prompt_cache.move_to_end(key)
-            return self._prompt_cache[key]
-        value = self._prompt_cache[key] = compute()
-        while len(self._prompt_cache) > _CACHE_SIZE:
-            self._prompt_cache.popitem(last=False)
-        return value
 
     def _vocabulary_prompts(self, names: Tuple[str, ...]) -> Tuple[ClassPrompts, torch.Tensor]:
         """Class prompts and their encoded text ``(K, L, D)``, cached per vocabulary."""
@@ -239,54 +194,11 @@ class DiffSegmenter(nn.Module):
         return self._cached(("carrier", carrier), lambda: d.encode_text(d.tokenize([carrier], truncate=True)))
 
     # ------------------------------------------------------------------ inference
-    def forward(self, batched_inputs: List[Dict]) -> List[Dict[str, torch.Tensor]]:
-        """
-        Args:
-            batched_inputs: detectron2 inputs; each has ``image`` (C, H, W) in
-                INPUT.FORMAT, optional ``height``/``width`` of the wanted output and
-                optional ``vocabulary`` (list of names) for this image only.
-
-        Returns:
-            one dict per input with ``sem_seg``: (K, height, width) scores, one
-            channel per vocabulary class: normalised maps in [0, 1] for prompted
-            classes, ``background_threshold`` for "background", -1 for classes
-            the category filter dropped.
-        """
-        if self.training:
-            raise RuntimeError("DiffSegmenter is training-free: run it in eval mode (tools/train_net.py --eval-only).")
-        results = []
-        for x in batched_inputs:
-            if "vocabulary" in x:
-                names = parse_vocabulary(x["vocabulary"])
-                self._check_prompts(names)
-            elif self._vocabulary is not None:
-                names = self._vocabulary
-            else:
-                raise ValueError(
-                    "DiffSegmenter has no vocabulary: set MODEL.DIFFSEG.VOCABULARY or DATASETS.TEST, call "
-                    "model.set_vocabulary([...]), or pass 'vocabulary' in the input dict."
-                )
-            image = self._rgb(x["image"])
-            out_size = (int(x.get("height", image.shape[-2])), int(x.get("width", image.shape[-1])))
-            results.append({"sem_seg": self.segment(image, names, out_size)})
-        return results
-
-    def _rgb(self, image: torch.Tensor) -> torch.Tensor:
-        """(C, H, W) input -> (3, H, W) float RGB in [0, 255] on the model's device."""
-        if image.dim() != 3 or image.shape[0] not in (1, 3, 4):
-            raise ValueError(
-                f"Expected an image tensor of shape (C, H, W) with C in (1, 3, 4), got {tuple(image.shape)}."
-            )
-        if min(image.shape[-2:]) < 1:
-            raise ValueError(f"The image is empty: shape {tuple(image.shape)}.")
-        image = image.to(self.device, dtype=torch.float32)
-        # gray -> 3 channels; alpha is dropped (data/image.py composites it when reading files)
-        image = image.expand(3, -1, -1) if image.shape[0] == 1 else image[:3]
-        return image.flip(0) if self.input_format == "BGR" else image
-
     @torch.no_grad()
     def segment(self, image: torch.Tensor, names: Sequence[str], out_size: Tuple[int, int]) -> torch.Tensor:
-        """Scores ``(K, *out_size)`` of one RGB image ``(3, H, W)`` in [0, 255] for ``names``."""
+        """Scores ``(K, *out_size)`` of one RGB image ``(3, H, W)`` in [0, 255] for ``names``:
+        normalised maps in [0, 1] for prompted classes, ``background_threshold`` for
+        "background", -1 for classes the category filter dropped."""
         bg = background_index(names)
         prompted = [i for i in range(len(names)) if i != bg]
         scores = torch.full((len(names), *out_size), DROPPED_SCORE, device=self.device)
@@ -304,7 +216,7 @@ class DiffSegmenter(nn.Module):
         # tensor however large the image or the vocabulary.
         for row, channel in enumerate(kept):
             up = F.interpolate(maps[row][None, None], size=out_size, mode="bilinear", align_corners=False)
-            scores[channel] = _minmax(up[0])[0]
+            scores[channel] = minmax_per_map(up[0])[0]
         return scores
 
     def class_maps(
@@ -360,7 +272,7 @@ class DiffSegmenter(nn.Module):
             maps = store.cross_maps(factor)
             if tuple(maps.shape[-2:]) != target:
                 maps = F.interpolate(maps[None], size=target, mode="bilinear", align_corners=False)[0]
-            combined = combined + weight * _minmax(maps)
+            combined = combined + weight * minmax_per_map(maps)
         if self.refine:
             attn = store.self_map(self.self_attn_factor)  # (N, N), rows = queries
             combined = (combined.flatten(1) @ attn.T).view_as(combined)

@@ -1,0 +1,99 @@
+"""Felzenszwalb superpixels and pooling of dense features inside them.
+
+Pooling is exact and never materialises the upsampled feature map: bilinear
+upsampling is linear, so the mean of the upsampled features over a superpixel
+``s`` equals ``(M @ F)[s] / |s|`` with ``M[s, t]`` the summed bilinear weight of
+token ``t`` over the pixels of ``s``. ``M`` has one row per superpixel and one
+column per token, and is built by scattering each pixel's four bilinear weights.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+import torch
+
+from ..optional_imports import require
+
+
+def felzenszwalb_superpixels(image: torch.Tensor, scale: float, sigma: float, min_size: int) -> torch.Tensor:
+    """Superpixel labels of an RGB image.
+
+    Args:
+        image: (3, H, W) RGB in [0, 255].
+        scale, sigma, min_size: ``skimage.segmentation.felzenszwalb`` parameters (min_size in pixels).
+
+    Returns:
+        (H, W) int64 labels, consecutive from 0.
+    """
+    segmentation = require("skimage.segmentation", "scikit-image", "FreeDA's superpixels")
+    rgb = image.detach().permute(1, 2, 0).clamp(0, 255).round().to(torch.uint8).cpu().numpy()
+    labels = segmentation.felzenszwalb(rgb, scale=float(scale), sigma=float(sigma), min_size=int(min_size))
+    # felzenszwalb numbers its segments densely already; make sure of it (cheap).
+    _, dense = np.unique(labels, return_inverse=True)
+    return torch.from_numpy(dense.reshape(labels.shape).astype(np.int64))
+
+
+def _bilinear_taps(out_size: int, in_size: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each output position, the two input positions and weights of ``F.interpolate``
+    (bilinear, ``align_corners=False``) along one axis: i0, i1 (long) and w1 (weight of i1)."""
+    src = (torch.arange(out_size, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5
+    src = src.clamp(min=0)
+    i0 = src.floor().long().clamp(max=in_size - 1)
+    i1 = (i0 + 1).clamp(max=in_size - 1)
+    w1 = (src - i0).clamp(0, 1)
+    return i0, i1, w1
+
+
+def pooling_matrix(labels: torch.Tensor, grid: Tuple[int, int], num_segments: int) -> torch.Tensor:
+    """``M`` (S, h*w): summed bilinear weights of each feature-grid token over each segment.
+
+    Args:
+        labels: (H, W) int64 segment ids in ``[0, num_segments)``.
+        grid: ``(h, w)`` of the feature map that is upsampled to (H, W).
+
+    Rows sum to the segments' pixel counts.
+    """
+    H, W = labels.shape
+    h, w = grid
+    y0, y1, wy = _bilinear_taps(H, h)
+    x0, x1, wx = _bilinear_taps(W, w)
+    seg = labels.reshape(-1).long() * (h * w)
+    m = torch.zeros(num_segments * h * w, dtype=torch.float64)
+    for ys, wy_ in ((y0, 1 - wy), (y1, wy)):
+        for xs, wx_ in ((x0, 1 - wx), (x1, wx)):
+            token = (ys[:, None] * w + xs[None, :]).reshape(-1)
+            weight = (wy_[:, None] * wx_[None, :]).reshape(-1)
+            m.index_add_(0, seg + token, weight)
+    return m.view(num_segments, h * w).float()
+
+
+def pool_features(features: torch.Tensor, labels: torch.Tensor, num_segments: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sum of bilinearly upsampled features over each segment.
+
+    Args:
+        features: (D, h, w) feature map covering the same area as ``labels``.
+        labels: (H, W) segment ids.
+
+    Returns:
+        ``(sums (S, D), pixel counts (S,))``; ``sums / counts`` is the mean of
+        ``F.interpolate(features, (H, W), mode="bilinear")`` over each segment.
+    """
+    d, h, w = features.shape
+    m = pooling_matrix(labels.cpu(), (h, w), num_segments).to(features.device)
+    sums = m @ features.reshape(d, h * w).T.float()
+    counts = torch.bincount(labels.reshape(-1).cpu(), minlength=num_segments).to(features.device).float()
+    return sums, counts
+
+
+def sliding_windows(height: int, width: int, window: int, stride: int) -> list:
+    """Top-left corners ``(y, x)`` of square ``window`` crops covering an image, the last ones
+    flush with the bottom/right border. ``window`` must not exceed either side."""
+
+    def starts(size: int) -> list:
+        if size <= window:
+            return [0]
+        out = list(range(0, size - window, stride))
+        return out + [size - window]
+
+    return [(y, x) for y in starts(height) for x in starts(width)]

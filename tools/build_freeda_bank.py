@@ -1,0 +1,77 @@
+#!/usr/bin/env python
+"""Build FreeDA's prototype bank from captions (the offline stage).
+
+    python tools/build_freeda_bank.py --config-file configs/tiny/freeda.yaml \
+        --captions configs/tiny/freeda_captions.txt --output output/tiny_freeda/bank
+    python tools/build_freeda_bank.py --config-file configs/freeda/Base-FreeDA.yaml \
+        --captions captions_train2017.json --output banks/freeda_coco_sd15 --num-gpus 8 MODEL.DEVICE cuda
+
+An interrupted build continues with --resume (finished shards are kept). With
+--num-gpus N, N processes split the shards and the first merges them.
+"""
+import argparse
+import logging
+import sys
+
+import torch
+from detectron2.engine import default_argument_parser, launch
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from diffseg_d2 import get_diffseg_cfg
+from diffseg_d2.freeda import BankError, CaptionsError, read_captions
+
+logger = logging.getLogger("diffseg_d2.build_freeda_bank")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = default_argument_parser()
+    parser.description = __doc__.split("\n\n")[0]
+    parser.add_argument("--captions", required=True, help="captions: a text file (one per line) or COCO captions JSON")
+    parser.add_argument("--output", required=True, help="bank folder to create (or to continue with --resume)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(args) -> None:
+    from diffseg_d2.freeda.builder import PrototypeBankBuilder, build_bank
+
+    setup_logger(name="diffseg_d2", distributed_rank=comm.get_rank())
+    setup_logger(name="detectron2", distributed_rank=comm.get_rank())
+    cfg = get_diffseg_cfg(args.config_file, args.opts)
+    cfg.freeze()
+    # Input errors first, before any model loads.
+    captions = read_captions(args.captions)
+    builder = PrototypeBankBuilder.from_config(cfg)
+    device = torch.device(cfg.MODEL.DEVICE)
+    if device.type == "cuda" and comm.get_world_size() > 1:
+        device = torch.device("cuda", comm.get_local_rank())
+    builder.to(device)
+    b = cfg.MODEL.DIFFSEG.FREEDA.BUILD
+    index_settings = dict(kind=b.INDEX, exact_up_to=b.EXACT_UP_TO, hnsw_m=b.HNSW_M,
+                          hnsw_ef_construction=b.HNSW_EF_CONSTRUCTION, ivf_nlist=b.IVF_NLIST)
+    manifest = build_bank(builder, captions, args.output, resume=args.resume, index_settings=index_settings,
+                          show_progress=not args.no_progress)
+    if comm.is_main_process() and manifest is not None:
+        c = manifest["counts"]
+        print(
+            f"Bank ready in {args.output}: {c['prototypes']} prototypes from {c['captions']} captions "
+            f"({c['captions_without_nouns']} captions without nouns, {c['nouns_skipped']} nouns without a mask "
+            f"skipped), {manifest['index']['type']} index.\nUse it with MODEL.DIFFSEG.FREEDA.BANK {args.output}",
+            flush=True,
+        )
+
+
+def cli(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args,))
+    except (BankError, CaptionsError, FileNotFoundError, LookupError, ValueError) as e:
+        print(f"build_freeda_bank: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
