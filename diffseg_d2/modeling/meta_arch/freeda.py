@@ -92,7 +92,6 @@ class FreeDA(OpenVocabularySegmenter):
         self.short_side = int(short_side)
         self.window = int(window)
         self.stride = int(stride)
-        self.register_buffer("pixel_mean", torch.zeros(3, 1, 1), persistent=False)  # carries the device
         #: seconds spent per stage on the last image (superpixels, dino, clip, scoring), for benchmarks
         self.last_timings: Dict[str, float] = {}
         if vocabulary:

@@ -30,9 +30,8 @@ def vocabulary_from_config(cfg) -> Optional[List[str]]:
 class OpenVocabularySegmenter(nn.Module):
     """Base of the training-free segmenters (``sem_seg`` output, one channel per class).
 
-    Subclasses call ``super().__init__(input_format=..., vocabulary=...)`` after their own
-    modules exist (the vocabulary is checked with them), and set ``pixel_mean`` (a buffer
-    on the model's device).
+    Subclasses call ``super().__init__(input_format=...)`` first and ``set_vocabulary`` last,
+    once the modules that check a vocabulary exist.
     """
 
     # Read by tools/train_net.py: a training-free model is only ever evaluated.
@@ -45,11 +44,13 @@ class OpenVocabularySegmenter(nn.Module):
         self.input_format = input_format
         self._vocabulary: Optional[List[str]] = None
         self._cache: "OrderedDict[Tuple, object]" = OrderedDict()
+        # An empty buffer that follows .to(): where the model lives (cfg.MODEL.DEVICE).
+        self.register_buffer("_device_anchor", torch.zeros(0), persistent=False)
 
     # ------------------------------------------------------------------ vocabulary
     @property
     def device(self) -> torch.device:
-        return self.pixel_mean.device
+        return self._device_anchor.device
 
     @property
     def vocabulary(self) -> Optional[List[str]]:
