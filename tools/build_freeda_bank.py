@@ -56,7 +56,7 @@ def main(args) -> None:
         c = manifest["counts"]
         print(
             f"Bank ready in {args.output}: {c['prototypes']} prototypes from {c['captions']} captions "
-            f"({c["captions_without_nouns"]} caption(s) without nouns skipped, {c["nouns_skipped"]} noun(s) without a mask "
+            f"({c['captions_without_nouns']} caption(s) without nouns skipped, {c['nouns_skipped']} noun(s) without a mask "
             f"skipped), {manifest['index']['type']} index.\nUse it with MODEL.DIFFSEG.FREEDA.BANK {args.output}",
             flush=True,
         )
