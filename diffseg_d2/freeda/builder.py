@@ -47,7 +47,8 @@ logger = logging.getLogger(__name__)
 class CaptionPrototypes:
     """What one caption gives: K nouns with their keys (K, Dk), prototypes (K, Dp) and mask areas (K,).
 
-    ``image`` (3, S, S) and ``masks`` (K, h, w) are kept for inspection.
+    ``image`` (3, S, S) and the nouns' ``masks`` (K, h, w) are kept for inspection; ``skipped``
+    counts the caption's nouns that got no row.
     """
 
     nouns: List[str]
@@ -214,7 +215,7 @@ class PrototypeBankBuilder(nn.Module):
             areas=masks.float().mean((1, 2)).cpu()[sel],
             skipped=skipped + int(k - len(sel)),
             image=image[0].cpu(),
-            masks=masks.cpu(),
+            masks=masks.cpu()[sel],
         )
 
     def build_shard(self, shard_index: int, captions: Sequence[str], inspect_dir: Optional[Path] = None,
