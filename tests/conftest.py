@@ -40,3 +40,32 @@ def tiny_model(_session_cache, tiny_cfg_path):
     model = build_model(cfg)
     model.eval()
     return model
+
+
+# ---------------------------------------------------------------- FreeDA (shared by test_freeda_*.py)
+@pytest.fixture(scope="session")
+def tiny_freeda_cfg_path():
+    return os.path.join(os.path.dirname(__file__), "..", "configs", "tiny", "freeda.yaml")
+
+
+@pytest.fixture(scope="session")
+def freeda_bank(_session_cache, tiny_freeda_cfg_path, tmp_path_factory):
+    """The tiny FreeDA bank, built once by tools/build_freeda_bank.py in a subprocess, as a user runs it
+    (tiny config, its 12 captions, 3 shards of 4). Returns ``.path`` (the bank folder) and ``.stdout``.
+
+    Built with one CPU thread, as every build it is compared with (floats depend on the thread count)."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+    folder = tmp_path_factory.mktemp("freeda") / "bank"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(root, "tools", "build_freeda_bank.py"), "--config-file", tiny_freeda_cfg_path,
+         "--captions", os.path.join(root, "configs", "tiny", "freeda_captions.txt"), "--output", str(folder),
+         "--no-progress"],
+        capture_output=True, text=True, cwd=root, env=dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1"),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return SimpleNamespace(path=folder, stdout=proc.stdout, stderr=proc.stderr)

@@ -63,8 +63,14 @@ def main(args) -> None:
 
 
 def cli(argv=None) -> int:
+    from diffseg_d2.freeda.builder import check_output_folder
+
     args = parse_args(argv)
     try:
+        # Checked here too, so that with several processes the error is this message, not a
+        # traceback from a child process.
+        read_captions(args.captions)
+        check_output_folder(args.output)
         launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(args,))
     except (BankError, CaptionsError, FileNotFoundError, LookupError, ValueError) as e:

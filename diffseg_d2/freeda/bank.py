@@ -112,12 +112,14 @@ def write_shard(path: Path, shard: Shard) -> None:
         "seed": shard.seed.long().contiguous(),
         "area": shard.area.float().contiguous(),
     }
-    metadata = {
-        "nouns": json.dumps(shard.nouns),
-        "captions": json.dumps(list(shard.captions)),
-        "captions_without_nouns": json.dumps(shard.captions_without_nouns),
-        "nouns_skipped": str(int(shard.nouns_skipped)),
-    }
+    # One metadata entry with sorted keys: safetensors does not keep the order of several,
+    # and equal shards must be equal bytes (the manifest's checksums compare builds).
+    metadata = {"diffseg_d2": json.dumps({
+        "nouns": shard.nouns,
+        "captions": list(shard.captions),
+        "captions_without_nouns": shard.captions_without_nouns,
+        "nouns_skipped": int(shard.nouns_skipped),
+    }, sort_keys=True)}
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def save(tmp: str) -> None:
@@ -132,7 +134,7 @@ def read_shard(path: Path) -> Shard:
     safetensors = require("safetensors", "safetensors", "Reading bank shards")
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            meta = json.loads((f.metadata() or {})["diffseg_d2"])
             t = {k: f.get_tensor(k) for k in ("keys", "prototypes", "caption_index", "seed", "area")}
         shard = Shard(
             keys=t["keys"],
@@ -140,9 +142,9 @@ def read_shard(path: Path) -> Shard:
             caption_index=t["caption_index"],
             seed=t["seed"],
             area=t["area"],
-            nouns=json.loads(meta["nouns"]),
-            captions=tuple(json.loads(meta["captions"])),
-            captions_without_nouns=json.loads(meta["captions_without_nouns"]),
+            nouns=list(meta["nouns"]),
+            captions=tuple(meta["captions"]),
+            captions_without_nouns=list(meta["captions_without_nouns"]),
             nouns_skipped=int(meta["nouns_skipped"]),
         )
     except Exception as e:  # safetensors raises its own error types for damaged files
@@ -251,7 +253,7 @@ def finalize_bank(folder: Path, spec: dict, fingerprint: dict, num_shards: int, 
     return manifest
 
 
-def _check_file(folder: Path, entry: dict, what: str) -> Path:
+def check_file(folder: Path, entry: dict, what: str) -> Path:
     path = folder / entry["file"]
     advice = "Rerun tools/build_freeda_bank.py on this folder with --resume: it rebuilds what is damaged."
     if not path.is_file():
@@ -273,8 +275,8 @@ def verify_bank_files(folder: Path) -> Optional[dict]:
     try:
         manifest = read_json(path, "bank manifest")
         for entry in manifest["shards"]:
-            _check_file(Path(folder), entry, "bank shard")
-        _check_file(Path(folder), manifest["index"], "bank index")
+            check_file(Path(folder), entry, "bank shard")
+        check_file(Path(folder), manifest["index"], "bank index")
     except (BankError, KeyError, TypeError) as e:
         logger.warning("the finished bank in %s needs repair: %s", folder, e)
         return None
@@ -384,10 +386,10 @@ class PrototypeBank:
             raise BankError(f"'{manifest_path}' is not a version-{VERSION} diffseg_d2 FreeDA bank manifest.")
         prototypes, nouns = [], []
         for entry in manifest["shards"]:
-            shard = read_shard(_check_file(folder, entry, "bank shard"))
+            shard = read_shard(check_file(folder, entry, "bank shard"))
             prototypes.append(shard.prototypes)
             nouns.extend(shard.nouns)
-        index_path = _check_file(folder, manifest["index"], "bank index")
+        index_path = check_file(folder, manifest["index"], "bank index")
         try:
             index = faiss.read_index(str(index_path))
         except RuntimeError as e:

@@ -27,9 +27,11 @@ from ..diffusion import AttentionStore, FrozenStableDiffusion, available_factors
 from ..diffusion.prompts import find_subsequence
 from .bank import (
     MANIFEST_FILE,
+    SHARD_DIR,
     SPEC_FILE,
     BankError,
     Shard,
+    check_file,
     check_fingerprint,
     finalize_bank,
     read_json,
@@ -288,6 +290,35 @@ def _shard_done(folder: Path, index: int, expected: tuple) -> bool:
     return True
 
 
+def _drop_damaged_shards(folder: Path) -> None:
+    """Before a resume: delete shards that fail the checksums of a (stale) manifest, then the
+    manifest itself, and temporary files a killed write left behind. What is deleted is rebuilt."""
+    manifest_path = folder / MANIFEST_FILE
+    if manifest_path.is_file():
+        try:
+            entries = read_json(manifest_path, "bank manifest").get("shards", [])
+        except BankError:
+            entries = []
+        for entry in entries:
+            try:
+                check_file(folder, entry, "bank shard")
+            except (BankError, KeyError) as e:
+                logger.warning("rebuilding: %s", e)
+                (folder / entry["file"]).unlink(missing_ok=True)
+        manifest_path.unlink()  # stale: shards are about to change
+    for tmp in (folder / SHARD_DIR).glob(".*") if (folder / SHARD_DIR).is_dir() else ():
+        tmp.unlink(missing_ok=True)
+
+
+def check_output_folder(folder: Path) -> None:
+    """Refuse an output that is a file, or a non-empty folder that holds no bank (cheap; no models needed)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise BankError(f"--output '{folder}' is a file, not a folder.")
+    if folder.is_dir() and not (folder / SPEC_FILE).is_file() and any(folder.iterdir()):
+        raise BankError(f"'{folder}' is not empty and holds no bank. Choose a new or empty folder for --output.")
+
+
 def prepare_output(folder: Path, spec: dict, fingerprint: dict, resume: bool) -> Optional[dict]:
     """Check that ``folder`` may receive this bank and record the build spec in it.
 
@@ -297,6 +328,7 @@ def prepare_output(folder: Path, spec: dict, fingerprint: dict, resume: bool) ->
         BankError: the folder holds another bank or other files, or a partial build of
             this bank while ``resume`` is False.
     """
+    check_output_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
     spec_path = folder / SPEC_FILE
     if spec_path.is_file():
@@ -313,14 +345,14 @@ def prepare_output(folder: Path, spec: dict, fingerprint: dict, resume: bool) ->
         if manifest is not None:
             return manifest
         if not resume:
+            state = "a damaged copy of this bank" if (folder / MANIFEST_FILE).is_file() else \
+                "an unfinished build of this bank"
             raise BankError(
-                f"'{folder}' holds an unfinished build of this bank. Pass --resume to continue it "
-                "(finished shards are kept), or choose another --output."
+                f"'{folder}' holds {state}. Pass --resume to continue or repair it "
+                "(intact shards are kept), or choose another --output."
             )
-        (folder / MANIFEST_FILE).unlink(missing_ok=True)  # stale: shards are about to change
+        _drop_damaged_shards(folder)
         return None
-    if any(folder.iterdir()):
-        raise BankError(f"'{folder}' is not empty and holds no bank. Choose a new or empty folder for --output.")
     write_json(spec_path, {"spec": spec, "fingerprint": fingerprint})
     return None
 

@@ -18,7 +18,8 @@ from typing import List, Sequence
 
 from ..optional_imports import require
 
-_WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
+# Words of letters and inner hyphens; an apostrophe ends a word, so "dog's" gives "dog".
+_WORD = re.compile(r"[A-Za-z][A-Za-z-]*")
 
 
 def _words(caption: str) -> List[str]:
@@ -64,10 +65,11 @@ class ListNouns:
             raise ValueError("The noun list is empty: give one noun or noun phrase per line.")
         self.phrases = sorted(phrases)
         self._longest = max(len(p) for p in phrases)
-        # every accepted surface form -> its phrase: the last word may be plural
-        self._forms = {}
-        for p in phrases:
-            for last in (p[-1], p[-1] + "s", p[-1] + "es"):
+        # every accepted surface form -> its phrase: the last word may be plural. A listed
+        # phrase always stands for itself ("glasses" is not the plural of a listed "glass").
+        self._forms = {p: p for p in self.phrases}
+        for p in self.phrases:
+            for last in (p[-1] + "s", p[-1] + "es"):
                 self._forms.setdefault(p[:-1] + (last,), p)
 
     @classmethod

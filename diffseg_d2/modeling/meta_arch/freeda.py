@@ -79,6 +79,9 @@ class FreeDA(OpenVocabularySegmenter):
             raise ValueError(f"MODEL.DIFFSEG.FREEDA.LOCAL_WEIGHT must be in [0, 1], got {local_weight}.")
         if top_k < 1 or min(short_side, window, stride) < 1:
             raise ValueError("MODEL.DIFFSEG.FREEDA.TOP_K, SHORT_SIDE, WINDOW and STRIDE must be positive.")
+        if stride > window:
+            raise ValueError(f"MODEL.DIFFSEG.FREEDA.STRIDE = {stride} exceeds WINDOW = {window}: the windows would "
+                             "leave parts of the image unread.")
         check_fingerprint(bank.manifest.get("fingerprint", {}), model_fingerprint(clip, dino), "this bank")
         self.bank = bank
         self.clip = clip
@@ -149,7 +152,7 @@ class FreeDA(OpenVocabularySegmenter):
                         "its score is the global CLIP score alone.", name, sim, self.min_key_similarity)
             return prototypes.to(self.device), found.to(self.device)
 
-        return self._cached(("prototypes", names), compute)
+        return self._cached(("prototypes", names, self.top_k, self.min_key_similarity), compute)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
