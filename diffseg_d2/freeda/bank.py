@@ -426,6 +426,8 @@ class PrototypeBank:
         """
         sims, ids = self.search(queries, k)
         valid = (ids >= 0).float()
-        gathered = self.prototypes[ids.clamp(min=0)]  # (Q, k, Dp)
-        mean = (gathered * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
+        weights = valid / valid.sum(1, keepdim=True).clamp(min=1)
+        # A weighted bag sum reads each prototype once; gathering a (Q, k, Dp) copy first was
+        # 20-50x slower (BENCHMARKS.md, retrieval).
+        mean = F.embedding_bag(ids.clamp(min=0), self.prototypes, per_sample_weights=weights, mode="sum")
         return F.normalize(mean, dim=-1), sims[:, 0]
