@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Time and memory of DiffSegmenter against the minimal cost of its input.
+"""Time and memory of DiffSegmenter against the minimal cost of its input, and of FreeDA's retrieval.
 
-    python tools/benchmark.py                                # tiny and sd15, markdown on stdout
+    python tools/benchmark.py                                # every preset, markdown on stdout
     python tools/benchmark.py --preset tiny --write BENCHMARKS.md
+    python tools/benchmark.py --preset retrieval --write BENCHMARKS.md
 
 Per preset, in one run:
 
@@ -33,11 +34,26 @@ otherwise exceed ``--budget-min`` (estimated from the plain configuration's
 times); the output says where. The table also gives the share of the CPUs that
 other processes used while each configuration ran; on a shared machine
 ``--wait-quiet SECONDS`` waits for them before each configuration.
+
+The ``retrieval`` preset times FreeDA's retrieval step on CPU instead:
+``PrototypeBank.class_prototypes`` (the ``k`` = 350 nearest keys of each of
+150 class queries, mean of their prototypes) over banks of ``--bank-sizes``
+random L2-normalised keys (dimension 768, CLIP ViT-L/14 text) and prototypes
+(768, DINOv2 ViT-B), for each faiss index kind that ``build_index`` makes
+(flat, HNSW, IVF; several search breadths each) and for a brute-force matrix
+product in torch that computes the same result without faiss. Each (bank
+size, index) is one worker process: it generates the bank, builds the index
+(timed, with its memory), times ``--repeats`` calls after a warm-up call with
+the search inside them timed apart, then measures recall@k against the exact
+top k. An index whose build time, extrapolated from the smaller banks of
+the same index, exceeds what is left of ``--budget-min`` is skipped and the
+estimate reported (the exact references, brute force and flat, always run).
 """
 import argparse
 import datetime
 import json
 import logging
+import math
 import os
 import platform
 import shlex
@@ -48,7 +64,9 @@ import time
 
 logger = logging.getLogger("diffseg_d2.benchmark")
 
-PRESETS = ("tiny", "sd15")
+RETRIEVAL = "retrieval"
+PRESETS = ("tiny", "sd15", RETRIEVAL)
+DEFAULT_REPEATS = {"tiny": 3, "sd15": 3, RETRIEVAL: 7}
 TINY_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "tiny", "diffsegmenter.yaml")
 RESULT_PREFIX = "BENCHMARK_RESULT "
 PLAIN_PROMPT = "a photograph of aeroplane."
@@ -59,6 +77,20 @@ TARGET_PEAK = 1.5  # peak memory increase <= this x plain's
 # Guesses of a call's cost from plain's pieces, only for fitting the run into --budget-min.
 SHARED_OVERHEAD = 1.3
 PER_CLASS_OVERHEAD = 1.2
+# The retrieval preset: FreeDA's reference setting (ADE20K's 150 classes, top 350 keys).
+KEY_DIM = 768  # CLIP ViT-L/14 text embedding
+PROTOTYPE_DIM = 768  # DINOv2 ViT-B feature
+RETRIEVAL_CLASSES = 150
+RETRIEVAL_TOP_K = 350
+TARGET_RETRIEVAL_MS = 50.0  # 150 classes ...
+TARGET_RETRIEVAL_KEYS = 10**6  # ... on a bank of this many keys, on CPU
+HNSW_M = 32  # build_index's default
+# Growth of an approximate index's build time with the bank size, t ~ n^this: the least the
+# algorithm allows (HNSW: n log n; IVF: k-means of n keys into 4 sqrt(n) lists), used where the
+# measured builds suggest less. Builds under MIN_FIT_BUILD_S are too noisy to fit. The exact
+# methods (brute force, flat) are the references: they are never skipped.
+BUILD_EXPONENTS = {"hnsw": 1.1, "ivf": 1.5}
+MIN_FIT_BUILD_S = 1.0
 
 
 # ====================================================================== worker (one configuration)
@@ -277,11 +309,132 @@ def measure_segment(model, image, num_classes: int, repeats: int, device: str) -
     }
 
 
+def random_unit_rows(n: int, dim: int, seed: int):
+    """(n, dim) float32 rows uniformly distributed on the unit sphere; normalised in place (one copy)."""
+    import torch
+
+    rows = torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
+    rows /= rows.norm(dim=1, keepdim=True)
+    return rows
+
+
+def brute_force_bank(keys, prototypes):
+    """A ``PrototypeBank`` whose search is ``queries @ keys.T`` and ``topk`` in torch (no faiss).
+
+    Its ``class_prototypes`` is the bank's own, so the two differ in the search only.
+    """
+    from diffseg_d2.freeda.bank import PrototypeBank
+
+    class BruteForceBank(PrototypeBank):
+        def __init__(self):  # no faiss index
+            self.keys, self.prototypes, self.nouns, self.manifest = keys, prototypes, [], {}
+
+        def search(self, queries, k):
+            return (queries @ self.keys.T).topk(max(1, min(int(k), len(self))), dim=1)
+
+    return BruteForceBank()
+
+
+def recall_at_k(ids, exact_ids) -> float:
+    """Mean over queries of the share of the exact top-k ids that ``ids`` found."""
+    import torch
+
+    found = sum(int(torch.isin(row, ref).sum()) for row, ref in zip(ids, exact_ids))
+    return found / exact_ids.numel()
+
+
+def measure_retrieval(spec: dict) -> dict:
+    """One bank size and one index: build it, then per search breadth time ``class_prototypes``."""
+    from diffseg_d2.freeda.bank import PrototypeBank, build_index, set_search_breadth
+    from diffseg_d2.optional_imports import require
+
+    faiss = require("faiss", "faiss-cpu", "The retrieval preset of tools/benchmark.py")
+    n, k, repeats = spec["size"], spec["top_k"], spec["repeats"]
+    start = time.perf_counter()
+    keys = random_unit_rows(n, KEY_DIM, seed=0)
+    prototypes = random_unit_rows(n, PROTOTYPE_DIM, seed=1)
+    queries = random_unit_rows(spec["classes"], KEY_DIM, seed=2)
+    setup_s = time.perf_counter() - start
+    logger.info("%s: bank of %d random keys generated in %.1f s, building", spec["name"], n, setup_s)
+    meter = PeakMemory("cpu")
+    meter.start()
+    build = {}
+    if spec["method"] == "brute":
+        bank, build_s = brute_force_bank(keys, prototypes), 0.0
+    else:
+        build_s, (index, kind) = _timed(lambda: build_index(keys.numpy(), spec["method"], **spec["build"]), "cpu")
+        bank = PrototypeBank(index, prototypes, [""] * n, {})
+        inner = faiss.downcast_index(index)
+        build = {"kind": kind, **({"nlist": int(inner.nlist)} if hasattr(inner, "nlist") else {})}
+        logger.info("%s: %s index built in %.1f s", spec["name"], kind, build_s)
+    build_peak_mib, before_build_mib = meter.increase_mib(), meter.baseline_mib
+    meter.start()
+    index_mib = meter.baseline_mib - before_build_mib  # what the built index keeps resident
+
+    search = bank.search
+    search_s = []
+
+    def timed_search(q, top_k):
+        t, out = _timed(lambda: search(q, top_k), "cpu")
+        search_s.append(t)
+        return out
+
+    bank.search = timed_search  # class_prototypes calls it: the search inside each call is timed apart
+    rows, exact_ids = [], None
+    for setting in spec["search"]:
+        breadth = {}
+        if spec["method"] != "brute":
+            set_search_breadth(index, k, setting.get("ef_search", 0), setting.get("nprobe", 1))
+            breadth = {name: int(getattr(obj, name)) for obj, name in ((getattr(inner, "hnsw", None), "efSearch"),
+                                                                      (inner, "nprobe")) if hasattr(obj, name)}
+        meter.start()
+        load = OtherLoad()
+        load.start()
+        times = []
+        for i in range(1 + repeats):
+            search_s.clear()
+            t, _ = _timed(lambda: bank.class_prototypes(queries, k), "cpu")
+            if i > 0:  # the first call is the warm-up
+                times.append((t, search_s[0]))
+        peak_mib, other_load = meter.increase_mib(), load.fraction()
+        _, ids = search(queries, k)
+        if exact_ids is None:  # after the timings, so that its (Q, n) similarities are in no peak above
+            exact_ids = ids if spec["method"] == "brute" else (queries @ keys.T).topk(k, dim=1)[1]
+        rows.append({
+            "setting": setting,
+            "breadth": breadth,
+            "times": [t for t, _ in times],
+            "search_times": [s for _, s in times],
+            "recall": recall_at_k(ids, exact_ids),
+            "missing": int((ids < 0).sum()),
+            "peak_mib": peak_mib,
+            "other_load": other_load,
+        })
+        logger.info("%s %s: median %.1f ms, recall@%d %.3f", spec["name"], breadth or "",
+                    1e3 * statistics.median(rows[-1]["times"]), k, rows[-1]["recall"])
+    return {
+        "rows": rows,
+        "build_s": build_s,
+        "build": build,
+        "build_peak_mib": build_peak_mib,
+        "index_mib": index_mib,
+        "faiss": faiss.__version__,
+    }
+
+
 def run_worker(spec: dict) -> dict:
-    """Build the preset's model, measure one configuration, return what the table needs."""
+    """Build the preset's model (or bank), measure one configuration, return what the table needs."""
     import torch
 
     threads = _threads(spec["threads"])
+    if spec["preset"] == RETRIEVAL:
+        from diffseg_d2.optional_imports import require
+
+        torch.set_num_threads(threads)
+        require("faiss", "faiss-cpu", "The retrieval preset of tools/benchmark.py").omp_set_num_threads(threads)
+        result = measure_retrieval(spec)
+        result.update(threads=threads, torch=torch.__version__, device_name="CPU")
+        return result
     torch.set_num_threads(threads)
     device = spec["device"]
     start = time.perf_counter()
@@ -315,9 +468,11 @@ def _median(r: dict) -> float:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Benchmark DiffSegmenter against one VAE encode + one UNet pass.")
+    p = argparse.ArgumentParser(description="Benchmark DiffSegmenter against one VAE encode + one UNet pass, "
+                                "and FreeDA's retrieval (--preset retrieval).")
     p.add_argument("--preset", choices=PRESETS + ("all",), default="all")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per configuration, after one warm-up")
+    p.add_argument("--repeats", type=int, help="timed calls per configuration, after one warm-up "
+                   f"(default: {', '.join(f'{k} {v}' for k, v in DEFAULT_REPEATS.items())})")
     p.add_argument("--classes", default="1,5,20", help="comma-separated numbers of VOC classes (at most 20)")
     p.add_argument("--no-per-class", action="store_true", help="skip the per_class conditioning contrast")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
@@ -325,20 +480,38 @@ def parse_args(argv=None):
                    help="MODEL.DIFFSEG.SD.DTYPE (half precision applies on CUDA only)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: the cores this process may use)")
     p.add_argument("--budget-min", type=float, default=25.0,
-                   help="wall-time budget per preset: repeats are lowered, slowest configuration first, to fit")
+                   help="wall-time budget per preset: repeats are lowered, slowest configuration first, to fit "
+                   f"({RETRIEVAL}: an index whose extrapolated build time exceeds what is left is skipped)")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="before each configuration, wait up to this long for other processes to leave the CPUs idle")
     p.add_argument("--write", metavar="FILE", help="also update this preset's section in FILE (e.g. BENCHMARKS.md)")
+    r = p.add_argument_group(f"{RETRIEVAL} preset (FreeDA retrieval, always on CPU)")
+    r.add_argument("--bank-sizes", default="10000,100000,1000000", help="comma-separated numbers of random keys")
+    r.add_argument("--ef-construction", default="200,40",
+                   help=f"HNSW efConstruction values (M = {HNSW_M}), one index each")
+    r.add_argument("--ef-search", default="512,1024", help=f"HNSW efSearch values (raised to at least k = "
+                   f"{RETRIEVAL_TOP_K} by set_search_breadth)")
+    r.add_argument("--nprobe", default="16,64,256", help="IVF nprobe values (nlist: build_index's default)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: JSON spec of one configuration
     args = p.parse_args(argv)
-    if args.repeats < 1:
+    if args.repeats is not None and args.repeats < 1:
         p.error("--repeats must be at least 1")
-    try:
-        args.classes = sorted({int(c) for c in args.classes.split(",") if c.strip()})
-    except ValueError:
-        p.error(f"--classes must be comma-separated integers, got {args.classes!r}")
-    if not args.classes or min(args.classes) < 1 or max(args.classes) > 20:
-        p.error("--classes must name numbers between 1 and 20 (the VOC vocabulary)")
+
+    def int_list(option: str, low: int, high: float = float("inf")) -> list:
+        text = getattr(args, option.lstrip("-").replace("-", "_"))
+        try:
+            values = sorted({int(v) for v in text.split(",") if v.strip()})
+        except ValueError:
+            p.error(f"{option} must be comma-separated integers, got {text!r}")
+        if not values or min(values) < low or max(values) > high:
+            p.error(f"{option} must name integers from {low}" + (f" to {high}" if high < float("inf") else ""))
+        return values
+
+    args.classes = int_list("--classes", 1, 20)  # the VOC vocabulary
+    args.bank_sizes = int_list("--bank-sizes", RETRIEVAL_TOP_K)
+    args.ef_construction = int_list("--ef-construction", 1)
+    args.ef_search = int_list("--ef-search", 1)
+    args.nprobe = int_list("--nprobe", 1)
     return args
 
 
@@ -439,9 +612,10 @@ def fit_repeats(specs: list, plain: dict, budget_s: float) -> list:
 
 def run_preset(preset: str, args, device: str) -> dict:
     start = time.perf_counter()
-    base = {"preset": preset, "device": device, "dtype": args.dtype, "threads": args.threads, "repeats": args.repeats}
+    repeats = args.repeats or DEFAULT_REPEATS[preset]
+    base = {"preset": preset, "device": device, "dtype": args.dtype, "threads": args.threads, "repeats": repeats}
     specs = [{**base, **s} for s in configurations(args)]
-    logger.info("%s: plain (%d repeats)", preset, args.repeats)
+    logger.info("%s: plain (%d repeats)", preset, repeats)
     results = {"plain": run_in_subprocess(specs[0], args.wait_quiet)}
     notes = []
     if "error" not in results["plain"]:
@@ -454,6 +628,70 @@ def run_preset(preset: str, args, device: str) -> dict:
         results[s["name"]] = run_in_subprocess(s, args.wait_quiet)
     return {"preset": preset, "specs": specs, "results": results, "notes": notes,
             "wall_s": time.perf_counter() - start}
+
+
+def retrieval_configurations(args) -> list:
+    """Per bank size, smallest first: brute force, then each faiss index with all its search breadths."""
+    base = {"preset": RETRIEVAL, "threads": args.threads, "repeats": args.repeats or DEFAULT_REPEATS[RETRIEVAL],
+            "classes": RETRIEVAL_CLASSES, "top_k": RETRIEVAL_TOP_K}
+    indexes = [
+        ("brute", "brute", "brute force (torch matmul + topk)", {}, [{}]),
+        ("flat", "flat", "faiss flat (exact)", {}, [{}]),
+        ("ivf", "ivf", "faiss IVF", {"ivf_nlist": 0}, [{"nprobe": v} for v in args.nprobe]),
+    ]
+    indexes += [("hnsw", f"hnsw-efc{efc}", f"faiss HNSW M={HNSW_M} efC={efc}",
+                 {"hnsw_m": HNSW_M, "hnsw_ef_construction": efc}, [{"ef_search": v} for v in args.ef_search])
+                for efc in args.ef_construction]
+    return [{**base, "name": f"{family}-{n}", "family": family, "method": method, "label": label, "size": n,
+             "build": build, "search": search}
+            for n in args.bank_sizes for method, family, label, build, search in indexes]
+
+
+def estimated_build_s(method: str, history: list, n: int):
+    """``(seconds, exponent)`` to build an approximate index over ``n`` keys, or None (exact methods,
+    or no smaller bank measured yet).
+
+    A power law ``t ~ n^exponent`` from the largest ``(keys, seconds)`` build of the same index
+    measured so far; the exponent is fitted through the two largest builds (those of at least
+    ``MIN_FIT_BUILD_S``) and is at least ``BUILD_EXPONENTS[method]``.
+    """
+    history = [(keys, t) for keys, t in history if t > 0]
+    if method not in BUILD_EXPONENTS or not history:
+        return None
+    n2, t2 = history[-1]
+    exponent = BUILD_EXPONENTS[method]
+    fit = [(keys, t) for keys, t in history[-2:] if t >= MIN_FIT_BUILD_S]
+    if len(fit) == 2 and fit[0][0] != fit[1][0]:
+        (n1, t1), (n2, t2) = fit
+        exponent = max(exponent, math.log(t2 / t1) / math.log(n2 / n1))
+    return t2 * (n / n2) ** exponent, exponent
+
+
+def run_retrieval(args) -> dict:
+    """Every retrieval configuration in its own process; an approximate index whose build would overrun
+    --budget-min is skipped."""
+    start = time.perf_counter()
+    specs = retrieval_configurations(args)
+    results, builds = {}, {}
+    # Per bank size, the exact references last (never skipped), so the budget left goes to the
+    # approximate indexes whose build may not fit.
+    for s in sorted(specs, key=lambda s: (s["size"], s["method"] not in BUILD_EXPONENTS)):
+        history = builds.setdefault(s["family"], [])
+        estimate = estimated_build_s(s["method"], history, s["size"])
+        left_s = 60 * args.budget_min - (time.perf_counter() - start)
+        if estimate and estimate[0] > left_s:
+            measured = ", ".join(f"{n:,} keys {_fmt_s(t)} s" for n, t in history)
+            left = f"the {_fmt_min(left_s)} left of" if left_s > 0 else "the spent"
+            why = (f"not built: its build is estimated at {_fmt_min(estimate[0])} (t ~ n^{estimate[1]:.2f} "
+                   f"from the builds measured here: {measured}), over {left} --budget-min {args.budget_min:g}")
+            logger.warning("%s: %s: %s", RETRIEVAL, s["name"], why)
+            results[s["name"]] = {"skipped": why}
+            continue
+        logger.info("%s: %s (%d repeats)", RETRIEVAL, s["name"], s["repeats"])
+        results[s["name"]] = run_in_subprocess(s, args.wait_quiet)
+        if "error" not in results[s["name"]]:
+            history.append((s["size"], results[s["name"]]["build_s"]))
+    return {"preset": RETRIEVAL, "specs": specs, "results": results, "wall_s": time.perf_counter() - start}
 
 
 # ====================================================================== markdown
@@ -472,8 +710,26 @@ def _fmt_s(t: float) -> str:
     return f"{t:.3f}" if t < 1 else f"{t:.2f}" if t < 100 else f"{t:.0f}"
 
 
+def _fmt_min(t: float) -> str:
+    return f"{t / 60:.0f} min" if t >= 90 else f"{t:.0f} s"
+
+
+def _fmt_ms(t: float) -> str:
+    return f"{1e3 * t:.1f}" if t < 0.1 else f"{1e3 * t:.0f}"
+
+
 def _check(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
+
+
+def busy_note(loads: list) -> list:
+    """Markdown lines naming the ``(name, share)`` configurations during which others used over 10% of the CPUs."""
+    busy = [(name, v) for name, v in loads if v is not None and v > 0.1]
+    if not busy:
+        return []
+    names = ", ".join(f"{name} ({100 * v:.0f}%)" for name, v in busy)
+    return ["Note: other processes kept part of the CPUs busy while these configurations ran, so their "
+            f"times are inflated and noisier: {names}.", ""]
 
 
 def target_lines(specs: list, results: dict) -> list:
@@ -561,18 +817,120 @@ def render_preset(run: dict, cmdline: str) -> str:
     if device == "CPU" and not all(r["peak_reset"] for r in ok):
         out += ["Note: the peak RSS could not be reset after the model was built; a build-time peak may hide "
                 "a smaller forward peak.", ""]
-    busy = [(s["name"], results[s["name"]]["other_load"]) for s in specs
-            if results[s["name"]].get("other_load") is not None]
-    if busy and max(v for _, v in busy) > 0.1:
-        names = ", ".join(f"{n} ({100 * v:.0f}%)" for n, v in busy if v > 0.1)
-        out += ["Note: other processes kept part of the CPUs busy while these configurations ran, so their "
-                f"times are inflated and noisier: {names}.", ""]
+    out += busy_note([(s["name"], results[s["name"]].get("other_load")) for s in specs])
     for note in run["notes"]:
         out.append(f"Note: {note}.")
     if run["notes"]:
         out.append("")
     out += ["Targets (default \"shared\" conditioning; ratios of medians of this run):", ""]
     out += target_lines(specs, results)
+    return "\n".join(out) + "\n"
+
+
+def _retrieval_rows(run: dict):
+    """``(spec, result, row)`` per measured search breadth, ``(spec, result, None)`` per skipped or failed index."""
+    for s in run["specs"]:
+        r = run["results"][s["name"]]
+        for row in r.get("rows") or [None]:
+            yield s, r, row
+
+
+def _index_label(s: dict, r: dict) -> str:
+    nlist = r.get("build", {}).get("nlist")
+    return s["label"] + (f" nlist={nlist}" if nlist else "")
+
+
+def _breadth_label(row: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in row["breadth"].items()) or "-"
+
+
+def _config_label(s: dict, r: dict, row: dict) -> str:
+    return _index_label(s, r) + (f", {_breadth_label(row)}" if row["breadth"] else "")
+
+
+def retrieval_target_lines(run: dict) -> list:
+    n = TARGET_RETRIEVAL_KEYS
+    goal = f"{RETRIEVAL_CLASSES} classes on a {n:,}-key bank under {TARGET_RETRIEVAL_MS:g} ms on CPU"
+    measured = [(s, r, row) for s, r, row in _retrieval_rows(run) if s["size"] == n and row]
+    if not measured:
+        return [f"- not measured: {goal} (needs {n} in --bank-sizes)"]
+    lines = []
+    for s, r, row in measured:
+        med = statistics.median(row["times"])
+        lines.append(f"- **{_check(1e3 * med < TARGET_RETRIEVAL_MS)}** {_config_label(s, r, row)}: "
+                     f"**{_fmt_ms(med)} ms** (search {_fmt_ms(statistics.median(row['search_times']))} ms), "
+                     f"recall@{RETRIEVAL_TOP_K} {row['recall']:.3f}")
+    passed = [line for line in lines if line.startswith("- **PASS**")]
+    s, r, row = min(measured, key=lambda m: statistics.median(m[2]["times"]))
+    fastest = f"{_config_label(s, r, row)}, {_fmt_ms(statistics.median(row['times']))} ms"
+    lines.append(f"- **{_check(bool(passed))}** overall, {goal}: "
+                 f"{len(passed)} of {len(lines)} measured configurations; fastest: {fastest}")
+    skipped = [_index_label(s, r) for s, r, row in _retrieval_rows(run) if s["size"] == n and not row]
+    if skipped:
+        lines.append(f"- not measured at {n:,} keys: {', '.join(skipped)} (see the table)")
+    return lines
+
+
+def render_retrieval(run: dict, cmdline: str) -> str:
+    ok = [r for r in run["results"].values() if "rows" in r]
+    info = ok[0] if ok else {}
+    k = RETRIEVAL_TOP_K
+    date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    repeats = run["specs"][0]["repeats"] if run["specs"] else "?"
+    brute = {s["size"]: row for s, r, row in _retrieval_rows(run) if s["method"] == "brute" and row}
+    out = [
+        f"### {RETRIEVAL}: FreeDA retrieval, {RETRIEVAL_CLASSES} classes, k = {k}, random banks",
+        "",
+        f"- Machine: {cpu_model()}, {info.get('threads', '?')} threads (torch and faiss); torch "
+        f"{info.get('torch', '?')}, faiss {info.get('faiss', '?')}, float32",
+        f"- Date: {date}; wall time of this preset: {run['wall_s'] / 60:.1f} min",
+        f"- Command: `{cmdline}`",
+        f"- Bank: random L2-normalised keys (dim {KEY_DIM}, as CLIP ViT-L/14 text embeddings) and prototypes "
+        f"(dim {PROTOTYPE_DIM}, as DINOv2 ViT-B features); {RETRIEVAL_CLASSES} random L2-normalised class queries",
+        f"- Time: `PrototypeBank.class_prototypes(queries, {k})`, median of {repeats} calls after one warm-up; "
+        f"*search* is the index search inside those calls (brute force: `queries @ keys.T` and `topk`), "
+        f"*prototype mean* the rest of them (the mean of the {k} prototypes of each class)",
+        f"- Recall@{k}: share of the exact {k} nearest keys (torch matmul + topk) that the index returned. Random "
+        "keys are a worst case for approximate indexes: they have no clusters to exploit, and the 350th "
+        "neighbour is barely closer than a random key; real keys cluster, so expect higher recall on a real bank",
+        "- Memory: *index MB* is the RSS the built index adds (faiss holds its own copy of the keys); *peak MB* "
+        "the increase of peak RSS while building and while searching",
+        "",
+        f"| keys | index | build s | search breadth | median ms | min-max ms | search ms | prototype mean ms | "
+        f"time / brute force: all / search | recall@{k} | index MB | peak MB build / search | "
+        "other processes' CPU |",
+        "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s, r, row in _retrieval_rows(run):
+        head = f"| {s['size']:,} | {_index_label(s, r)} |"
+        if row is None:
+            why = r.get("skipped") or f"failed: {r.get('error')}"
+            out.append(f"{head} {why} | | | | | | | | | | |")
+            continue
+        med, search = statistics.median(row["times"]), statistics.median(row["search_times"])
+        mean = statistics.median(t - t_search for t, t_search in zip(row["times"], row["search_times"]))
+        ref = brute.get(s["size"])
+        ratio = "-" if ref is None else (f"{med / statistics.median(ref['times']):.2f}x / "
+                                         f"{search / statistics.median(ref['search_times']):.2f}x")
+        recall = "1 (reference)" if s["method"] == "brute" else f"{row['recall']:.3f}"
+        if row["missing"]:
+            recall += f" ({row['missing']} ids missing)"
+        load = "-" if row["other_load"] is None else f"{100 * row['other_load']:.0f}%"
+        if s["method"] == "brute":  # nothing built
+            build_s = index_mib = build_peak = "-"
+        else:
+            build_s = _fmt_s(r["build_s"])
+            index_mib, build_peak = (f"{max(0.0, r[key]):.0f}" for key in ("index_mib", "build_peak_mib"))
+        out.append(
+            f"{head} {build_s} | {_breadth_label(row)} | {_fmt_ms(med)} | "
+            f"{_fmt_ms(min(row['times']))}-{_fmt_ms(max(row['times']))} | {_fmt_ms(search)} | "
+            f"{_fmt_ms(mean)} | {ratio} | {recall} | "
+            f"{index_mib} | {build_peak} / {row['peak_mib']:.0f} | {load} |")
+    out.append("")
+    out += busy_note([(s["name"] + (f" {_breadth_label(row)}" if row["breadth"] else ""), row["other_load"])
+                      for s, r, row in _retrieval_rows(run) if row])
+    out += [f"Target ({RETRIEVAL_CLASSES} classes, medians of this run):", ""]
+    out += retrieval_target_lines(run)
     return "\n".join(out) + "\n"
 
 
@@ -602,13 +960,15 @@ def main(argv=None) -> None:
         spec = json.loads(args.worker)
         print(RESULT_PREFIX + json.dumps(run_worker(spec)), flush=True)
         return
-    device = resolve_device(args.device)
     cmdline = shlex.join(["python", "tools/benchmark.py", *(sys.argv[1:] if argv is None else argv)])
     presets = PRESETS if args.preset == "all" else (args.preset,)
+    device = resolve_device(args.device) if set(presets) - {RETRIEVAL} else "cpu"
     start = time.perf_counter()
     for preset in presets:
-        run = run_preset(preset, args, device)
-        section = render_preset(run, cmdline)
+        if preset == RETRIEVAL:
+            section = render_retrieval(run_retrieval(args), cmdline)
+        else:
+            section = render_preset(run_preset(preset, args, device), cmdline)
         print(section, flush=True)
         if args.write:
             update_file(args.write, preset, section)
