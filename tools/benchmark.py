@@ -358,6 +358,8 @@ def measure_retrieval(spec: dict) -> dict:
     logger.info("%s: bank of %d random keys generated in %.1f s, building", spec["name"], n, setup_s)
     meter = PeakMemory("cpu")
     meter.start()
+    build_load = OtherLoad()
+    build_load.start()
     build = {}
     if spec["method"] == "brute":
         bank, build_s = brute_force_bank(keys, prototypes), 0.0
@@ -368,6 +370,7 @@ def measure_retrieval(spec: dict) -> dict:
         build = {"kind": kind, **({"nlist": int(inner.nlist)} if hasattr(inner, "nlist") else {})}
         logger.info("%s: %s index built in %.1f s", spec["name"], kind, build_s)
     build_peak_mib, before_build_mib = meter.increase_mib(), meter.baseline_mib
+    build_other_load = build_load.fraction() if spec["method"] != "brute" else None
     meter.start()
     index_mib = meter.baseline_mib - before_build_mib  # what the built index keeps resident
 
@@ -417,6 +420,7 @@ def measure_retrieval(spec: dict) -> dict:
         "build_s": build_s,
         "build": build,
         "build_peak_mib": build_peak_mib,
+        "build_other_load": build_other_load,
         "index_mib": index_mib,
         "faiss": faiss.__version__,
     }
@@ -478,7 +482,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="MODEL.DIFFSEG.SD.DTYPE (half precision applies on CUDA only)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: the cores this process may use)")
+    p.add_argument("--threads", type=int, default=0, help="torch (and faiss) threads (0: the cores this process may use)")
     p.add_argument("--budget-min", type=float, default=25.0,
                    help="wall-time budget per preset: repeats are lowered, slowest configuration first, to fit "
                    f"({RETRIEVAL}: an index whose extrapolated build time exceeds what is left is skipped)")
@@ -891,8 +895,8 @@ def render_retrieval(run: dict, cmdline: str) -> str:
         f"*search* is the index search inside those calls (brute force: `queries @ keys.T` and `topk`), "
         f"*prototype mean* the rest of them (the mean of the {k} prototypes of each class)",
         f"- Recall@{k}: share of the exact {k} nearest keys (torch matmul + topk) that the index returned. Random "
-        "keys are a worst case for approximate indexes: they have no clusters to exploit, and the 350th "
-        "neighbour is barely closer than a random key; real keys cluster, so expect higher recall on a real bank",
+        "keys are a worst case for approximate indexes: they form no clusters, so a query's nearest keys are "
+        "spread over the whole space; real keys cluster, so expect higher recall on a real bank",
         "- Memory: *index MB* is the RSS the built index adds (faiss holds its own copy of the keys); *peak MB* "
         "the increase of peak RSS while building and while searching",
         "",
@@ -925,10 +929,12 @@ def render_retrieval(run: dict, cmdline: str) -> str:
             f"{head} {build_s} | {_breadth_label(row)} | {_fmt_ms(med)} | "
             f"{_fmt_ms(min(row['times']))}-{_fmt_ms(max(row['times']))} | {_fmt_ms(search)} | "
             f"{_fmt_ms(mean)} | {ratio} | {recall} | "
-            f"{index_mib} | {build_peak} / {row['peak_mib']:.0f} | {load} |")
+            f"{index_mib} | {build_peak} / {max(0.0, row['peak_mib']):.0f} | {load} |")
     out.append("")
-    out += busy_note([(s["name"] + (f" {_breadth_label(row)}" if row["breadth"] else ""), row["other_load"])
-                      for s, r, row in _retrieval_rows(run) if row])
+    loads = [(f"{s['name']} build", run["results"][s["name"]].get("build_other_load")) for s in run["specs"]]
+    loads += [(s["name"] + (f" {_breadth_label(row)}" if row["breadth"] else ""), row["other_load"])
+              for s, r, row in _retrieval_rows(run) if row]
+    out += busy_note(loads)
     out += [f"Target ({RETRIEVAL_CLASSES} classes, medians of this run):", ""]
     out += retrieval_target_lines(run)
     return "\n".join(out) + "\n"
