@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 
@@ -34,6 +34,18 @@ def find_subsequence(seq: Sequence[int], sub: Sequence[int]) -> int:
         if list(seq[i : i + len(sub)]) == list(sub):
             return i
     return -1
+
+
+def token_mean_table(positions: Sequence[Sequence[int]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token positions of K words -> ``(K, T)`` padded indices and weights (1/n on a word's n
+    real positions, 0 on padding), so that a weighted sum over them is the mean over the word."""
+    width = max(len(p) for p in positions)
+    index = torch.zeros(len(positions), width, dtype=torch.long)
+    weight = torch.zeros(len(positions), width)
+    for i, pos in enumerate(positions):
+        index[i, : len(pos)] = torch.tensor(list(pos))
+        weight[i, : len(pos)] = 1.0 / len(pos)
+    return index, weight
 
 
 def build_class_prompts(tokenizer, names: Sequence[str], template: str, suffix: str = "") -> ClassPrompts:
@@ -71,10 +83,5 @@ def build_class_prompts(tokenizer, names: Sequence[str], template: str, suffix: 
         prompts.append(prompt)
         rows.append(ids + [pad] * (context - len(ids)))
         positions.append(list(range(start, start + len(name_ids))))
-    width = max(len(p) for p in positions)
-    token_index = torch.zeros(len(names), width, dtype=torch.long)
-    token_weight = torch.zeros(len(names), width)
-    for i, pos in enumerate(positions):
-        token_index[i, : len(pos)] = torch.tensor(pos)
-        token_weight[i, : len(pos)] = 1.0 / len(pos)
+    token_index, token_weight = token_mean_table(positions)
     return ClassPrompts(prompts, torch.tensor(rows, dtype=torch.long), token_index, token_weight)

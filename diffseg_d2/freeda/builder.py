@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..diffusion import AttentionStore, FrozenStableDiffusion, available_factors, minmax_per_map, record_attention
-from ..diffusion.prompts import find_subsequence
+from ..diffusion.prompts import find_subsequence, token_mean_table
 from .bank import (
     MANIFEST_FILE,
     SHARD_DIR,
@@ -183,12 +183,8 @@ class PrototypeBankBuilder(nn.Module):
         if not kept:
             empty = torch.zeros(0)
             return CaptionPrototypes([], empty, empty, empty, skipped, torch.zeros(3, 0, 0), torch.zeros(0, side, side))
-        k, width = len(kept), max(len(p) for p in positions)
-        token_index = torch.zeros(k, width, dtype=torch.long)
-        token_weight = torch.zeros(k, width)
-        for i, p in enumerate(positions):
-            token_index[i, : len(p)] = torch.tensor(p)
-            token_weight[i, : len(p)] = 1.0 / len(p)
+        k = len(kept)
+        token_index, token_weight = token_mean_table(positions)
         context = d.encode_text(ids)
         store = AttentionStore((side, side), token_index, token_weight, readout_context=context.expand(k, -1, -1))
         # A CPU generator: the same caption gets the same image on any device.

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..diffusion.prompts import find_subsequence
+from ..diffusion.prompts import find_subsequence, token_mean_table
 from ..optional_imports import require
 from ..random_models import TINY_CLIP_FOLDER, build_tiny_open_clip
 from ..weights import hub_load_error, resolve_weights
@@ -141,12 +141,7 @@ class OpenCLIP(nn.Module):
         cast = model.transformer.get_cast_dtype()
         x = model.token_embedding(ids).to(cast) + model.positional_embedding.to(cast)
         x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))  # (N, L, W)
-        width = max(len(p) for p in positions)
-        index = torch.zeros(len(texts), width, dtype=torch.long)
-        weight = torch.zeros(len(texts), width)
-        for i, p in enumerate(positions):
-            index[i, : len(p)] = torch.tensor(p)
-            weight[i, : len(p)] = 1.0 / len(p)
+        index, weight = token_mean_table(positions)
         picked = x.gather(1, index.to(x.device)[..., None].expand(-1, -1, x.shape[-1]))
         pooled = (picked.float() * weight.to(x.device)[..., None]).sum(1)
         proj = model.text_projection
