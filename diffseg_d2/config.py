@@ -162,6 +162,99 @@ def add_diffseg_config(cfg: CN) -> CN:
     # Also save each generated image and its noun masks under <bank>/inspect/ (for looking at).
     _c.FREEDA.BUILD.KEEP_IMAGES = False
 
+    # --- ODISE (trained; see configs/odise/) ----------------------------------------------
+    _c.ODISE = CN()
+    # Optimizer of tools/train_net.py for ODISE: "ADAMW" or "SGD" (detectron2's default), with SOLVER.* rates.
+    _c.ODISE.OPTIMIZER = "ADAMW"
+    # Learning-rate multiplier of the backbone's trainable parts (projections and captioner).
+    _c.ODISE.BACKBONE_LR_MULTIPLIER = 1.0
+    # Diffusion backbone (MODEL.BACKBONE.NAME DiffusionUNetBackbone or build_diffusion_unet_fpn_backbone).
+    _c.ODISE.BACKBONE = CN()
+    # UNet up blocks whose layer outputs are tapped; empty = all of them.
+    _c.ODISE.BACKBONE.UP_BLOCKS = []
+    # Output levels (strides 4, 8, 16, 32).
+    _c.ODISE.BACKBONE.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    # Channels of every output level (each tap is projected to this by a 1x1 conv and GroupNorm).
+    _c.ODISE.BACKBONE.OUT_CHANNELS = 512
+    # Side of the square windows the UNet reads, in pixels (512 for SD 1.5).
+    _c.ODISE.BACKBONE.WINDOW = 512
+    # Step between windows over larger inputs; the last window is aligned with the border.
+    _c.ODISE.BACKBONE.WINDOW_STRIDE = 512
+    # Most windows per UNet call.
+    _c.ODISE.BACKBONE.WINDOW_BATCH = 4
+    # Scheduler timestep of the noise added to the latent (0 = the least noise, as the reference).
+    _c.ODISE.BACKBONE.NOISE_STEP = 0
+    # Seed of that fixed noise.
+    _c.ODISE.BACKBONE.SEED = 0
+    # Implicit captioner: CLIP image embedding -> UNet text conditioning, through a zero-initialised gate.
+    _c.ODISE.CAPTIONER = CN()
+    # False = the UNet is conditioned on the empty prompt.
+    _c.ODISE.CAPTIONER.ENABLED = True
+    # Mask2Former-style mask head.
+    _c.ODISE.HEAD = CN()
+    # Backbone levels read by the deformable-attention pixel decoder's encoder (the rest go through its FPN).
+    _c.ODISE.HEAD.TRANSFORMER_IN_FEATURES = ["res3", "res4", "res5"]
+    # Channels inside the pixel decoder.
+    _c.ODISE.HEAD.CONV_DIM = 256
+    # Channels of the per-pixel mask embedding.
+    _c.ODISE.HEAD.MASK_DIM = 256
+    # Deformable-attention encoder layers of the pixel decoder.
+    _c.ODISE.HEAD.ENCODER_LAYERS = 6
+    # Feed-forward width of those encoder layers.
+    _c.ODISE.HEAD.ENCODER_FFN_DIM = 1024
+    # Width of the transformer decoder.
+    _c.ODISE.HEAD.HIDDEN_DIM = 256
+    # Object queries (mask proposals per image).
+    _c.ODISE.HEAD.NUM_QUERIES = 100
+    # Masked-attention decoder layers.
+    _c.ODISE.HEAD.DECODER_LAYERS = 9
+    # Attention heads in the encoder and the decoder.
+    _c.ODISE.HEAD.NUM_HEADS = 8
+    # Feed-forward width of the decoder layers.
+    _c.ODISE.HEAD.DECODER_FFN_DIM = 2048
+    # Losses (Hungarian matching on the same costs).
+    _c.ODISE.LOSS = CN()
+    # Weight of the classification cross-entropy.
+    _c.ODISE.LOSS.CLASS_WEIGHT = 2.0
+    # Weight of the point-sampled mask binary cross-entropy.
+    _c.ODISE.LOSS.MASK_WEIGHT = 5.0
+    # Weight of the point-sampled dice loss.
+    _c.ODISE.LOSS.DICE_WEIGHT = 5.0
+    # Cross-entropy weight of the "no object" class.
+    _c.ODISE.LOSS.NO_OBJECT_WEIGHT = 0.1
+    # Points sampled per mask for the matching costs and the mask losses.
+    _c.ODISE.LOSS.NUM_POINTS = 12544
+    # Candidate points per sampled point for importance sampling.
+    _c.ODISE.LOSS.OVERSAMPLE_RATIO = 3.0
+    # Share of the points taken where the prediction is most uncertain.
+    _c.ODISE.LOSS.IMPORTANCE_SAMPLE_RATIO = 0.75
+    # Add the losses of every intermediate decoder layer.
+    _c.ODISE.LOSS.DEEP_SUPERVISION = True
+    # Weight of the caption-grounding loss (nouns of the image captions vs mask embeddings); 0 = off.
+    _c.ODISE.LOSS.GROUNDING_WEIGHT = 0.0
+    # File of nouns and noun phrases (one per line) looked for in captions; empty = the training classes.
+    _c.ODISE.LOSS.GROUNDING_NOUNS = ""
+    # Inference.
+    _c.ODISE.TEST = CN()
+    # Return "sem_seg" (per-class scores).
+    _c.ODISE.TEST.SEMANTIC_ON = True
+    # Return "panoptic_seg".
+    _c.ODISE.TEST.PANOPTIC_ON = True
+    # Return "instances" (thing classes only).
+    _c.ODISE.TEST.INSTANCE_ON = True
+    # A query becomes a panoptic segment when its best class probability is above this.
+    _c.ODISE.TEST.OBJECT_MASK_THRESHOLD = 0.8
+    # ... and it keeps at least this share of its own mask after overlaps are resolved.
+    _c.ODISE.TEST.OVERLAP_THRESHOLD = 0.8
+    # Instances kept per image.
+    _c.ODISE.TEST.DETECTIONS_PER_IMAGE = 100
+    # Ensemble with CLIP's mask-pooled classifier (geometric mean of the two probabilities).
+    _c.ODISE.TEST.ENSEMBLE = True
+    # CLIP's exponent for classes seen in training: p = p_head^(1 - ALPHA) * p_clip^ALPHA.
+    _c.ODISE.TEST.ENSEMBLE_ALPHA = 0.3
+    # CLIP's exponent for classes not seen in training.
+    _c.ODISE.TEST.ENSEMBLE_BETA = 0.7
+
     if was_frozen:
         cfg.freeze()
     return cfg

@@ -3,18 +3,19 @@
 
     python tools/train_net.py --config-file configs/tiny/diffsegmenter.yaml --eval-only
     python tools/train_net.py --config-file configs/diffsegmenter/voc21.yaml --eval-only MODEL.DEVICE cuda
+    python tools/train_net.py --config-file configs/tiny/odise.yaml               # trains on CPU
+    python tools/train_net.py --config-file configs/tiny/odise.yaml --eval-only MODEL.WEIGHTS output/tiny_odise/model_final.pth
 
-Training-free models (DiffSegmenter) only run with --eval-only.
+Training-free models (DiffSegmenter, FreeDA) only run with --eval-only.
 """
 import logging
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
 
 from diffseg_d2 import get_diffseg_cfg
-from diffseg_d2.engine import DiffSegTrainer
+from diffseg_d2.engine import DiffSegTrainer, StrictCheckpointer
 from diffseg_d2.evaluation import format_results_table
 
 def setup(args):
@@ -33,7 +34,7 @@ def main(args):
         trainer.resume_or_load(resume=args.resume)
         return trainer.train()
     model = DiffSegTrainer.build_model(cfg)
-    DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+    StrictCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
     results = DiffSegTrainer.test(cfg, model)
     if comm.is_main_process():
         print(format_results_table(results), flush=True)

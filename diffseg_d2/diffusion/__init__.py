@@ -10,6 +10,7 @@ from .attention import (
     minmax_per_map,
     record_attention,
 )
+from .features import FeatureTap, record_features, unet_feature_taps
 from .frozen_sd import FrozenStableDiffusion, StableDiffusionParts, load_stable_diffusion
 from .prompts import ClassPrompts, build_class_prompts
 
@@ -17,6 +18,7 @@ __all__ = [
     "AttentionRecorder",
     "AttentionStore",
     "ClassPrompts",
+    "FeatureTap",
     "FrozenStableDiffusion",
     "StableDiffusionParts",
     "attention_layers",
@@ -25,4 +27,6 @@ __all__ = [
     "load_stable_diffusion",
     "minmax_per_map",
     "record_attention",
+    "record_features",
+    "unet_feature_taps",
 ]

@@ -170,11 +170,19 @@ class FrozenStableDiffusion(nn.Module):
         """Per-token text embeddings: (B, L) ids -> (B, L, D)."""
         return self.text_encoder(input_ids.to(self.device))[0].to(self.dtype)
 
-    @torch.no_grad()
-    def unet_forward(self, latents: torch.Tensor, step: int, context: torch.Tensor) -> torch.Tensor:
-        """One UNet call: latents (B, C, h, w), context (B, L, D) -> noise prediction (B, C, h, w)."""
+    def unet_forward(
+        self, latents: torch.Tensor, step: int, context: torch.Tensor, *, grad: bool = False
+    ) -> torch.Tensor:
+        """One UNet call: latents (B, C, h, w), context (B, L, D) -> noise prediction (B, C, h, w).
+
+        Args:
+            grad: keep the autograd graph from the output (and any features tapped
+                during the call) back to ``context``, for a trainable conditioning
+                such as ODISE's implicit captioner. The UNet's own weights stay frozen.
+        """
         t = torch.full((latents.shape[0],), int(step), device=latents.device, dtype=torch.long)
-        return self.unet(latents.to(self.dtype), t, encoder_hidden_states=context.to(self.dtype)).sample
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            return self.unet(latents.to(self.dtype), t, encoder_hidden_states=context.to(self.dtype)).sample
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -218,7 +226,7 @@ class FrozenStableDiffusion(nn.Module):
         shape = (1, self.unet.config.in_channels, side, side)
         latents = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
         latents = latents.to(self.device) * scheduler.init_noise_sigma
-        uncond = self._empty_prompt_context()
+        uncond = self.empty_prompt_context()
         both = torch.cat([context.to(self.dtype), uncond.to(self.dtype)])
         for t in scheduler.timesteps:
             x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
@@ -228,7 +236,7 @@ class FrozenStableDiffusion(nn.Module):
             latents = scheduler.step(guided, t, latents).prev_sample
         return self.decode_latents(latents)
 
-    def _empty_prompt_context(self) -> torch.Tensor:
+    def empty_prompt_context(self) -> torch.Tensor:
         """Encoded empty prompt (1, L, D), the unconditional half of guidance (cached per device)."""
         cached = getattr(self, "_empty_context", None)
         if cached is None or cached.device != self.device:

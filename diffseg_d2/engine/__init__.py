@@ -1,4 +1,5 @@
 """Training and evaluation loops on top of detectron2's DefaultTrainer."""
+from .checkpoint import CheckpointMismatchError, StrictCheckpointer
 from .trainer import DiffSegTrainer
 
-__all__ = ["DiffSegTrainer"]
+__all__ = ["CheckpointMismatchError", "DiffSegTrainer", "StrictCheckpointer"]

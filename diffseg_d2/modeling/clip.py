@@ -49,6 +49,10 @@ class OpenCLIP(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
         self._text_cache: Dict[Tuple[str, ...], torch.Tensor] = {}
 
+    def train(self, mode: bool = True) -> "OpenCLIP":
+        # Frozen: stays in eval mode whatever the parent model does.
+        return super().train(False)
+
     @classmethod
     def from_weights(cls, weights: str, templates: Sequence[str]) -> "OpenCLIP":
         """Load from a hub id, a local open_clip folder, or ``"tiny"`` (``MODEL.DIFFSEG.CLIP.WEIGHTS``)."""
@@ -103,6 +107,48 @@ class OpenCLIP(nn.Module):
             emb = emb.view(len(names), len(self.templates), -1).mean(1)
             self._text_cache[key] = F.normalize(emb, dim=-1)
         return self._text_cache[key]
+
+    @torch.no_grad()
+    def encode_dense(self, images: torch.Tensor) -> torch.Tensor:
+        """Per-patch embeddings in the joint space (not normalised): (B, 3, H, W) RGB in [0, 255] -> (B, D, h, w).
+
+        The image is resized to the model's input square, as in ``encode_image``; the
+        patch tokens of the last block go through the same final norm and projection
+        as the pooled token, so pooling them over a mask gives a CLIP embedding of
+        that region (ODISE's mask-pooled CLIP classifier).
+        """
+        visual = self.model.visual
+        if not hasattr(visual, "forward_intermediates") or getattr(visual, "proj", None) is None:
+            raise ValueError(
+                f"Dense CLIP features need an open_clip ViT image tower with a projection; "
+                f"{type(visual).__name__} is not one. Use a ViT CLIP in MODEL.DIFFSEG.CLIP.WEIGHTS "
+                "or set MODEL.DIFFSEG.ODISE.TEST.ENSEMBLE False."
+            )
+        x = F.interpolate(images.float().to(self.device), size=self.image_size, mode="bicubic", align_corners=False)
+        x = (x.clamp(0, 255) - self.pixel_mean) / self.pixel_std
+        out = visual.forward_intermediates(
+            x, indices=1, normalize_intermediates=True, intermediates_only=True, output_fmt="NCHW"
+        )
+        tokens = out["image_intermediates"][-1]  # (B, W, h, w)
+        return torch.einsum("bwhx,wd->bdhx", tokens, visual.proj).float()
+
+    @torch.no_grad()
+    def encode_class_synonyms(self, names: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Text embeddings of every synonym of every class.
+
+        A class name may list synonyms separated by commas (``"sofa, couch"``), as
+        panoptic datasets' metadata does; a class then scores the best of them.
+
+        Returns:
+            ``(embeddings, owner)``: (S, D) L2-normalised template-averaged embeddings
+            of the S synonyms, and (S,) the class index of each.
+        """
+        synonyms, owner = [], []
+        for k, name in enumerate(names):
+            parts = [p.strip() for p in name.split(",") if p.strip()] or [name]
+            synonyms += parts
+            owner += [k] * len(parts)
+        return self.encode_class_names(synonyms), torch.tensor(owner, dtype=torch.long, device=self.device)
 
     def word_positions(self, text: str, word: str) -> Optional[List[int]]:
         """Positions of ``word``'s tokens in the tokenised ``text`` (first occurrence), or None."""
