@@ -65,8 +65,9 @@ import time
 logger = logging.getLogger("diffseg_d2.benchmark")
 
 RETRIEVAL = "retrieval"
-PRESETS = ("tiny", "sd15", RETRIEVAL)
-DEFAULT_REPEATS = {"tiny": 3, "sd15": 3, RETRIEVAL: 7}
+ODISE = "odise"
+PRESETS = ("tiny", "sd15", RETRIEVAL, ODISE)
+DEFAULT_REPEATS = {"tiny": 3, "sd15": 3, RETRIEVAL: 7, ODISE: 3}
 TINY_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "tiny", "diffsegmenter.yaml")
 RESULT_PREFIX = "BENCHMARK_RESULT "
 PLAIN_PROMPT = "a photograph of aeroplane."
@@ -431,6 +432,14 @@ def run_worker(spec: dict) -> dict:
     import torch
 
     threads = _threads(spec["threads"])
+    if spec["preset"] == ODISE:
+        torch.set_num_threads(threads)
+        load = OtherLoad()
+        load.start()
+        result = measure_odise(spec)
+        result.update(other_load=load.fraction(), threads=threads, torch=torch.__version__,
+                      device_name=torch.cuda.get_device_name() if spec["device"].startswith("cuda") else "CPU")
+        return result
     if spec["preset"] == RETRIEVAL:
         from diffseg_d2.optional_imports import require
 
@@ -464,6 +473,196 @@ def run_worker(spec: dict) -> dict:
         input_size=list(image.shape[-2:]),
     )
     return result
+
+
+# ====================================================================== ODISE preset
+ODISE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "odise", "Base-ODISE.yaml")
+TARGET_BACKBONE = 1.15  # backbone features of one 512 window <= this x (VAE encode + plain UNet pass)
+ODISE_KINDS = {
+    "odise-plain": "plain: VAE encode + 1 UNet pass (empty prompt)",
+    "odise-backbone": "DiffusionUNetBackbone, captioner off",
+    "odise-backbone-captioner": "DiffusionUNetBackbone with the implicit captioner (CLIP ViT-L/14)",
+    "odise-inference": "ODISE inference, 1 image, 150 classes, CLIP ensemble",
+    "odise-train-step": "ODISE training step, batch 1, 512 crop (forward, backward, AdamW)",
+}
+
+
+def build_odise_cfg(device: str, captioner: bool = True):
+    """The reference config (configs/odise/Base-ODISE.yaml) on ``device`` with the 150 ADE20K class names."""
+    from diffseg_d2 import get_diffseg_cfg
+    from diffseg_d2.data.datasets.builtin_meta import ADE20K_150_CLASSES
+
+    cfg = get_diffseg_cfg(ODISE_CONFIG, [
+        "MODEL.DEVICE", device, "MODEL.DIFFSEG.SD.DTYPE", "float32",
+        "MODEL.DIFFSEG.ODISE.CAPTIONER.ENABLED", str(captioner),
+        "DATASETS.TRAIN", "('diffseg_sample_voc_panoptic',)", "DATASETS.TEST", "()",
+        "INPUT.MIN_SIZE_TRAIN", "(512,)",
+    ])
+    cfg.MODEL.DIFFSEG.VOCABULARY = list(ADE20K_150_CLASSES)
+    return cfg
+
+
+def random_full_size_weights():
+    """Patches that make the config's SD 1.5 and CLIP ViT-L/14 load as random full-size models.
+
+    Speed and memory do not depend on the weights, and nothing can be downloaded here;
+    everything else is built by the normal config path.
+    """
+    from contextlib import ExitStack
+    from unittest import mock
+
+    import open_clip
+    import transformers
+
+    from diffseg_d2.diffusion.frozen_sd import resolve_sd_weights
+    from diffseg_d2.modeling.clip import OpenCLIP
+    from diffseg_d2.random_models import random_stable_diffusion
+
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(resolve_sd_weights("tiny").path, subfolder="tokenizer")
+
+    def clip_from_weights(weights, templates):
+        return OpenCLIP(open_clip.create_model("ViT-L-14"), open_clip.get_tokenizer("ViT-L-14"), templates)
+
+    stack = ExitStack()
+    stack.enter_context(mock.patch(
+        "diffseg_d2.modeling.backbone.diffusion_unet.load_stable_diffusion",
+        lambda weights, revision=None: random_stable_diffusion("sd15", tokenizer)))
+    stack.enter_context(mock.patch.object(OpenCLIP, "from_weights", staticmethod(clip_from_weights)))
+    return stack
+
+
+def odise_input(size: int = 512) -> dict:
+    """The VOC sample resized to size x size, as a detectron2 input dict (uint8 RGB)."""
+    import torch.nn.functional as F
+
+    image = F.interpolate(load_image("tiny")[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+    return {"image": image.round().clamp(0, 255).byte(), "height": size, "width": size}
+
+
+def measure_odise(spec: dict) -> dict:
+    """One ODISE configuration at 512x512 (SD 1.5 and CLIP ViT-L/14 architectures, random weights)."""
+    import torch
+    from detectron2.modeling import build_backbone, build_model
+
+    device, kind, repeats = spec["device"], spec["kind"], spec["repeats"]
+    start = time.perf_counter()
+    cfg = build_odise_cfg(device, captioner=kind != "odise-backbone")
+    pieces = {}
+    with random_full_size_weights():
+        if kind in ("odise-inference", "odise-train-step"):
+            model = build_model(cfg)
+            backbone = model.backbone
+        else:
+            backbone = build_backbone(cfg).to(device).eval()
+    build_s = time.perf_counter() - start
+    x = (odise_input()["image"].float()[None].to(device) - 127.5) / 127.5
+    d = backbone.diffusion
+    step = None
+    if kind == "odise-plain":
+        context = d.empty_prompt_context()
+
+        def step():
+            with torch.no_grad():
+                t_vae, latents = _timed(lambda: d.encode_images(x), device)
+                t_unet, _ = _timed(lambda: d.unet_forward(latents, 0, context), device)
+            pieces.setdefault("VAE encode", []).append(t_vae)
+            pieces.setdefault("UNet pass", []).append(t_unet)
+    elif kind.startswith("odise-backbone"):
+        def step():
+            with torch.no_grad():
+                backbone(x)
+    elif kind == "odise-inference":
+        model.eval()
+        inputs = [odise_input()]
+
+        def step():
+            with torch.no_grad():
+                model(inputs)
+    else:
+        from diffseg_d2.data.panoptic_mapper import MaskFormerPanopticMapper
+        from diffseg_d2.engine import DiffSegTrainer
+        from detectron2.data import DatasetCatalog
+
+        model.train()
+        optimizer = DiffSegTrainer.build_optimizer(cfg, model)
+        batch = [MaskFormerPanopticMapper(cfg, True)(DatasetCatalog.get("diffseg_sample_voc_panoptic")[0])]
+
+        def step():
+            losses = model(batch)
+            optimizer.zero_grad()
+            sum(losses.values()).backward()
+            optimizer.step()
+    meter = PeakMemory(device)
+    meter.start()
+    times = []
+    for i in range(1 + repeats):
+        t, _ = _timed(step, device)
+        if i:
+            times.append(t)
+    result = {"times": times, "peak_mib": meter.increase_mib(), "baseline_mib": meter.baseline_mib,
+              "peak_reset": meter.peak_reset, "build_s": build_s, "dtype": str(d.dtype).replace("torch.", "")}
+    if pieces:
+        result["pieces"] = {k: statistics.median(v[1:]) for k, v in pieces.items()}
+    return result
+
+
+def run_odise(args, device: str) -> dict:
+    start = time.perf_counter()
+    base = {"preset": ODISE, "device": device, "threads": args.threads, "repeats": args.repeats or DEFAULT_REPEATS[ODISE]}
+    specs = [{**base, "name": kind, "kind": kind, "label": label} for kind, label in ODISE_KINDS.items()]
+    results = {}
+    for s in specs:
+        logger.info("%s: %s (%d repeats)", ODISE, s["name"], s["repeats"])
+        results[s["name"]] = run_in_subprocess(s, args.wait_quiet)
+    return {"preset": ODISE, "specs": specs, "results": results, "wall_s": time.perf_counter() - start}
+
+
+def render_odise(run: dict, cmdline: str) -> str:
+    results = run["results"]
+    ok = {k: r for k, r in results.items() if "error" not in r}
+    info = next(iter(ok.values()), {})
+    device = info.get("device_name", "?")
+    machine = f"{cpu_model()}, {info.get('threads', '?')} torch threads" if device == "CPU" else device
+    date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    out = [
+        f"### {ODISE}: ODISE at 512x512, SD 1.5 + CLIP ViT-L/14 architectures, random weights",
+        "",
+        f"- Machine: {machine}; torch {info.get('torch', '?')}, {info.get('dtype', '?')}",
+        f"- Date: {date}; wall time of this preset: {run['wall_s'] / 60:.1f} min",
+        f"- Command: `{cmdline}`",
+        "- Built by the normal config path (configs/odise/Base-ODISE.yaml) with the SD and CLIP loaders patched to",
+        "  random full-size models; each row is its own process; peak = increase of peak memory over the level",
+        "  before the first call; times are medians of the repeats after one warm-up call.",
+        "",
+        "| configuration | median (s) | min-max (s) | peak (MB) | other load |",
+        "|---|---|---|---|---|",
+    ]
+    for s in run["specs"]:
+        r = results[s["name"]]
+        if "error" in r:
+            out.append(f"| {s['label']} | failed: {r['error']} | | | |")
+            continue
+        load = "?" if r.get("other_load") is None else f"{100 * r['other_load']:.0f}%"
+        out.append(f"| {s['label']} | {_fmt_s(_median(r))} | {_fmt_s(min(r['times']))}-{_fmt_s(max(r['times']))} "
+                   f"| {r['peak_mib']:.0f} | {load} |")
+    plain = ok.get("odise-plain")
+    if plain and "pieces" in plain:
+        out += ["", "Plain's pieces: " + ", ".join(f"{k} {_fmt_s(v)} s" for k, v in plain["pieces"].items())]
+    out += ["", "Target (medians of this run):", ""]
+    bb = ok.get("odise-backbone")
+    if plain and bb:
+        ratio = _median(bb) / _median(plain)
+        mem = bb["peak_mib"] / plain["peak_mib"] if plain["peak_mib"] > 0 else float("nan")
+        out.append(f"- **{_check(ratio <= TARGET_BACKBONE)}** backbone features <= {TARGET_BACKBONE}x plain: "
+                   f"{_fmt_s(_median(bb))} s / {_fmt_s(_median(plain))} s = **{ratio:.2f}x** "
+                   f"(peak memory {mem:.2f}x)")
+    else:
+        out.append(f"- not measured: backbone <= {TARGET_BACKBONE}x plain")
+    cap = ok.get("odise-backbone-captioner")
+    if plain and cap:
+        out.append(f"- with the implicit captioner: {_median(cap) / _median(plain):.2f}x plain (no target)")
+    out += [""] + busy_note([(k, r.get("other_load")) for k, r in ok.items()])
+    return "\n".join(out).rstrip() + "\n"
 
 
 # ====================================================================== driver
@@ -973,6 +1172,8 @@ def main(argv=None) -> None:
     for preset in presets:
         if preset == RETRIEVAL:
             section = render_retrieval(run_retrieval(args), cmdline)
+        elif preset == ODISE:
+            section = render_odise(run_odise(args, device), cmdline)
         else:
             section = render_preset(run_preset(preset, args, device), cmdline)
         print(section, flush=True)

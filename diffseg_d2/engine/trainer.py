@@ -4,7 +4,7 @@
   gets the panoptic mapper (instances with full-image masks); others detectron2's.
 * Optimizer: ``MODEL.DIFFSEG.ODISE.OPTIMIZER`` AdamW or SGD over the parameters that
   require grad (frozen Stable Diffusion and CLIP have none), with the backbone's
-  learning-rate multiplier and ``SOLVER.CLIP_GRADIENTS``.
+  learning-rate multiplier and ``SOLVER.CLIP_GRADIENTS`` (also "full_model": one norm over all gradients).
 * Checkpoints: ``StrictCheckpointer`` (weights_only loading, exact key match).
 * At test time each dataset in ``DATASETS.TEST`` is evaluated with its own
   vocabulary (its metadata's classes), never the training set's.
@@ -28,6 +28,23 @@ from ..evaluation import build_evaluator
 from .checkpoint import StrictCheckpointer
 
 logger = logging.getLogger(__name__)
+
+
+def _clip_full_model_norm(optimizer: type, max_norm: float, norm_type: float) -> type:
+    """``optimizer`` that clips the norm of ALL its gradients together before each step.
+
+    ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE "full_model"`` (Mask2Former's setting); detectron2's
+    own "norm" clips each parameter separately.
+    """
+
+    class FullModelClipped(optimizer):
+        def step(self, closure=None):
+            params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+            return super().step(closure)
+
+    FullModelClipped.__name__ = f"FullModelClipped{optimizer.__name__}"
+    return FullModelClipped
 
 
 class DiffSegTrainer(DefaultTrainer):
@@ -66,9 +83,12 @@ class DiffSegTrainer(DefaultTrainer):
             kwargs = dict(momentum=cfg.SOLVER.MOMENTUM, nesterov=cfg.SOLVER.NESTEROV)
         else:
             optimizer, kwargs = torch.optim.AdamW, {}
-        return maybe_add_gradient_clipping(cfg, optimizer)(
-            params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY, **kwargs
-        )
+        clip = cfg.SOLVER.CLIP_GRADIENTS
+        if clip.ENABLED and clip.CLIP_TYPE == "full_model":
+            optimizer = _clip_full_model_norm(optimizer, clip.CLIP_VALUE, clip.NORM_TYPE)
+        else:
+            optimizer = maybe_add_gradient_clipping(cfg, optimizer)
+        return optimizer(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY, **kwargs)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -1,0 +1,477 @@
+"""ODISE: open-vocabulary panoptic segmentation with a frozen diffusion UNet as the backbone.
+
+Data flow of one batch::
+
+    images ─► DiffusionUNetBackbone (frozen SD + implicit captioner, trainable projections)
+           ─► DeformablePixelDecoder ─► mask features + 3 scales
+           ─► MaskedAttentionDecoder ─► per query: mask logits, mask embedding
+           ─► OpenVocabClassifier vs CLIP text embeddings of the vocabulary (+ "no object")
+    training:  Hungarian matching, class CE + point-sampled mask BCE and dice
+               (+ caption grounding), weighted as DESIGN.md §4
+    inference: geometric ensemble with CLIP's mask-pooled classifier, then
+               Mask2Former-style semantic / panoptic / instance outputs
+
+Training classes come from ``DATASETS.TRAIN[0]``'s metadata; at test time the
+vocabulary is the evaluated dataset's (``set_vocabulary_from_dataset``), one given
+to ``set_vocabulary``, or an input's ``vocabulary`` key.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import BitMasks, Boxes, ImageList, Instances
+from torch import nn
+
+from ...vocabulary import VocabularyError, parse_vocabulary
+from ..clip import OpenCLIP
+from ..frozen import exclude_from_checkpoints
+from ..heads import (
+    DeformablePixelDecoder,
+    HungarianMatcher,
+    MaskedAttentionDecoder,
+    SetCriterion,
+    caption_grounding_loss,
+)
+from ..open_vocab_classifier import OpenVocabClassifier, max_over_synonyms
+
+logger = logging.getLogger(__name__)
+
+_KEY = "MODEL.DIFFSEG.ODISE"
+
+
+def _synonyms(name: str) -> List[str]:
+    return [s.strip().lower() for s in name.split(",") if s.strip()]
+
+
+def classes_from_metadata(dataset_name: str) -> Tuple[List[str], List[str]]:
+    """``(classes, thing_classes)`` of a registered dataset: its ``stuff_classes`` (all classes, in
+    contiguous-id order) and the subset that are things (``thing_classes``; empty for semantic datasets)."""
+    from ...data.datasets import check_dataset_name
+
+    check_dataset_name(dataset_name)
+    meta = MetadataCatalog.get(dataset_name)
+    classes = meta.get("stuff_classes", None)
+    if not classes:
+        raise VocabularyError(f"The metadata of dataset '{dataset_name}' has no stuff_classes.")
+    return parse_vocabulary(classes), list(meta.get("thing_classes", []) or [])
+
+
+@META_ARCH_REGISTRY.register()
+class ODISE(nn.Module):
+    """The trained open-vocabulary panoptic segmenter (see the module docstring).
+
+    Args:
+        backbone: a backbone with ``res2..res5`` (normally ``DiffusionUNetBackbone``).
+        pixel_decoder: multi-scale pixel decoder.
+        decoder: masked-attention transformer decoder; its embeddings are CLIP-sized.
+        classifier: open-vocabulary classifier of the decoder's embeddings.
+        criterion: set criterion (unweighted losses by name).
+        loss_weights: weight of each loss name's base ("loss_ce", "loss_mask", "loss_dice",
+            "loss_grounding"); aux losses "loss_ce_3" take the base's weight.
+        clip: frozen CLIP for text embeddings and the inference ensemble.
+        pixel_mean, pixel_std: input normalisation (the backbone reads RGB in [-1, 1]).
+        input_format: "RGB" or "BGR".
+        min_input_size: inputs are padded up to at least this (the backbone's window).
+        train_classes: the training vocabulary (classes of ``DATASETS.TRAIN[0]``).
+        vocabulary, thing_classes: the test vocabulary at build time (or None).
+        semantic_on, panoptic_on, instance_on: which outputs inference returns.
+        object_mask_threshold, overlap_threshold: panoptic segment filters.
+        detections_per_image: instances kept per image.
+        ensemble: ensemble with CLIP's mask-pooled classifier at inference.
+        ensemble_alpha, ensemble_beta: CLIP's exponent for seen / novel classes.
+        nouns: callable caption -> nouns for the grounding loss, or None (no grounding).
+    """
+
+    # Read by tools/train_net.py: ODISE trains ...
+    TRAINING_FREE = False
+    # ... on inputs from the panoptic mapper (read by DiffSegTrainer).
+    TRAIN_MAPPER = "panoptic"
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        pixel_decoder: nn.Module,
+        decoder: nn.Module,
+        classifier: OpenVocabClassifier,
+        criterion: nn.Module,
+        loss_weights: Dict[str, float],
+        clip: OpenCLIP,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        input_format: str = "RGB",
+        min_input_size: int = 0,
+        train_classes: Sequence[str] = (),
+        vocabulary: Optional[Sequence[str]] = None,
+        thing_classes: Optional[Sequence[str]] = None,
+        semantic_on: bool = True,
+        panoptic_on: bool = True,
+        instance_on: bool = True,
+        object_mask_threshold: float = 0.8,
+        overlap_threshold: float = 0.8,
+        detections_per_image: int = 100,
+        ensemble: bool = True,
+        ensemble_alpha: float = 0.3,
+        ensemble_beta: float = 0.7,
+        nouns=None,
+    ):
+        super().__init__()
+        if input_format not in ("RGB", "BGR"):
+            raise ValueError(f"INPUT.FORMAT must be 'RGB' or 'BGR' for ODISE, not {input_format!r}.")
+        for name, value in (("ENSEMBLE_ALPHA", ensemble_alpha), ("ENSEMBLE_BETA", ensemble_beta)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{_KEY}.TEST.{name} must be in [0, 1], got {value}.")
+        self.backbone = backbone
+        self.pixel_decoder = pixel_decoder
+        self.decoder = decoder
+        self.classifier = classifier
+        self.criterion = criterion
+        self.loss_weights = dict(loss_weights)
+        self.clip = clip
+        # The backbone's CLIP may be this same module; either way it is never checkpointed.
+        exclude_from_checkpoints(self, ["clip"])
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
+        self.input_format = input_format
+        self.min_input_size = int(min_input_size)
+        self.train_classes = parse_vocabulary(list(train_classes)) if train_classes else []
+        self._seen = {s for name in self.train_classes for s in _synonyms(name)}
+        self.semantic_on, self.panoptic_on, self.instance_on = semantic_on, panoptic_on, instance_on
+        self.object_mask_threshold = float(object_mask_threshold)
+        self.overlap_threshold = float(overlap_threshold)
+        self.detections_per_image = int(detections_per_image)
+        self.ensemble, self.ensemble_alpha, self.ensemble_beta = ensemble, float(ensemble_alpha), float(ensemble_beta)
+        self.nouns = nouns
+        self._vocabulary: Optional[List[str]] = None
+        self._things: List[bool] = []
+        if vocabulary:
+            self.set_vocabulary(vocabulary, thing_classes)
+
+    @classmethod
+    def from_config(cls, cfg):
+        o = cfg.MODEL.DIFFSEG.ODISE
+        backbone = build_backbone(cfg)
+        clip = getattr(backbone, "clip", None)
+        if clip is None:
+            clip = OpenCLIP.from_weights(cfg.MODEL.DIFFSEG.CLIP.WEIGHTS, cfg.MODEL.DIFFSEG.CLIP.TEMPLATES)
+        h, loss = o.HEAD, o.LOSS
+        pixel_decoder = DeformablePixelDecoder(
+            input_shape=backbone.output_shape(),
+            transformer_in_features=tuple(h.TRANSFORMER_IN_FEATURES),
+            conv_dim=h.CONV_DIM,
+            mask_dim=h.MASK_DIM,
+            num_layers=h.ENCODER_LAYERS,
+            num_heads=h.NUM_HEADS,
+            ffn_dim=h.ENCODER_FFN_DIM,
+        )
+        decoder = MaskedAttentionDecoder(
+            in_channels=h.CONV_DIM,
+            hidden_dim=h.HIDDEN_DIM,
+            num_queries=h.NUM_QUERIES,
+            num_heads=h.NUM_HEADS,
+            ffn_dim=h.DECODER_FFN_DIM,
+            num_layers=h.DECODER_LAYERS,
+            mask_dim=h.MASK_DIM,
+            embed_dim=clip.embed_dim,
+        )
+        matcher = HungarianMatcher(
+            cost_class=loss.CLASS_WEIGHT, cost_mask=loss.MASK_WEIGHT, cost_dice=loss.DICE_WEIGHT,
+            num_points=loss.NUM_POINTS,
+        )
+        weights = {"loss_ce": loss.CLASS_WEIGHT, "loss_mask": loss.MASK_WEIGHT, "loss_dice": loss.DICE_WEIGHT,
+                   "loss_grounding": loss.GROUNDING_WEIGHT}
+        criterion = SetCriterion(
+            matcher=matcher,
+            weight_dict={k: v for k, v in weights.items() if k != "loss_grounding"},
+            eos_coef=loss.NO_OBJECT_WEIGHT,
+            num_points=loss.NUM_POINTS,
+            oversample_ratio=loss.OVERSAMPLE_RATIO,
+            importance_sample_ratio=loss.IMPORTANCE_SAMPLE_RATIO,
+            deep_supervision=loss.DEEP_SUPERVISION,
+        )
+        train_classes: List[str] = []
+        if len(cfg.DATASETS.TRAIN):
+            train_classes = classes_from_metadata(cfg.DATASETS.TRAIN[0])[0]
+        vocabulary, things = None, None
+        if cfg.MODEL.DIFFSEG.VOCABULARY:
+            vocabulary = list(cfg.MODEL.DIFFSEG.VOCABULARY)
+        elif len(cfg.DATASETS.TEST):
+            vocabulary, things = classes_from_metadata(cfg.DATASETS.TEST[0])
+        nouns = None
+        if loss.GROUNDING_WEIGHT > 0:
+            from ...freeda.nouns import ListNouns  # a noun finder shared with FreeDA's bank builder
+
+            nouns = ListNouns.from_file(loss.GROUNDING_NOUNS) if loss.GROUNDING_NOUNS else ListNouns(
+                [s for name in train_classes for s in _synonyms(name)]
+            )
+        window = getattr(backbone, "window", 0)
+        return dict(
+            backbone=backbone,
+            pixel_decoder=pixel_decoder,
+            decoder=decoder,
+            classifier=OpenVocabClassifier(clip.embed_dim),
+            criterion=criterion,
+            loss_weights=weights,
+            clip=clip,
+            pixel_mean=cfg.MODEL.PIXEL_MEAN,
+            pixel_std=cfg.MODEL.PIXEL_STD,
+            input_format=cfg.INPUT.FORMAT,
+            min_input_size=window,
+            train_classes=train_classes,
+            vocabulary=vocabulary,
+            thing_classes=things,
+            semantic_on=o.TEST.SEMANTIC_ON,
+            panoptic_on=o.TEST.PANOPTIC_ON,
+            instance_on=o.TEST.INSTANCE_ON,
+            object_mask_threshold=o.TEST.OBJECT_MASK_THRESHOLD,
+            overlap_threshold=o.TEST.OVERLAP_THRESHOLD,
+            detections_per_image=o.TEST.DETECTIONS_PER_IMAGE,
+            ensemble=o.TEST.ENSEMBLE,
+            ensemble_alpha=o.TEST.ENSEMBLE_ALPHA,
+            ensemble_beta=o.TEST.ENSEMBLE_BETA,
+            nouns=nouns,
+        )
+
+    # ------------------------------------------------------------------ vocabulary
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def vocabulary(self) -> Optional[List[str]]:
+        return None if self._vocabulary is None else list(self._vocabulary)
+
+    def set_vocabulary(self, names, thing_classes: Optional[Sequence[str]] = None) -> None:
+        """Set the test classes (a list, or a comma-separated string of names).
+
+        Args:
+            names: class names; within a list entry, commas separate synonyms.
+            thing_classes: the names that are countable things (instances, panoptic
+                "isthing"); None = every class except "background".
+        """
+        names = parse_vocabulary(names)
+        if thing_classes is None:
+            things = [n.strip().lower() != "background" for n in names]
+        else:
+            thing_set = {t.strip().lower() for t in thing_classes}
+            things = [n.strip().lower() in thing_set for n in names]
+        self._vocabulary, self._things = names, things
+
+    def set_vocabulary_from_dataset(self, dataset_name: str) -> None:
+        """Use a registered dataset's classes and thing classes (the one being evaluated)."""
+        self.set_vocabulary(*classes_from_metadata(dataset_name))
+
+    def _text(self, names: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(S, E) synonym embeddings and (S,) owners of ``names`` (CLIP caches them per vocabulary)."""
+        return self.clip.encode_class_synonyms(list(names))
+
+    # ------------------------------------------------------------------ forward
+    def _images(self, batched_inputs: List[Dict]) -> Tuple[ImageList, List[torch.Tensor]]:
+        """Normalised, padded batch (B, 3, H', W') and the raw RGB images (3, H, W) in [0, 255]."""
+        raw = []
+        for x in batched_inputs:
+            image = x["image"]
+            if image.dim() != 3 or image.shape[0] != 3:
+                raise ValueError(f"ODISE expects (3, H, W) images in INPUT.FORMAT, got {tuple(image.shape)}.")
+            image = image.to(self.device, dtype=torch.float32)
+            raw.append(image.flip(0) if self.input_format == "BGR" else image)
+        normed = [(r - self.pixel_mean) / self.pixel_std for r in raw]
+        div = int(self.backbone.size_divisibility) or 1
+        H = max(max(t.shape[-2] for t in normed), self.min_input_size)
+        W = max(max(t.shape[-1] for t in normed), self.min_input_size)
+        H, W = -(-H // div) * div, -(-W // div) * div
+        # Smaller images are padded up to one backbone window (0 = mid-grey after normalisation).
+        batch = torch.stack([F.pad(t, (0, W - t.shape[-1], 0, H - t.shape[-2])) for t in normed])
+        return ImageList(batch, [tuple(t.shape[-2:]) for t in normed]), raw
+
+    def _predict(self, images: ImageList) -> Dict:
+        features = self.backbone(images.tensor)
+        mask_features, multi_scale = self.pixel_decoder(features)
+        return self.decoder(multi_scale, mask_features)
+
+    def forward(self, batched_inputs: List[Dict]):
+        """
+        Args:
+            batched_inputs: detectron2 inputs: ``image`` (3, H, W) in INPUT.FORMAT, and in
+                training ``instances`` (``gt_classes`` over the training classes, ``gt_masks``
+                (N, H, W)) and optional ``captions``; at test time optional ``height``/``width``
+                and ``vocabulary``.
+
+        Returns:
+            training: a dict of weighted losses. Inference: one dict per image with
+            ``sem_seg`` (K, h, w) probabilities, ``panoptic_seg`` (ids (h, w), segments_info)
+            and ``instances``, as switched on by ``MODEL.DIFFSEG.ODISE.TEST``.
+        """
+        images, raw = self._images(batched_inputs)
+        if self.training:
+            return self._losses(batched_inputs, images)
+        return self._inference(batched_inputs, images, raw)
+
+    # ------------------------------------------------------------------ training
+    def _losses(self, batched_inputs: List[Dict], images: ImageList) -> Dict[str, torch.Tensor]:
+        if not self.train_classes:
+            raise ValueError(
+                "ODISE needs training classes: set DATASETS.TRAIN to a registered dataset whose metadata "
+                "has stuff_classes."
+            )
+        if any("instances" not in x for x in batched_inputs):
+            raise ValueError(
+                "ODISE trains on inputs with 'instances' (gt_classes, gt_masks): use a panoptic dataset "
+                "and the panoptic mapper (DiffSegTrainer does this for ODISE)."
+            )
+        outputs = self._predict(images)
+        text, owner = self._text(self.train_classes)
+        K = len(self.train_classes)
+
+        def classify(out):
+            return {"pred_logits": self.classifier(out["pred_embeds"], text, owner, K), "pred_masks": out["pred_masks"]}
+
+        scored = classify(outputs)
+        scored["aux_outputs"] = [classify(a) for a in outputs.get("aux_outputs", [])]
+        H, W = images.tensor.shape[-2:]
+        targets = []
+        for x in batched_inputs:
+            inst = x["instances"].to(self.device)
+            masks = inst.gt_masks.tensor if isinstance(inst.gt_masks, BitMasks) else inst.gt_masks
+            padded = masks.new_zeros((masks.shape[0], H, W))
+            padded[:, : masks.shape[1], : masks.shape[2]] = masks
+            labels = inst.gt_classes.long()
+            if labels.numel() and int(labels.max()) >= K:
+                raise ValueError(f"gt class {int(labels.max())} is outside the {K} training classes.")
+            targets.append({"labels": labels, "masks": padded})
+        losses = self.criterion(scored, targets)
+        if self.nouns is not None and self.loss_weights.get("loss_grounding", 0) > 0:
+            losses["loss_grounding"] = self._grounding_loss(batched_inputs, outputs["pred_embeds"])
+        weighted = {}
+        for name, value in losses.items():
+            base = name.rsplit("_", 1)[0] if name.rsplit("_", 1)[-1].isdigit() else name
+            weighted[name] = value * self.loss_weights.get(base, 0.0)
+        return weighted
+
+    def _grounding_loss(self, batched_inputs: List[Dict], embeds: torch.Tensor) -> torch.Tensor:
+        """Caption grounding (symmetric contrastive over the batch) between queries and caption nouns."""
+        noun_embeds = []
+        for x in batched_inputs:
+            nouns = sorted({n for c in x.get("captions", []) for n in self.nouns(c)})
+            noun_embeds.append(self.clip.encode_class_names(nouns) if nouns else embeds.new_zeros(0, embeds.shape[-1]))
+        return caption_grounding_loss(F.normalize(embeds, dim=-1), noun_embeds, self.classifier.scale())
+
+    # ------------------------------------------------------------------ inference
+    def _inference(self, batched_inputs: List[Dict], images: ImageList, raw: List[torch.Tensor]) -> List[Dict]:
+        outputs = self._predict(images)
+        results = []
+        for i, x in enumerate(batched_inputs):
+            if "vocabulary" in x:
+                names = parse_vocabulary(x["vocabulary"])
+                things = [n.strip().lower() != "background" for n in names]
+            elif self._vocabulary is not None:
+                names, things = self._vocabulary, self._things
+            else:
+                raise ValueError(
+                    "ODISE has no vocabulary: set MODEL.DIFFSEG.VOCABULARY or DATASETS.TEST, call "
+                    "model.set_vocabulary([...]), or pass 'vocabulary' in the input dict."
+                )
+            h, w = images.image_sizes[i]
+            out_h, out_w = int(x.get("height", h)), int(x.get("width", w))
+            masks = F.interpolate(
+                outputs["pred_masks"][i : i + 1].float(), size=images.tensor.shape[-2:], mode="bilinear",
+                align_corners=False,
+            )[0]
+            valid = masks[:, :h, :w]  # (Q, h, w) logits on the input image
+            probs = self._class_probabilities(outputs["pred_embeds"][i], valid, raw[i], names)
+            masks = sem_seg_postprocess(masks, (h, w), out_h, out_w)  # (Q, out_h, out_w) logits
+            result = {}
+            if self.semantic_on:
+                result["sem_seg"] = torch.einsum("qk,qhw->khw", probs[:, :-1], masks.sigmoid())
+            if self.panoptic_on:
+                result["panoptic_seg"] = self._panoptic(probs, masks, things)
+            if self.instance_on:
+                result["instances"] = self._instances(probs, masks, things)
+            results.append(result)
+        return results
+
+    def _class_probabilities(
+        self, embeds: torch.Tensor, masks: torch.Tensor, image: torch.Tensor, names: Sequence[str]
+    ) -> torch.Tensor:
+        """(Q, K + 1) class probabilities of the queries, the last column "no object".
+
+        Args:
+            embeds: (Q, E) the decoder's embeddings of one image.
+            masks: (Q, h, w) mask logits over the unpadded image.
+            image: (3, h, w) RGB in [0, 255].
+        """
+        K = len(names)
+        text, owner = self._text(names)
+        probs = self.classifier(embeds[None], text, owner, K)[0].softmax(-1)
+        if not self.ensemble:
+            return probs
+        head, void = probs[:, :K], probs[:, K:]
+        dense = self.clip.encode_dense(image[None])[0]  # (D, gh, gw)
+        weights = F.interpolate(masks[None].sigmoid(), size=dense.shape[-2:], mode="bilinear", align_corners=False)[0]
+        pooled = torch.einsum("qhw,dhw->qd", weights, dense) / weights.sum((1, 2)).clamp(min=1e-6)[:, None]
+        scale = self.clip.model.logit_scale.exp().float() if hasattr(self.clip.model, "logit_scale") else 100.0
+        p_clip = max_over_synonyms(scale * F.normalize(pooled, dim=-1) @ text.T, owner, K).softmax(-1)
+        seen = torch.tensor([any(s in self._seen for s in _synonyms(n)) for n in names], device=probs.device)
+        alpha = torch.where(seen, self.ensemble_alpha, self.ensemble_beta)
+        head = head / head.sum(-1, keepdim=True).clamp(min=1e-12)
+        mixed = head.clamp(min=1e-12) ** (1 - alpha) * p_clip.clamp(min=1e-12) ** alpha
+        mixed = mixed / mixed.sum(-1, keepdim=True) * (1 - void)
+        return torch.cat([mixed, void], dim=-1)
+
+    def _panoptic(self, probs: torch.Tensor, masks: torch.Tensor, things: Sequence[bool]):
+        """Panoptic output: ids (h, w) int32 (0 = no segment) and segments_info (detectron2's format)."""
+        K = probs.shape[-1] - 1
+        scores, labels = probs.max(-1)
+        keep = labels.ne(K) & (scores > self.object_mask_threshold)
+        scores, labels, soft = scores[keep], labels[keep], masks[keep].sigmoid()
+        ids = torch.zeros(masks.shape[-2:], dtype=torch.int32, device=masks.device)
+        segments = []
+        if soft.shape[0] == 0:
+            return ids, segments
+        owner = (scores[:, None, None] * soft).argmax(0)
+        stuff_ids: Dict[int, int] = {}
+        for k in range(soft.shape[0]):
+            cls = int(labels[k])
+            isthing = bool(things[cls])
+            own = owner == k
+            full = soft[k] >= 0.5
+            area, original = int((own & full).sum()), int(full.sum())
+            if area == 0 or original == 0 or area / original < self.overlap_threshold:
+                continue
+            if not isthing and cls in stuff_ids:  # one segment per stuff class
+                ids[own & full] = stuff_ids[cls]
+                continue
+            segment_id = len(segments) + 1
+            if not isthing:
+                stuff_ids[cls] = segment_id
+            ids[own & full] = segment_id
+            segments.append({"id": segment_id, "isthing": isthing, "category_id": cls})
+        return ids, segments
+
+    def _instances(self, probs: torch.Tensor, masks: torch.Tensor, things: Sequence[bool]) -> Instances:
+        """Instance output over thing classes: the top (query, class) pairs, scored by class and mask quality."""
+        K = probs.shape[-1] - 1
+        Q = probs.shape[0]
+        scores = probs[:, :K] * torch.tensor(list(things), dtype=probs.dtype, device=probs.device)
+        k = min(self.detections_per_image, Q * K)
+        top, flat = scores.flatten().topk(k)
+        queries, classes = flat // K, flat % K
+        keep = top > 0
+        top, queries, classes = top[keep], queries[keep], classes[keep]
+        m = masks[queries]
+        binary = m > 0
+        quality = (m.sigmoid() * binary).flatten(1).sum(1) / binary.flatten(1).sum(1).clamp(min=1)
+        out = Instances(masks.shape[-2:])
+        out.pred_masks = binary
+        out.pred_boxes = BitMasks(binary).get_bounding_boxes() if len(binary) else Boxes(masks.new_zeros(0, 4))
+        out.scores = top * quality
+        out.pred_classes = classes
+        return out
