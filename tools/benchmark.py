@@ -557,7 +557,6 @@ def measure_odise(spec: dict) -> dict:
     build_s = time.perf_counter() - start
     x = (odise_input()["image"].float()[None].to(device) - 127.5) / 127.5
     d = backbone.diffusion
-    step = None
     if kind == "odise-plain":
         context = d.empty_prompt_context()
 

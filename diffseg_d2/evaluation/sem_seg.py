@@ -1,4 +1,4 @@
-"""Build detectron2's own evaluators for the ``diffseg_`` datasets.
+"""Reading semantic ground truth for detectron2's ``SemSegEvaluator``.
 
 Ground-truth PNGs stay as the datasets ship them; :class:`SemSegGTLoader`
 applies the dataset's ``gt_label_lut`` metadata when the evaluator reads them.
@@ -7,20 +7,15 @@ applies the dataset's ``gt_label_lut`` metadata when the evaluator reads them.
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import numpy as np
-from detectron2.data import MetadataCatalog
-from detectron2.evaluation import DatasetEvaluator, SemSegEvaluator
 from detectron2.utils.file_io import PathManager
 from PIL import Image
 
-__all__ = ["SemSegGTLoader", "build_evaluator", "SUPPORTED_EVALUATOR_TYPES"]
+__all__ = ["SemSegGTLoader"]
 
 logger = logging.getLogger(__name__)
-
-#: ``evaluator_type`` values :func:`build_evaluator` knows.
-SUPPORTED_EVALUATOR_TYPES = ("sem_seg",)
 
 
 class SemSegGTLoader:
@@ -64,43 +59,3 @@ class SemSegGTLoader:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(lut=<256 entries, {int((self.lut != 255).sum())} mapped>)"
-
-
-def build_evaluator(
-    dataset_name: str, output_dir: Optional[str] = None, distributed: bool = True
-) -> DatasetEvaluator:
-    """The detectron2 evaluator for a registered dataset, chosen by its ``evaluator_type``.
-
-    Args:
-        dataset_name: a name in ``DatasetCatalog``/``MetadataCatalog``.
-        output_dir: where the evaluator writes its predictions and results (None: nowhere).
-        distributed: gather results from all processes before computing metrics.
-
-    Returns:
-        For ``"sem_seg"``: ``SemSegEvaluator`` reading GT through
-        :class:`SemSegGTLoader` with the metadata's ``gt_label_lut`` (raw PNG values
-        are used as class ids when the metadata has no table).
-
-    Raises:
-        ValueError: the metadata has no ``evaluator_type`` or one not in
-            :data:`SUPPORTED_EVALUATOR_TYPES`.
-    """
-    meta = MetadataCatalog.get(dataset_name)
-    evaluator_type = meta.get("evaluator_type", None)
-    if evaluator_type == "sem_seg":
-        lut = meta.get("gt_label_lut", None)
-        if lut is None:
-            logger.warning(
-                "'%s' has no gt_label_lut; raw GT values are used as class ids.", dataset_name
-            )
-            lut = tuple(range(256))
-        return SemSegEvaluator(
-            dataset_name,
-            distributed=distributed,
-            output_dir=output_dir,
-            sem_seg_loading_fn=SemSegGTLoader(lut),
-        )
-    raise ValueError(
-        f"No evaluator for dataset '{dataset_name}': its metadata evaluator_type is "
-        f"{evaluator_type!r}, supported: {list(SUPPORTED_EVALUATOR_TYPES)}."
-    )

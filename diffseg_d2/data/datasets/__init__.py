@@ -10,12 +10,20 @@ from typing import List
 
 from detectron2.data import DatasetCatalog
 
-from . import builtin_meta, register_sample, register_semseg  # noqa: F401  (registers datasets)
-from .register_sample import SAMPLE_DATASET_NAMES, sample_image_path
+from . import (
+    builtin_meta,
+    register_panoptic,
+    register_sample,
+    register_semseg,
+)  # noqa: F401  (registers datasets)
+from .register_panoptic import PANOPTIC_DATASET_NAMES
+from .register_sample import SAMPLE_DATASET_NAMES, SAMPLE_PANOPTIC_DATASET_NAMES, sample_image_path
 from .register_semseg import SEMSEG_DATASET_NAMES
 
 __all__ = [
+    "PANOPTIC_DATASET_NAMES",
     "SAMPLE_DATASET_NAMES",
+    "SAMPLE_PANOPTIC_DATASET_NAMES",
     "SEMSEG_DATASET_NAMES",
     "check_dataset_name",
     "registered_diffseg_datasets",

