@@ -147,9 +147,18 @@ class FrozenStableDiffusion(nn.Module):
         posterior = self.vae.encode(images.to(self.dtype)).latent_dist
         return posterior.mean * self.vae.config.scaling_factor
 
-    def add_noise(self, latents: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
-        """Noise latents to timestep ``step`` of the scheduler's training schedule (same shape)."""
-        noise = torch.randn(latents.shape, generator=generator, device=generator.device, dtype=torch.float32)
+    def add_noise(
+        self, latents: torch.Tensor, step: int, generator: torch.Generator, *, same_for_batch: bool = False
+    ) -> torch.Tensor:
+        """Noise latents to timestep ``step`` of the scheduler's training schedule (same shape).
+
+        Args:
+            same_for_batch: draw one noise map and add it to every batch element, so an
+                element's result does not depend on its place in the batch.
+        """
+        shape = (1, *latents.shape[1:]) if same_for_batch else latents.shape
+        noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+        noise = noise.expand(latents.shape)
         timesteps = torch.full((latents.shape[0],), int(step), dtype=torch.long)
         noisy = self.scheduler.add_noise(latents.float().cpu(), noise.cpu(), timesteps)
         return noisy.to(device=latents.device, dtype=latents.dtype)

@@ -243,9 +243,10 @@ class DiffusionUNetBackbone(Backbone):
         d = self.diffusion
         n, side = windows.shape[0], windows.shape[-1]
         latents = d.encode_images(windows)
-        # The same noise for every call of the same shape: features are a function of the image.
+        # The same noise for every window, however windows are batched: features are a function
+        # of the window's pixels alone.
         generator = torch.Generator().manual_seed(self.seed)
-        noisy = d.add_noise(latents, self.noise_step, generator)
+        noisy = d.add_noise(latents, self.noise_step, generator, same_for_batch=True)
         context = d.empty_prompt_context().expand(n, -1, -1)
         if self.captioner is not None:
             context = self.captioner(((windows.float() + 1.0) * 127.5).clamp(0, 255), context[:1])

@@ -1,0 +1,324 @@
+"""ODISE on CPU with the tiny presets: backbone, frozen parts, training, outputs, checkpoints, bad input."""
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+TINY_ODISE = os.path.join(ROOT, "configs", "tiny", "odise.yaml")
+PANOPTIC_FPN = os.path.join(ROOT, "projects", "diffusion_panoptic_fpn", "configs", "tiny.yaml")
+
+
+def tiny_cfg(*opts):
+    from diffseg_d2 import get_diffseg_cfg
+
+    return get_diffseg_cfg(TINY_ODISE, list(opts))
+
+
+@pytest.fixture(scope="module")
+def backbone_pair():
+    """Two tiny backbones with the same projections: captioner off and on (gate at its initial 0)."""
+    from diffseg_d2.modeling.backbone import DiffusionUNetBackbone
+
+    torch.manual_seed(0)
+    plain = DiffusionUNetBackbone(tiny_cfg("MODEL.DIFFSEG.ODISE.CAPTIONER.ENABLED", "False"), None)
+    torch.manual_seed(0)
+    captioned = DiffusionUNetBackbone(tiny_cfg(), None)
+    captioned.projections.load_state_dict(plain.projections.state_dict())
+    return plain.eval(), captioned.eval()
+
+
+@pytest.fixture(scope="module")
+def odise():
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    return build_model(tiny_cfg())
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """Two mapped training inputs of the panoptic sample (fixed once)."""
+    from detectron2.data import DatasetCatalog
+
+    from diffseg_d2.data.panoptic_mapper import MaskFormerPanopticMapper
+
+    mapper = MaskFormerPanopticMapper(tiny_cfg(), True)
+    record = DatasetCatalog.get("diffseg_sample_voc_panoptic")[0]
+    torch.manual_seed(1)
+    return [mapper(copy.deepcopy(record)) for _ in range(2)]
+
+
+# ------------------------------------------------------------------ backbone
+@pytest.mark.parametrize("size", [(128, 128), (128, 192), (256, 160)])
+def test_backbone_levels_have_their_strides(backbone_pair, size):
+    plain, _ = backbone_pair
+    out = plain(torch.rand(2, 3, *size) * 2 - 1)
+    shapes = plain.output_shape()
+    assert list(out) == ["res2", "res3", "res4", "res5"]
+    for name, t in out.items():
+        s = shapes[name].stride
+        assert t.shape == (2, shapes[name].channels, size[0] // s, size[1] // s)
+        assert torch.isfinite(t).all()
+
+
+def test_sliding_windows_stitch_per_window_features(backbone_pair):
+    """Two side-by-side windows (stride = window): each half of the output is that window's own features."""
+    plain, _ = backbone_pair
+    x = torch.rand(1, 3, 128, 256) * 2 - 1
+    whole = plain(x)
+    left, right = plain(x[..., :128]), plain(x[..., 128:])
+    for name, t in whole.items():
+        w = t.shape[-1] // 2
+        # Batched and single-window UNet calls differ by float rounding only.
+        torch.testing.assert_close(t[..., :w], left[name], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(t[..., w:], right[name], atol=1e-4, rtol=1e-4)
+
+
+def test_overlapping_windows_are_averaged():
+    from diffseg_d2.modeling.backbone import DiffusionUNetBackbone
+    from diffseg_d2.modeling.backbone.diffusion_unet import window_starts
+
+    assert window_starts(256, 128, 64) == [0, 64, 128]
+    assert window_starts(160, 128, 128) == [0, 32]  # the last window is aligned with the border
+    bb = DiffusionUNetBackbone(tiny_cfg("MODEL.DIFFSEG.ODISE.CAPTIONER.ENABLED", "False",
+                                        "MODEL.DIFFSEG.ODISE.BACKBONE.WINDOW_STRIDE", "64"), None).eval()
+    x = torch.rand(1, 3, 128, 192) * 2 - 1
+    with torch.no_grad():
+        out = bb(x)["res5"]  # stride 32: windows at 0 and 64 px cover cells 0-3 and 2-5
+        a, b = bb(x[..., :128])["res5"], bb(x[..., 64:])["res5"]
+    close = dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[..., :2], a[..., :2], **close)
+    torch.testing.assert_close(out[..., 2:4], (a[..., 2:] + b[..., :2]) / 2, **close)
+    torch.testing.assert_close(out[..., 4:], b[..., 2:], **close)
+
+
+def test_captioner_starts_as_the_empty_prompt(backbone_pair):
+    """The zero-initialised gate: with the captioner, features equal the empty-prompt features."""
+    plain, captioned = backbone_pair
+    assert captioned.captioner.gate.item() == 0.0
+    x = torch.rand(1, 3, 128, 128) * 2 - 1
+    with torch.no_grad():
+        a, b = plain(x), captioned(x)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name])
+    with torch.no_grad():
+        captioned.captioner.gate.fill_(0.5)
+        c = captioned(x)
+        captioned.captioner.gate.fill_(0.0)
+    assert not torch.allclose(a["res3"], c["res3"])  # the gate opens the image conditioning
+
+
+def test_frozen_parts_get_no_gradient_stay_in_eval_and_out_of_checkpoints(backbone_pair):
+    _, bb = backbone_pair
+    bb.train()
+    try:
+        assert not bb.diffusion.training and not bb.captioner.clip.training
+        out = bb(torch.rand(1, 3, 128, 128) * 2 - 1)
+        sum(t.square().mean() for t in out.values()).backward()
+        frozen = list(bb.diffusion.parameters()) + list(bb.captioner.clip.parameters())
+        assert all(not p.requires_grad and p.grad is None for p in frozen)
+        # Trainable: every projection and the captioner's gate (its projection's gradient is 0 at gate 0).
+        assert all(p.grad is not None for p in bb.projections.parameters())
+        assert bb.captioner.gate.grad is not None and float(bb.captioner.gate.grad) != 0.0
+    finally:
+        bb.zero_grad(set_to_none=True)
+        bb.eval()
+    keys = list(bb.state_dict())
+    assert keys and not any(k.startswith(("diffusion.", "captioner.clip.")) for k in keys)
+    assert sum(v.numel() for v in bb.state_dict().values()) < 0.05 * sum(p.numel() for p in frozen)
+
+
+def test_backbone_refuses_an_image_smaller_than_one_window(backbone_pair):
+    plain, _ = backbone_pair
+    with pytest.raises(ValueError, match="smaller than one backbone window of 128x128"):
+        plain(torch.zeros(1, 3, 96, 128))
+
+
+# ------------------------------------------------------------------ meta-architecture
+def test_model_state_dict_holds_only_trainable_parts(odise):
+    keys = list(odise.state_dict())
+    assert not any(".diffusion." in k or k.startswith("clip.") or ".clip." in k for k in keys)
+    assert {k.split(".")[0] for k in keys} == {"backbone", "pixel_decoder", "decoder", "classifier"}
+    # Every trainable parameter is checkpointed; nothing frozen is.
+    trainable = {n for n, p in odise.named_parameters() if p.requires_grad}
+    assert trainable == {k for k in keys if k in dict(odise.named_parameters())}
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch(odise, batch):
+    model = copy.deepcopy(odise).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+
+    def total():
+        torch.manual_seed(123)  # the same sampled points every time
+        losses = model(batch)
+        assert {"loss_ce", "loss_mask", "loss_dice", "loss_ce_0"} <= set(losses)
+        return sum(losses.values())
+
+    with torch.no_grad():
+        start = float(total())
+    for _ in range(12):
+        optimizer.zero_grad()
+        total().backward()
+        optimizer.step()
+    with torch.no_grad():
+        end = float(total())
+    assert end < 0.8 * start, (start, end)
+
+
+def test_grounding_loss_joins_when_configured(batch):
+    from detectron2.modeling import build_model
+
+    model = build_model(tiny_cfg("MODEL.DIFFSEG.ODISE.LOSS.GROUNDING_WEIGHT", "1.0")).train()
+    assert model.nouns(batch[0]["captions"][0])  # the sample's caption names training classes
+    pair = [batch[0], {**batch[1], "captions": ["a sofa and a cat"]}]
+    losses = model(pair)
+    assert "loss_grounding" in losses and torch.isfinite(losses["loss_grounding"])
+    losses["loss_grounding"].backward()
+    assert model.decoder.query_feat.weight.grad is not None
+
+
+def test_inference_outputs_follow_detectron2_formats(odise, batch):
+    model = odise.eval()
+    x = {"image": batch[0]["image"], "height": 100, "width": 150}
+    with torch.no_grad():
+        out = model([x])[0]
+    K = len(model.vocabulary)
+    assert out["sem_seg"].shape == (K, 100, 150)
+    ids, segments = out["panoptic_seg"]
+    assert ids.shape == (100, 150) and ids.dtype == torch.int32
+    assert {int(i) for i in ids.unique()} - {0} == {s["id"] for s in segments}
+    for s in segments:
+        assert 0 <= s["category_id"] < K and s["isthing"] == (model.vocabulary[s["category_id"]] != "background")
+    inst = out["instances"]
+    assert inst.image_size == (100, 150) and inst.pred_masks.shape[1:] == (100, 150)
+    assert all(model.vocabulary[int(c)] != "background" for c in inst.pred_classes)
+    assert len(inst) <= model.detections_per_image and (inst.scores >= 0).all()
+
+
+def test_vocabulary_at_call_time_and_bad_vocabularies(odise, batch):
+    from diffseg_d2.vocabulary import VocabularyError
+
+    model = odise.eval()
+    with torch.no_grad():
+        out = model([{"image": batch[0]["image"], "vocabulary": ["cat", "sofa, couch", "background"]}])[0]
+    assert out["sem_seg"].shape[0] == 3
+    with pytest.raises(VocabularyError, match="empty"):
+        model.set_vocabulary([])
+    with pytest.raises(VocabularyError, match="more than once"):
+        model.set_vocabulary(["cat", "Cat"])
+
+
+def test_clip_ensemble_exponents_for_seen_and_novel_classes(odise, batch):
+    """alpha = 0 keeps the head's probabilities for seen classes; beta = 1 gives CLIP's for novel ones."""
+    model = copy.deepcopy(odise).eval()
+    image = batch[0]["image"].float()
+    embeds = torch.randn(model.decoder.query_feat.weight.shape[0], model.clip.embed_dim)
+    masks = torch.randn(embeds.shape[0], 32, 32)
+    names = ["person", "chair"]  # both training classes of the sample
+    model.ensemble = False
+    head = model._class_probabilities(embeds, masks, image, names)
+    model.ensemble, model.ensemble_alpha = True, 0.0
+    torch.testing.assert_close(model._class_probabilities(embeds, masks, image, names), head)
+    model.ensemble_alpha, model.ensemble_beta = 0.0, 1.0
+    novel = ["giraffe", "kite"]
+    mixed = model._class_probabilities(embeds, masks, image, novel)
+    model.ensemble = False
+    head_novel = model._class_probabilities(embeds, masks, image, novel)
+    # The no-object column is the head's; the class columns are CLIP's distribution scaled to the rest.
+    torch.testing.assert_close(mixed[:, -1], head_novel[:, -1])
+    assert not torch.allclose(mixed[:, :-1], head_novel[:, :-1])
+    torch.testing.assert_close(mixed.sum(-1), torch.ones(mixed.shape[0]))
+
+
+# ------------------------------------------------------------------ checkpoints
+def test_checkpoint_round_trip_and_refusals(odise, batch, tmp_path):
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    from diffseg_d2.engine import CheckpointMismatchError, StrictCheckpointer
+
+    model = odise.eval()
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("m")
+    path = tmp_path / "m.pth"
+    assert path.stat().st_size < 5e6  # projections and head only; no SD, no CLIP
+    torch.manual_seed(7)
+    other = build_model(tiny_cfg()).eval()
+    x = [{"image": batch[0]["image"]}]
+    with torch.no_grad():
+        before = other(x)[0]["sem_seg"]
+        StrictCheckpointer(other).load(str(path))
+        after, reference = other(x)[0]["sem_seg"], model(x)[0]["sem_seg"]
+    assert not torch.allclose(before, reference)
+    torch.testing.assert_close(after, reference)
+
+    smaller = build_model(tiny_cfg("MODEL.DIFFSEG.ODISE.HEAD.NUM_QUERIES", "8"))
+    with pytest.raises(CheckpointMismatchError, match=r"decoder\.query_feat\.weight \(16, 32\) vs \(8, 32\)"):
+        StrictCheckpointer(smaller).load(str(path))
+    torch.save({"model": {"backbone.something": torch.zeros(1)}}, tmp_path / "alien.pth")
+    with pytest.raises(CheckpointMismatchError, match="missing from the checkpoint .*not in this model"):
+        StrictCheckpointer(smaller).load(str(tmp_path / "alien.pth"))
+    (tmp_path / "old.pkl").write_bytes(b"not read")
+    with pytest.raises(ValueError, match="pickled checkpoints are not loaded"):
+        StrictCheckpointer(smaller).load(str(tmp_path / "old.pkl"))
+
+
+def test_pq_needs_a_panoptic_dataset():
+    from diffseg_d2.evaluation import check_panoptic_dataset
+
+    check_panoptic_dataset("diffseg_sample_voc_panoptic")
+    with pytest.raises(ValueError, match="no panoptic annotations"):
+        check_panoptic_dataset("diffseg_sample_voc")
+
+
+# ------------------------------------------------------------------ tools and the example project
+def _run(args, tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def test_train_net_trains_saves_and_evaluates_pq(tmp_path):
+    out = tmp_path / "run"
+    _run(["tools/train_net.py", "--config-file", TINY_ODISE, "SOLVER.MAX_ITER", "4", "TEST.EVAL_PERIOD", "0",
+          "OUTPUT_DIR", str(out)], tmp_path)
+    weights = out / "model_final.pth"
+    assert weights.is_file()
+    state = torch.load(weights, map_location="cpu", weights_only=True)["model"]
+    assert state and not any(".diffusion." in k for k in state)
+    proc = _run(["tools/train_net.py", "--config-file", TINY_ODISE, "--eval-only", "MODEL.WEIGHTS", str(weights),
+                 "OUTPUT_DIR", str(tmp_path / "eval")], tmp_path)
+    # format_results_table prints one table per task: PQ from COCOPanopticEvaluator, mIoU, mask AP.
+    assert "diffseg_sample_voc_panoptic [panoptic_seg]" in proc.stdout
+    assert "| PQ " in proc.stdout and "| mIoU " in proc.stdout and "| AP " in proc.stdout
+
+
+def test_example_project_builds_panoptic_fpn_on_the_diffusion_backbone(batch):
+    from detectron2.config import get_cfg
+    from detectron2.data import DatasetCatalog, DatasetMapper
+    from detectron2.modeling import build_model
+    from detectron2.modeling.meta_arch import PanopticFPN
+    from detectron2.utils.events import EventStorage
+
+    import diffseg_d2
+    from diffseg_d2.modeling.backbone import DiffusionUNetBackbone
+
+    cfg = get_cfg()
+    diffseg_d2.add_diffseg_config(cfg)
+    cfg.merge_from_file(PANOPTIC_FPN)
+    model = build_model(cfg)
+    assert isinstance(model, PanopticFPN) and isinstance(model.backbone.bottom_up, DiffusionUNetBackbone)
+    assert list(model.backbone.output_shape()) == ["p2", "p3", "p4", "p5", "p6"]
+    assert not any(".diffusion." in k for k in model.state_dict())
+    record = DatasetCatalog.get("diffseg_sample_voc_panoptic_separated")[0]
+    inputs = [DatasetMapper(cfg, is_train=True)(copy.deepcopy(record))]
+    model.train()
+    with EventStorage():  # detectron2's R-CNN heads log training statistics
+        losses = model(inputs)
+    assert {"loss_sem_seg", "loss_rpn_cls", "loss_cls", "loss_mask"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
