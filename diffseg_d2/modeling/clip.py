@@ -120,9 +120,9 @@ class OpenCLIP(nn.Module):
         visual = self.model.visual
         if not hasattr(visual, "forward_intermediates") or getattr(visual, "proj", None) is None:
             raise ValueError(
-                f"Dense CLIP features need an open_clip ViT image tower with a projection; "
-                f"{type(visual).__name__} is not one. Use a ViT CLIP in MODEL.DIFFSEG.CLIP.WEIGHTS "
-                "or set MODEL.DIFFSEG.ODISE.TEST.ENSEMBLE False."
+                f"Dense CLIP features need an open_clip ViT image tower with a projection and "
+                f"forward_intermediates; {type(visual).__name__} here has not both. Upgrade open_clip_torch, "
+                "use a ViT CLIP in MODEL.DIFFSEG.CLIP.WEIGHTS, or set MODEL.DIFFSEG.ODISE.TEST.ENSEMBLE False."
             )
         x = F.interpolate(images.float().to(self.device), size=self.image_size, mode="bicubic", align_corners=False)
         x = (x.clamp(0, 255) - self.pixel_mean) / self.pixel_std
