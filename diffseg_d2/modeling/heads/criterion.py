@@ -174,24 +174,29 @@ class SetCriterion(nn.Module):
                 losses.update({f"{name}_{i}": value for name, value in aux_losses.items()})
         return losses
 
-    def weighted_total(self, losses: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sum of ``losses`` weighted by ``weight_dict`` ("<name>_<i>" takes the weight of "<name>").
+    def weight_of(self, name: str) -> float:
+        """The weight of loss ``name`` ("<name>_<i>" takes the weight of "<name>").
 
         Raises:
             KeyError: for a loss with no weight, rather than silently dropping it.
         """
-        total = None
-        for name, value in losses.items():
-            weight = self.weight_dict.get(name)
-            if weight is None:
-                match = _AUX_SUFFIX.match(name)
-                weight = self.weight_dict.get(match.group(1)) if match else None
-            if weight is None:
-                raise KeyError(f"Loss {name!r} has no weight in weight_dict {sorted(self.weight_dict)}.")
-            total = value * weight if total is None else total + value * weight
-        if total is None:
+        weight = self.weight_dict.get(name)
+        if weight is None:
+            match = _AUX_SUFFIX.match(name)
+            weight = self.weight_dict.get(match.group(1)) if match else None
+        if weight is None:
+            raise KeyError(f"Loss {name!r} has no weight in weight_dict {sorted(self.weight_dict)}.")
+        return weight
+
+    def weighted(self, losses: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Each loss times its weight (what a detectron2 meta-architecture returns in training)."""
+        return {name: value * self.weight_of(name) for name, value in losses.items()}
+
+    def weighted_total(self, losses: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum of ``losses`` weighted by ``weight_dict`` (see ``weight_of``)."""
+        if not losses:
             raise ValueError("weighted_total got no losses.")
-        return total
+        return sum(self.weighted(losses).values())
 
 
 def caption_grounding_loss(

@@ -72,9 +72,8 @@ class ODISE(nn.Module):
         pixel_decoder: multi-scale pixel decoder.
         decoder: masked-attention transformer decoder; its embeddings are CLIP-sized.
         classifier: open-vocabulary classifier of the decoder's embeddings.
-        criterion: set criterion (unweighted losses by name).
-        loss_weights: weight of each loss name's base ("loss_ce", "loss_mask", "loss_dice",
-            "loss_grounding"); aux losses "loss_ce_3" take the base's weight.
+        criterion: set criterion (its ``weight_dict`` weighs class, mask and dice losses).
+        grounding_weight: weight of the caption-grounding loss (used when ``nouns`` is given).
         clip: frozen CLIP for text embeddings and the inference ensemble.
         pixel_mean, pixel_std: input normalisation (the backbone reads RGB in [-1, 1]).
         input_format: "RGB" or "BGR".
@@ -103,7 +102,7 @@ class ODISE(nn.Module):
         decoder: nn.Module,
         classifier: OpenVocabClassifier,
         criterion: nn.Module,
-        loss_weights: Dict[str, float],
+        grounding_weight: float = 0.0,
         clip: OpenCLIP,
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
@@ -134,7 +133,7 @@ class ODISE(nn.Module):
         self.decoder = decoder
         self.classifier = classifier
         self.criterion = criterion
-        self.loss_weights = dict(loss_weights)
+        self.grounding_weight = float(grounding_weight)
         self.clip = clip
         # The backbone's CLIP may be this same module; either way it is never checkpointed.
         exclude_from_checkpoints(self, ["clip"])
@@ -186,11 +185,9 @@ class ODISE(nn.Module):
             cost_class=loss.CLASS_WEIGHT, cost_mask=loss.MASK_WEIGHT, cost_dice=loss.DICE_WEIGHT,
             num_points=loss.NUM_POINTS,
         )
-        weights = {"loss_ce": loss.CLASS_WEIGHT, "loss_mask": loss.MASK_WEIGHT, "loss_dice": loss.DICE_WEIGHT,
-                   "loss_grounding": loss.GROUNDING_WEIGHT}
         criterion = SetCriterion(
             matcher=matcher,
-            weight_dict={k: v for k, v in weights.items() if k != "loss_grounding"},
+            weight_dict={"loss_ce": loss.CLASS_WEIGHT, "loss_mask": loss.MASK_WEIGHT, "loss_dice": loss.DICE_WEIGHT},
             eos_coef=loss.NO_OBJECT_WEIGHT,
             num_points=loss.NUM_POINTS,
             oversample_ratio=loss.OVERSAMPLE_RATIO,
@@ -219,7 +216,7 @@ class ODISE(nn.Module):
             decoder=decoder,
             classifier=OpenVocabClassifier(clip.embed_dim),
             criterion=criterion,
-            loss_weights=weights,
+            grounding_weight=loss.GROUNDING_WEIGHT,
             clip=clip,
             pixel_mean=cfg.MODEL.PIXEL_MEAN,
             pixel_std=cfg.MODEL.PIXEL_STD,
@@ -347,14 +344,11 @@ class ODISE(nn.Module):
             if labels.numel() and int(labels.max()) >= K:
                 raise ValueError(f"gt class {int(labels.max())} is outside the {K} training classes.")
             targets.append({"labels": labels, "masks": padded})
-        losses = self.criterion(scored, targets)
-        if self.nouns is not None and self.loss_weights.get("loss_grounding", 0) > 0:
-            losses["loss_grounding"] = self._grounding_loss(batched_inputs, outputs["pred_embeds"])
-        weighted = {}
-        for name, value in losses.items():
-            base = name.rsplit("_", 1)[0] if name.rsplit("_", 1)[-1].isdigit() else name
-            weighted[name] = value * self.loss_weights.get(base, 0.0)
-        return weighted
+        losses = self.criterion.weighted(self.criterion(scored, targets))
+        if self.nouns is not None and self.grounding_weight > 0:
+            grounding = self._grounding_loss(batched_inputs, outputs["pred_embeds"])
+            losses["loss_grounding"] = self.grounding_weight * grounding
+        return losses
 
     def _grounding_loss(self, batched_inputs: List[Dict], embeds: torch.Tensor) -> torch.Tensor:
         """Caption grounding (symmetric contrastive over the batch) between queries and caption nouns."""
