@@ -19,6 +19,7 @@ from . import (
 from .register_panoptic import PANOPTIC_DATASET_NAMES
 from .register_sample import SAMPLE_DATASET_NAMES, SAMPLE_PANOPTIC_DATASET_NAMES, sample_image_path
 from .register_semseg import SEMSEG_DATASET_NAMES
+from ...microworld import datasets as _microworld_datasets  # noqa: F401,E402  (registers the micro-world)
 
 __all__ = [
     "PANOPTIC_DATASET_NAMES",
