@@ -14,6 +14,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(exclude=("tests", "tools", "configs", "projects")),
+    # The micro-world weights (diffseg_d2/microworld/weights/, a few MB of safetensors and json) ship
+    # inside the package, so MODEL.DIFFSEG.*.WEIGHTS "micro" works from any install.
+    package_data={"diffseg_d2.microworld": ["weights/*/*", "weights/*/*/*"]},
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",

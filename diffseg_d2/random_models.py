@@ -58,6 +58,19 @@ SD_ARCHITECTURES = {
                     sample_size=TINY_SD_IMAGE_SIZE),
         "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
     },
+    # The micro-world model (diffseg_d2.microworld), trained by the project on CPU: 64x64 images,
+    # a VAE downsampling by 4 to a 16x16 latent, cross-attention at 16x16 (factor 1) and 8x8
+    # (factor 2, and the mid block), a 2-layer 64-wide text encoder trained with it.
+    "micro": {
+        "unet": dict(
+            sample_size=16, layers_per_block=1, block_out_channels=(64, 96),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16,
+        ),
+        "vae": dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16, sample_size=64),
+        "text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+    },
     # Stable Diffusion 1.5: UNet 860M, VAE 84M, text encoder 123M parameters, 512x512.
     "sd15": {
         "unet": dict(
@@ -76,7 +89,7 @@ def random_stable_diffusion(architecture: str, tokenizer, seed: int = TINY_SEED)
     """UNet, VAE, text encoder and SD 1.x's DDIM noise schedule with random weights.
 
     Args:
-        architecture: a key of ``SD_ARCHITECTURES`` ("tiny" or "sd15").
+        architecture: a key of ``SD_ARCHITECTURES`` ("tiny", "micro" or "sd15").
         tokenizer: the CLIP tokenizer the text encoder is sized for.
 
     Returns:

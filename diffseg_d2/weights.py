@@ -22,6 +22,8 @@ from .paths import cache_dir
 logger = logging.getLogger(__name__)
 
 TINY = "tiny"
+# The micro-world models trained by the project (diffseg_d2/microworld/weights/).
+MICRO = "micro"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -74,14 +76,17 @@ def resolve_weights(
     config_key: str,
     required_files: Sequence[str] = (),
     tiny: Optional[tuple[str, Callable[[Path], None]]] = None,
+    micro: Optional[str] = None,
 ) -> WeightsLocation:
     """Resolve a weights string from the config.
 
     Args:
-        value: hub id (``org/name``), local folder, or ``"tiny"``.
+        value: hub id (``org/name``), local folder, ``"tiny"`` or ``"micro"``.
         config_key: the config key the value came from, named in every error.
         required_files: paths (globs allowed) that a local folder must contain.
         tiny: ``(cache folder name, builder)`` for the ``tiny`` preset, if it has one.
+        micro: the folder under ``diffseg_d2/microworld/weights/`` holding this model's
+            micro-world weights (trained by tools/train_microworld.py, shipped with the package).
     """
     value = (value or "").strip()
     if not value:
@@ -91,6 +96,16 @@ def resolve_weights(
             raise MissingWeightsError(f"{config_key}: there is no 'tiny' preset for this model.")
         folder = build_once(*tiny)
         return WeightsLocation(str(folder), True, config_key)
+    if value == MICRO:
+        if micro is None:
+            raise MissingWeightsError(f"{config_key}: there is no 'micro' (micro-world) model of this kind.")
+        folder = Path(__file__).resolve().parent / "microworld" / "weights" / micro
+        if not folder.is_dir():
+            raise MissingWeightsError(
+                f"{config_key} = 'micro': the micro-world weights are not in {folder}. They ship with the "
+                f"repository; to rebuild them run `python tools/train_microworld.py {micro} --output {folder}`."
+            )
+        value = str(folder)
     if _looks_like_path(value):
         folder = Path(os.path.expanduser(value))
         if not folder.is_dir():

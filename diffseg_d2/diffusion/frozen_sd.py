@@ -51,6 +51,7 @@ def resolve_sd_weights(weights: str) -> WeightsLocation:
         config_key=SD_WEIGHTS_KEY,
         required_files=SD_REQUIRED_FILES,
         tiny=(TINY_SD_FOLDER, build_tiny_stable_diffusion),
+        micro="diffusion",
     )
 
 

@@ -62,6 +62,7 @@ class OpenCLIP(nn.Module):
             config_key=CLIP_WEIGHTS_KEY,
             required_files=("open_clip_config.json", "*.safetensors"),
             tiny=(TINY_CLIP_FOLDER, build_tiny_open_clip),
+            micro="clip",
         )
         name = ("local-dir:" if location.is_local else "hf-hub:") + location.path
         try:

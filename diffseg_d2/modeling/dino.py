@@ -51,6 +51,7 @@ class DenseDINO(nn.Module):
             config_key=DINO_WEIGHTS_KEY,
             required_files=("config.json", "*.safetensors"),
             tiny=(TINY_DINO_FOLDER, build_tiny_dino),
+            micro="dense",
         )
         name = ("local-dir:" if location.is_local else "hf-hub:") + location.path
         logger.info("loading DINOv2 from %s", location.path)

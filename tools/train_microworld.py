@@ -1,0 +1,50 @@
+#!/usr/bin/env python
+"""Train the micro-world models on CPU (see diffseg_d2/microworld/ and issue 5).
+
+    python tools/train_microworld.py diffusion --output diffseg_d2/microworld/weights/diffusion
+    python tools/train_microworld.py diffusion --output /tmp/plain --align-weight 0     # without the auxiliary signal
+    python tools/train_microworld.py diffusion --output /tmp/quick --vae-steps 20 --steps 20   # a quick check
+
+Interrupted runs continue with --resume. The weights are deterministic given the seed and the
+thread count (--threads).
+"""
+import argparse
+import logging
+import shlex
+import sys
+
+import torch
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="model", required=True)
+    d = sub.add_parser("diffusion", help="text-to-image diffusion model (VAE, UNet, text encoder)")
+    d.add_argument("--output", required=True, help="folder of the diffusers pipeline to write")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--vae-steps", type=int, default=None)
+    d.add_argument("--steps", type=int, default=None)
+    d.add_argument("--batch", type=int, default=None)
+    d.add_argument("--align-weight", type=float, default=None,
+                   help="weight of the cross-attention/object-mask alignment loss (0 = denoising loss only)")
+    d.add_argument("--resume", action="store_true", help="continue from <output>/train_state.pt")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = the cores this process may use)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
+    import os
+
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    command = shlex.join(["python", "tools/train_microworld.py", *(sys.argv[1:] if argv is None else argv)])
+    if args.model == "diffusion":
+        from diffseg_d2.microworld.train_diffusion import DiffusionTrainingSettings, train_micro_diffusion
+
+        settings = DiffusionTrainingSettings(seed=args.seed)
+        for key in ("vae_steps", "steps", "batch", "align_weight"):
+            if getattr(args, key) is not None:
+                setattr(settings, key, getattr(args, key))
+        out = train_micro_diffusion(args.output, settings, resume=args.resume, command=command)
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
