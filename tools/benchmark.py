@@ -1138,26 +1138,9 @@ def render_retrieval(run: dict, cmdline: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def _markers(preset: str):
-    return f"<!-- tools/benchmark.py {preset}: begin -->", f"<!-- tools/benchmark.py {preset}: end -->"
-
-
-def update_file(path: str, preset: str, section: str) -> None:
-    """Replace the preset's marked section of ``path`` (appended if it has none; the file is created if missing)."""
-    begin, end = _markers(preset)
-    block = f"{begin}\n{section}{end}\n"
-    text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block.rstrip("\n") + rest.split(end, 1)[1]
-    else:
-        text = text + ("\n" if text and not text.endswith("\n\n") else "") + block
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-    logger.info("updated the %s section of %s", preset, path)
-
-
 def main(argv=None) -> None:
+    from diffseg_d2.evaluation.report import update_marked_section
+
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
     if args.worker:
@@ -1177,7 +1160,8 @@ def main(argv=None) -> None:
             section = render_preset(run_preset(preset, args, device), cmdline)
         print(section, flush=True)
         if args.write:
-            update_file(args.write, preset, section)
+            update_marked_section(args.write, f"tools/benchmark.py {preset}", section)
+            logger.info("updated the %s section of %s", preset, args.write)
     logger.info("benchmark done in %.1f min", (time.perf_counter() - start) / 60)
 
 
