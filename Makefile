@@ -1,5 +1,5 @@
 # Two commands set up everything on a fresh machine with Python 3.11:
-#   make demo   - segment the bundled sample image (writes output/demo/)
+#   make demo   - segment micro-world scenes and the bundled sample photo with the micro models (output/demo/)
 #   make test   - run the test-suite
 # Both create (or reuse) the virtual environment .venv/ in the checkout and install into it:
 # torch + torchvision (the registry's standard builds), detectron2 (tools/install_detectron2.py,
@@ -9,8 +9,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.diffseg_d2-installed
-DEMO_CONFIG ?= configs/tiny/diffsegmenter.yaml
-DEMO_VOCAB ?= person,chair,bottle,dining table
+DEMO_CONFIG ?= configs/micro/diffsegmenter.yaml
+DEMO_VOCAB ?= circle,square,triangle,cross
 PYTEST_ARGS ?=
 
 .PHONY: install demo test benchmark clean-venv
@@ -26,8 +26,10 @@ $(STAMP): setup.py tools/install_detectron2.py
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) tools/demo.py --config-file $(DEMO_CONFIG) --vocab "$(DEMO_VOCAB)" --output output/demo
-	@echo "Overlay and label PNGs are in output/demo/"
+	$(PY) tools/make_microworld.py --splits --export-scenes output/demo/scenes --sheet-scenes 4
+	$(PY) tools/demo.py --config-file $(DEMO_CONFIG) --vocab "$(DEMO_VOCAB)" --output output/demo \
+		--input output/demo/scenes "$$($(PY) -m diffseg_d2.data.datasets.register_sample)"
+	@echo "Overlay and label PNGs are in output/demo/ (micro-world models: see README, Micro-world)"
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)

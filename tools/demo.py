@@ -85,9 +85,16 @@ def shrink(rgb, max_side):
     return np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
 
 
+# Overlays of smaller images (micro-world scenes are 64x64) are magnified so the legend fits.
+MIN_OVERLAY_SIDE = 384
+
+
 def render_overlay(rgb, label, names):
     import imgviz
 
+    factor = max(1, -(-MIN_OVERLAY_SIDE // min(rgb.shape[:2])))
+    if factor > 1:  # nearest neighbour: every pixel's label stays visible as it was predicted
+        rgb, label = rgb.repeat(factor, 0).repeat(factor, 1), label.repeat(factor, 0).repeat(factor, 1)
     present = {int(i): names[int(i)] for i in np.unique(label)}
     return imgviz.label2rgb(label, image=rgb, label_names=present, font_size=max(12, min(rgb.shape[:2]) // 25), loc="rb")
 

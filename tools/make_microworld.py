@@ -102,6 +102,9 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
     )
     p.add_argument("--sheet-scenes", type=int, default=8, help="number of scenes on the sheet")
     p.add_argument("--scale", type=int, default=3, help="magnification of the sheet's panels")
+    p.add_argument("--export-scenes", metavar="DIR", default=None,
+                   help="also write the first --sheet-scenes scenes of --sheet-split as <seed>.png into DIR "
+                        "(inputs for tools/demo.py)")
     args = p.parse_args(argv)
 
     from diffseg_d2.microworld.datasets import materialize_split
@@ -118,6 +121,17 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
         contact_sheet(seeds, args.scale).save(out)
         print(f"contact sheet of {len(seeds)} {args.sheet_split} scenes: {out}")
         written.append(out)
+    if args.export_scenes:
+        from PIL import Image
+
+        from diffseg_d2.microworld.scenes import render_scene
+
+        os.makedirs(args.export_scenes, exist_ok=True)
+        seeds = scene_seeds(args.sheet_split, args.sheet_scenes)
+        for seed in seeds:
+            Image.fromarray(render_scene(seed).image).save(os.path.join(args.export_scenes, f"{seed}.png"))
+        print(f"{len(seeds)} {args.sheet_split} scenes as PNG: {os.path.abspath(args.export_scenes)}")
+        written.append(os.path.abspath(args.export_scenes))
     return written
 
 
