@@ -45,6 +45,9 @@ def test_demo_takes_folders_and_globs_of_any_image_mode(tiny_cfg_path, tmp_path)
     assert names == sorted(
         f"{stem}_{kind}.png" for stem in ("deep", "gray", "rgba", "gray_1") for kind in ("label", "overlay")
     )
+    # Labels keep the input size; overlays of small images are magnified by a whole factor (legend room).
+    assert np.asarray(Image.open(out / "gray_label.png")).shape == (20, 30)
+    assert np.asarray(Image.open(out / "gray_overlay.png")).shape == (20 * 13, 30 * 13, 3)
     assert np.asarray(Image.open(out / "gray_1_label.png")).shape == (25, 35)
 
 

@@ -86,7 +86,7 @@ def shrink(rgb, max_side):
 
 
 # Overlays of smaller images (micro-world scenes are 64x64) are magnified so the legend fits.
-MIN_OVERLAY_SIDE = 384
+MIN_OVERLAY_SIDE = 256
 
 
 def render_overlay(rgb, label, names):
