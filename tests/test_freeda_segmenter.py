@@ -241,5 +241,6 @@ def test_demo_writes_overlay_and_label_images(tiny_freeda_cfg_path, freeda_bank,
     assert sorted(os.listdir(out)) == ["crop_label.png", "crop_overlay.png"]  # no temporary files
     label = np.asarray(Image.open(out / "crop_label.png"))
     overlay = np.asarray(Image.open(out / "crop_overlay.png"))
-    assert label.shape == (90, 130) and overlay.shape == (90, 130, 3)
+    # The label keeps the input size; the overlay of an image under 256 px is magnified (x3 here).
+    assert label.shape == (90, 130) and overlay.shape == (270, 390, 3)
     assert label.max() <= 3  # background + 3 classes
