@@ -44,9 +44,12 @@ logger = logging.getLogger("diffseg_d2.benchmark_quality")
 
 
 def run_row(config: str, opts, datasets, env) -> dict:
-    """{dataset: mIoU} of one configuration through tools/train_net.py --eval-only (or {"error": why})."""
-    import torch
+    """{dataset: mIoU} of one configuration through tools/train_net.py --eval-only (or {"error": why}).
 
+    The numbers are read from the results table train_net prints (``<dataset> [sem_seg]``
+    then ``| mIoU | value |``): the evaluator's own .pth file holds pickled numpy scalars,
+    which are not loaded here.
+    """
     with tempfile.TemporaryDirectory(prefix="quality-") as out:
         cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", config, "--eval-only",
                "DATASETS.TEST", "(" + "".join(f"'{d}'," for d in datasets) + ")", "OUTPUT_DIR", out, *opts]
@@ -55,8 +58,11 @@ def run_row(config: str, opts, datasets, env) -> dict:
             return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
         results = {}
         for d in datasets:
-            path = os.path.join(out, "inference", d, "sem_seg_evaluation.pth")
-            results[d] = float(torch.load(path, weights_only=True)["sem_seg"]["mIoU"])
+            block = proc.stdout.split(f"{d} [sem_seg]", 1)
+            rows = [line for line in block[-1].splitlines() if line.startswith("| mIoU")] if len(block) == 2 else []
+            if not rows:
+                return {"error": f"no mIoU for {d} in train_net's output"}
+            results[d] = float(rows[0].strip("|").split("|")[1])
         return results
 
 
