@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,7 +49,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..optional_imports import require
+from ..paths import write_atomically
 from .scenes import COLOURS, SHAPES, SPLITS, Scene, render_scene
+from .train_state import STATE_FILE, load_train_state, save_train_state, warmup_cosine_lr, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -252,27 +253,6 @@ def _param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _lr_at(settings, step: int) -> float:
-    """Linear warm-up then cosine decay to zero."""
-    if step < settings.warmup_steps:
-        return settings.lr * (step + 1) / settings.warmup_steps
-    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
-    return settings.lr * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def save_train_state(path: Path, state: Dict) -> None:
-    """Atomic ``torch.save`` (a killed run never leaves a half-written checkpoint)."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------- training
 def train_micro_clip(output: Path, settings: ClipTrainingSettings, resume: bool = False, command: str = "") -> Path:
     """Train (or resume) the micro CLIP and write its open_clip folder into ``output``; returns ``output``.
@@ -289,10 +269,10 @@ def train_micro_clip(output: Path, settings: ClipTrainingSettings, resume: bool 
     tokenizer = open_clip.tokenizer.SimpleTokenizer()
     opt = torch.optim.AdamW(_param_groups(model, settings.weight_decay), lr=settings.lr)
 
-    state_path = output / "train_state.pt"
+    state_path = output / STATE_FILE
     start, history = 0, {"loss": [], "image": [], "patches": []}
-    if resume and state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    state = load_train_state(output, resume)
+    if state:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start, history = int(state["step"]), state["history"]
@@ -303,7 +283,7 @@ def train_micro_clip(output: Path, settings: ClipTrainingSettings, resume: bool 
         images, texts, specs, contents = training_batch(settings, step)
         target = positives(specs, contents)
         for group in opt.param_groups:
-            group["lr"] = _lr_at(settings, step)
+            group["lr"] = warmup_cosine_lr(settings, step)
         image_emb, patch_emb = encode_image_and_patches(model, normalise_pixels(images))
         text_emb = F.normalize(encode_text_prefix(model, tokenizer(texts)), dim=-1)
         image_loss = multi_positive_info_nce(F.normalize(image_emb, dim=-1), text_emb, target, model.logit_scale)
@@ -325,12 +305,10 @@ def train_micro_clip(output: Path, settings: ClipTrainingSettings, resume: bool 
                                           "history": history})
 
     preprocess_cfg = {"mean": list(PIXEL_MEAN), "std": list(PIXEL_STD)}
-    _write_text_atomic(output / "open_clip_config.json",
+    write_text(output / "open_clip_config.json",
                        json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess_cfg}, indent=2))
     weights = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
-    tmp = output / "open_clip_model.safetensors.tmp"
-    safetensors_torch.save_file(weights, str(tmp))
-    os.replace(tmp, output / "open_clip_model.safetensors")
+    write_atomically(output / "open_clip_model.safetensors", lambda tmp: safetensors_torch.save_file(weights, tmp))
     summary = {
         "model": "micro CLIP (open_clip CLIP, ViT image tower, patch %d)" % settings.patch_size,
         "settings": asdict(settings),
@@ -342,7 +320,7 @@ def train_micro_clip(output: Path, settings: ClipTrainingSettings, resume: bool 
         "train_scene_seeds": f"train split, {settings.steps * settings.scenes_per_step} scenes from {SCENE_SEED_OFFSET}",
         "weights_dtype": "float16",
     }
-    _write_text_atomic(output / "training.json", json.dumps(summary, indent=2))
+    write_text(output / "training.json", json.dumps(summary, indent=2))
     state_path.unlink(missing_ok=True)
     return output
 

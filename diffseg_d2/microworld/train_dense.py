@@ -49,7 +49,14 @@ from torch import nn
 
 from ..optional_imports import require
 from .scenes import SPLITS, render_scene
-from .train_clip import _lr_at, _write_text_atomic, save_train_state
+from .train_state import (
+    STATE_FILE,
+    load_train_state,
+    save_train_state,
+    step_generator,
+    warmup_cosine_lr,
+    write_text,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -234,10 +241,10 @@ def train_micro_dense(output: Path, settings: DenseTrainingSettings, resume: boo
     model = build_dense_encoder(settings)
     prefix = int(getattr(model, "num_prefix_tokens", 1))
     opt = torch.optim.AdamW(_param_groups(model, settings.weight_decay), lr=settings.lr)
-    state_path = output / "train_state.pt"
+    state_path = output / STATE_FILE
     start, history = 0, {"loss": []}
-    if resume and state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    state = load_train_state(output, resume)
+    if state:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start, history = int(state["step"]), state["history"]
@@ -245,7 +252,7 @@ def train_micro_dense(output: Path, settings: DenseTrainingSettings, resume: boo
     model.train()
     t0 = time.perf_counter()
     for step in range(start, settings.steps):
-        generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
+        generator = step_generator(settings.seed, step)
         images, regions = training_batch(settings, step)
         feats, images_of, regions_of = [], [], []
         views = [random_views(images, regions, settings.min_crop_area, generator) for _ in range(2)]
@@ -259,7 +266,7 @@ def train_micro_dense(output: Path, settings: DenseTrainingSettings, resume: boo
         ids, ignore = contrast_groups(torch.cat(images_of), torch.cat(regions_of))
         loss = supervised_contrastive(torch.cat(feats), ids, settings.temperature, ignore)
         for group in opt.param_groups:
-            group["lr"] = _lr_at(settings, step)
+            group["lr"] = warmup_cosine_lr(settings, step)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -283,7 +290,7 @@ def train_micro_dense(output: Path, settings: DenseTrainingSettings, resume: boo
                         "of a scene are positives of a patch-level contrastive loss"],
         "train_scene_seeds": f"train split, {settings.steps * settings.batch} scenes from {SCENE_SEED_OFFSET}",
     }
-    _write_text_atomic(output / "training.json", json.dumps(summary, indent=2))
+    write_text(output / "training.json", json.dumps(summary, indent=2))
     state_path.unlink(missing_ok=True)
     return output
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ from ..diffusion.prompts import find_subsequence, token_mean_table
 from ..optional_imports import require
 from ..random_models import random_stable_diffusion, write_clip_tokenizer_files
 from .scenes import SPLITS, render_scene
+from .train_state import STATE_FILE, load_train_state, save_train_state, step_generator, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -144,16 +144,6 @@ def alignment_loss(maps: List[Tuple[int, int, torch.Tensor]], masks: List[Option
 
 
 # ---------------------------------------------------------------------- training
-def _step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
-
-
-def _save_state(path: Path, state: Dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def train_micro_diffusion(output: Path, settings: DiffusionTrainingSettings, resume: bool = False,
                           command: str = "") -> Path:
     """Train (or resume) and write the pipeline folder into ``output``; returns ``output``."""
@@ -169,8 +159,8 @@ def train_micro_diffusion(output: Path, settings: DiffusionTrainingSettings, res
     parts = random_stable_diffusion("micro", tokenizer, seed=settings.seed)
     vae, unet, text_encoder, scheduler = parts.vae, parts.unet, parts.text_encoder, parts.scheduler
 
-    state_path = output / "train_state.pt"
-    state = torch.load(state_path, map_location="cpu", weights_only=True) if resume and state_path.is_file() else {}
+    state_path = output / STATE_FILE
+    state = load_train_state(output, resume)
     history: Dict[str, List[float]] = state.get("history", {"vae": [], "denoise": [], "align": []})
 
     # ---- stage 1: VAE
@@ -184,7 +174,7 @@ def train_micro_diffusion(output: Path, settings: DiffusionTrainingSettings, res
     for step in range(start, settings.vae_steps):
         images, _ = scene_batch(step * settings.vae_batch, settings.vae_batch)
         posterior = vae.encode(images).latent_dist
-        recon = vae.decode(posterior.sample(generator=_step_generator(settings.seed, step))).sample
+        recon = vae.decode(posterior.sample(generator=step_generator(settings.seed, step))).sample
         loss = F.l1_loss(recon, images) + F.mse_loss(recon, images) + settings.vae_kl_weight * posterior.kl().mean()
         vae_opt.zero_grad()
         loss.backward()
@@ -194,7 +184,7 @@ def train_micro_diffusion(output: Path, settings: DiffusionTrainingSettings, res
             logger.info("vae step %d/%d loss %.4f (%.1f s)", step + 1, settings.vae_steps,
                         float(np.mean(history["vae"][-100:])), time.perf_counter() - t0)
         if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.vae_steps:
-            _save_state(state_path, {"vae_step": step + 1, "vae": vae.state_dict(), "vae_opt": vae_opt.state_dict(),
+            save_train_state(state_path, {"vae_step": step + 1, "vae": vae.state_dict(), "vae_opt": vae_opt.state_dict(),
                                      "history": history})
     vae.eval().requires_grad_(False)
     if "scaling" not in state:
@@ -226,7 +216,7 @@ def train_micro_diffusion(output: Path, settings: DiffusionTrainingSettings, res
         # Every random draw of a step comes from that step's own seed: a resumed run continues
         # exactly as an uninterrupted one.
         rng = np.random.default_rng([settings.seed, 1, step])
-        generator = _step_generator(settings.seed, 10**6 + step)
+        generator = step_generator(settings.seed, 10**6 + step)
         drop = rng.random(settings.batch) < settings.caption_dropout
         timesteps = torch.from_numpy(rng.integers(0, scheduler.config.num_train_timesteps, settings.batch))
         captions = ["" if drop[i] else s.caption for i, s in enumerate(scenes)]
@@ -269,7 +259,7 @@ def train_micro_diffusion(output: Path, settings: DiffusionTrainingSettings, res
                         float(np.mean(history["denoise"][-50:])), float(np.mean(history["align"][-50:])),
                         time.perf_counter() - t0)
         if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
-            _save_state(state_path, {
+            save_train_state(state_path, {
                 "vae_step": settings.vae_steps, "vae": vae.state_dict(), "vae_opt": vae_opt.state_dict(),
                 "scaling": state["scaling"], "step": step + 1, "unet": unet.state_dict(),
                 "text_encoder": text_encoder.state_dict(), "opt": opt.state_dict(), "history": history,
@@ -286,6 +276,6 @@ def train_micro_diffusion(output: Path, settings: DiffusionTrainingSettings, res
         "final_losses": {k: float(np.mean(v[-100:])) if v else None for k, v in history.items()},
         "aux_signals": ["cross-attention alignment with object masks"] if settings.align_weight > 0 else [],
     }
-    (output / "training.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    write_text(output / "training.json", json.dumps(summary, indent=2))
     state_path.unlink(missing_ok=True)
     return output

@@ -1,0 +1,48 @@
+"""What the micro-world trainers share: resumable state, per-step randomness, atomic files.
+
+Every file goes through ``diffseg_d2.paths.write_atomically``, so a killed run never leaves
+a half-written checkpoint or weights file behind.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Dict
+
+import torch
+
+from ..paths import write_atomically
+
+#: The resumable checkpoint inside a trainer's output folder (removed when training ends).
+STATE_FILE = "train_state.pt"
+
+
+def load_train_state(output: Path, resume: bool) -> Dict:
+    """The saved state of ``output`` when resuming and one exists, else {} (read with weights_only)."""
+    path = Path(output) / STATE_FILE
+    if resume and path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    return {}
+
+
+def save_train_state(path: Path, state: Dict) -> None:
+    """Atomic ``torch.save`` of a trainer's state (tensors, numbers, lists and dicts only)."""
+    write_atomically(Path(path), lambda tmp: torch.save(state, tmp))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Atomically write a UTF-8 text file (configs, training.json)."""
+    write_atomically(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The torch generator of one training step: a resumed run draws what an uninterrupted one would."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def warmup_cosine_lr(settings, step: int) -> float:
+    """Linear warm-up over ``settings.warmup_steps``, then cosine decay of ``settings.lr`` to zero."""
+    if step < settings.warmup_steps:
+        return settings.lr * (step + 1) / settings.warmup_steps
+    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+    return settings.lr * 0.5 * (1 + math.cos(math.pi * progress))
