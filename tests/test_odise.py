@@ -322,3 +322,17 @@ def test_example_project_builds_panoptic_fpn_on_the_diffusion_backbone(batch):
         losses = model(inputs)
     assert {"loss_sem_seg", "loss_rpn_cls", "loss_cls", "loss_mask"} <= set(losses)
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_clip_text_cache_is_bounded_and_reused(odise):
+    """The grounding loss encodes a new noun set every batch: the cache must not grow without end."""
+    from diffseg_d2.modeling import clip as clip_module
+
+    clip = odise.clip
+    first = clip.encode_class_names(["cat", "dog"])
+    for i in range(clip_module._TEXT_CACHE_SIZE + 6):
+        clip.encode_class_names([f"thing{i}"])
+    assert len(clip._text_cache) == clip_module._TEXT_CACHE_SIZE
+    recomputed = clip.encode_class_names(["cat", "dog"])
+    torch.testing.assert_close(recomputed, first)
+    assert clip.encode_class_names(["cat", "dog"]) is recomputed  # a hit returns the cached tensor

@@ -6,7 +6,8 @@ methods (FreeDA keys, ODISE classification) reuse it.
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections import OrderedDict
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,8 @@ from ..weights import hub_load_error, resolve_weights
 logger = logging.getLogger(__name__)
 
 CLIP_WEIGHTS_KEY = "MODEL.DIFFSEG.CLIP.WEIGHTS"
+# Vocabularies whose text embeddings are kept (least recently used dropped first).
+_TEXT_CACHE_SIZE = 64
 
 
 class OpenCLIP(nn.Module):
@@ -47,7 +50,8 @@ class OpenCLIP(nn.Module):
         std = getattr(model.visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
-        self._text_cache: Dict[Tuple[str, ...], torch.Tensor] = {}
+        # Bounded: ODISE's grounding loss encodes a new noun set every batch.
+        self._text_cache: "OrderedDict[Tuple[str, ...], torch.Tensor]" = OrderedDict()
 
     def train(self, mode: bool = True) -> "OpenCLIP":
         # Frozen: stays in eval mode whatever the parent model does.
@@ -101,12 +105,16 @@ class OpenCLIP(nn.Module):
     def encode_class_names(self, names: Sequence[str]) -> torch.Tensor:
         """L2-normalised template-averaged text embeddings: K names -> (K, D). Cached per vocabulary."""
         key = tuple(names)
-        if key not in self._text_cache:
-            prompts = [t.format(n) for n in names for t in self.templates]
-            ids = self.tokenizer(prompts).to(self.device)
-            emb = F.normalize(self.model.encode_text(ids).float(), dim=-1)
-            emb = emb.view(len(names), len(self.templates), -1).mean(1)
-            self._text_cache[key] = F.normalize(emb, dim=-1)
+        if key in self._text_cache:
+            self._text_cache.move_to_end(key)
+            return self._text_cache[key]
+        prompts = [t.format(n) for n in names for t in self.templates]
+        ids = self.tokenizer(prompts).to(self.device)
+        emb = F.normalize(self.model.encode_text(ids).float(), dim=-1)
+        emb = emb.view(len(names), len(self.templates), -1).mean(1)
+        self._text_cache[key] = F.normalize(emb, dim=-1)
+        while len(self._text_cache) > _TEXT_CACHE_SIZE:
+            self._text_cache.popitem(last=False)
         return self._text_cache[key]
 
     @torch.no_grad()

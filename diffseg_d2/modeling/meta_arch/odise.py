@@ -29,7 +29,7 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import BitMasks, Boxes, ImageList, Instances
 from torch import nn
 
-from ...vocabulary import VocabularyError, parse_vocabulary
+from ...vocabulary import parse_vocabulary, vocabulary_from_metadata
 from ..clip import OpenCLIP
 from ..frozen import exclude_from_checkpoints
 from ..heads import (
@@ -53,14 +53,8 @@ def _synonyms(name: str) -> List[str]:
 def classes_from_metadata(dataset_name: str) -> Tuple[List[str], List[str]]:
     """``(classes, thing_classes)`` of a registered dataset: its ``stuff_classes`` (all classes, in
     contiguous-id order) and the subset that are things (``thing_classes``; empty for semantic datasets)."""
-    from ...data.datasets import check_dataset_name
-
-    check_dataset_name(dataset_name)
-    meta = MetadataCatalog.get(dataset_name)
-    classes = meta.get("stuff_classes", None)
-    if not classes:
-        raise VocabularyError(f"The metadata of dataset '{dataset_name}' has no stuff_classes.")
-    return parse_vocabulary(classes), list(meta.get("thing_classes", []) or [])
+    classes = vocabulary_from_metadata(dataset_name)
+    return classes, list(MetadataCatalog.get(dataset_name).get("thing_classes", []) or [])
 
 
 @META_ARCH_REGISTRY.register()
