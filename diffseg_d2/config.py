@@ -63,6 +63,13 @@ def add_diffseg_config(cfg: CN) -> CN:
     # Class names to segment; empty = the stuff_classes of DATASETS.TEST[0].
     _c.VOCABULARY = []
 
+    # --- DAAM baseline (META_ARCHITECTURE "DAAM"): DAAM's aggregation on the same UNet -----
+    _c.DAAM = CN()
+    # Timesteps at which the image is noised (one shared noise sample) and the UNet run on the
+    # carrier prompt; every cross-attention layer of every pass is summed. DAAM sums over a whole
+    # generation's trajectory; ten points spread over the schedule stand in for it on real images.
+    _c.DAAM.TIMESTEPS = [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
+
     # --- CLIP, shared by the category filter (and later methods) -----------------------
     _c.CLIP = CN()
     # open_clip weights: a hub id (loaded as "hf-hub:<id>"), a local folder with open_clip_config.json

@@ -9,10 +9,11 @@ from .attention import (
     available_factors,
     minmax_per_map,
     record_attention,
+    summed_cross_maps,
 )
 from .features import FeatureTap, record_features, unet_feature_taps
 from .frozen_sd import FrozenStableDiffusion, StableDiffusionParts, load_stable_diffusion
-from .prompts import ClassPrompts, build_class_prompts
+from .prompts import ClassPrompts, build_class_prompts, build_joint_prompt
 
 __all__ = [
     "AttentionRecorder",
@@ -24,9 +25,11 @@ __all__ = [
     "attention_layers",
     "available_factors",
     "build_class_prompts",
+    "build_joint_prompt",
     "load_stable_diffusion",
     "minmax_per_map",
     "record_attention",
     "record_features",
+    "summed_cross_maps",
     "unet_feature_taps",
 ]

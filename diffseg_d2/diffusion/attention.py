@@ -169,6 +169,19 @@ def minmax_per_map(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return (flat - lo).div_((hi - lo).clamp(min=eps)).view_as(maps)
 
 
+def summed_cross_maps(store: AttentionStore, factors: Sequence[int], size: Tuple[int, int]) -> torch.Tensor:
+    """DAAM's aggregation: the class maps summed over every recorded layer and UNet call at
+    ``factors``, each factor's sum upsampled bicubically to ``size`` with its negative
+    overshoot clamped, then added: ``(K, *size)``."""
+    total = 0.0
+    for factor in factors:
+        maps = store.cross_sum(factor)
+        if tuple(maps.shape[-2:]) != tuple(size):
+            maps = F.interpolate(maps[None], size=tuple(size), mode="bicubic", align_corners=False)[0].clamp(min=0)
+        total = total + maps
+    return total
+
+
 def class_token_maps(
     query: torch.Tensor,
     key: torch.Tensor,

@@ -26,11 +26,11 @@ class ClassPrompts:
     token_weight: torch.Tensor
 
 
-def find_subsequence(seq: Sequence[int], sub: Sequence[int]) -> int:
-    """Start of the first occurrence of ``sub`` in ``seq`` (token ids), or -1."""
+def find_subsequence(seq: Sequence[int], sub: Sequence[int], start: int = 0) -> int:
+    """Start of the first occurrence of ``sub`` in ``seq`` (token ids) at or after ``start``, or -1."""
     if not sub:
         return -1
-    for i in range(len(seq) - len(sub) + 1):
+    for i in range(start, len(seq) - len(sub) + 1):
         if list(seq[i : i + len(sub)]) == list(sub):
             return i
     return -1
@@ -85,3 +85,43 @@ def build_class_prompts(tokenizer, names: Sequence[str], template: str, suffix: 
         positions.append(list(range(start, start + len(name_ids))))
     token_index, token_weight = token_mean_table(positions)
     return ClassPrompts(prompts, torch.tensor(rows, dtype=torch.long), token_index, token_weight)
+
+
+def build_joint_prompt(tokenizer, names: Sequence[str], template: str) -> ClassPrompts:
+    """ONE prompt naming every class, ``template.format(", ".join(names))``, and where each
+    name's tokens sit in it (the names are searched in order, so "red square" after "square"
+    is found at its own place). Returned as K identical prompts, one per class.
+
+    Raises:
+        VocabularyError: as ``build_class_prompts``; the joint prompt must fit the
+            tokenizer's context, since every class is read from it.
+    """
+    if "{}" not in template:
+        raise VocabularyError(f"The prompt template {template!r} has no '{{}}' where the class names go.")
+    prompt = template.format(", ".join(names))
+    ids = tokenizer(prompt).input_ids
+    context = int(tokenizer.model_max_length)
+    if len(ids) > context:
+        raise VocabularyError(
+            f"The prompt naming all {len(names)} classes is {len(ids)} tokens long, more than the text "
+            f"encoder's context of {context}; use fewer or shorter class names."
+        )
+    positions, start = [], 0
+    for name in names:
+        name_ids = tokenizer(name, add_special_tokens=False).input_ids
+        if not name_ids:
+            raise VocabularyError(
+                f"The class name {name!r} tokenises to nothing; use a name made of letters or digits."
+            )
+        at = find_subsequence(ids, name_ids, start)
+        if at < 0:
+            raise VocabularyError(
+                f"The class name {name!r} is not tokenised the same way inside the prompt {prompt!r}; "
+                "put '{}' in the template between spaces or punctuation."
+            )
+        positions.append(list(range(at, at + len(name_ids))))
+        start = at + len(name_ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    row = ids + [pad] * (context - len(ids))
+    token_index, token_weight = token_mean_table(positions)
+    return ClassPrompts([prompt] * len(names), torch.tensor([row] * len(names), dtype=torch.long), token_index, token_weight)

@@ -23,7 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..diffusion import AttentionStore, FrozenStableDiffusion, available_factors, minmax_per_map, record_attention
+from ..diffusion import (
+    AttentionStore,
+    FrozenStableDiffusion,
+    available_factors,
+    minmax_per_map,
+    record_attention,
+    summed_cross_maps,
+)
 from ..diffusion.prompts import find_subsequence, token_mean_table
 from .bank import (
     MANIFEST_FILE,
@@ -192,10 +199,7 @@ class PrototypeBankBuilder(nn.Module):
         with record_attention(d.unet, store, self.cross_attn_factors, ()):
             image = d.generate(context, image_size=self.image_size, steps=self.steps,
                                guidance_scale=self.guidance_scale, generator=generator)
-        heat = sum(
-            F.interpolate(store.cross_sum(f)[None], size=(side, side), mode="bicubic", align_corners=False)[0]
-            for f in self.cross_attn_factors
-        )
+        heat = summed_cross_maps(store, self.cross_attn_factors, (side, side))
         masks = minmax_per_map(heat) >= self.mask_threshold  # (K, side, side)
 
         feats = self.dino(image)[0]  # (D, g, g)

@@ -41,6 +41,9 @@ DROPPED_SCORE = -1.0
 class DiffSegmenter(OpenVocabularySegmenter):
     """Open-vocabulary semantic segmentation from Stable Diffusion attention (training-free)."""
 
+    # How the latent-resolution class maps are brought to the output size.
+    output_upsampling = "bilinear"
+
     @configurable
     def __init__(
         self,
@@ -215,9 +218,14 @@ class DiffSegmenter(OpenVocabularySegmenter):
         # One class at a time, straight into the output: peak memory stays near one (K, H, W)
         # tensor however large the image or the vocabulary.
         for row, channel in enumerate(kept):
-            up = F.interpolate(maps[row][None, None], size=out_size, mode="bilinear", align_corners=False)
+            up = F.interpolate(maps[row][None, None], size=out_size, mode=self.output_upsampling, align_corners=False)
             scores[channel] = minmax_per_map(up[0])[0]
         return scores
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """VAE latents ``(1, C, h, w)`` of one RGB image ``(3, H, W)`` in [0, 255], resized to ``IMAGE_SIZE``²."""
+        x = F.interpolate(image[None], size=(self.image_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
+        return self.diffusion.encode_images((x - self.pixel_mean) / self.pixel_std)
 
     def class_maps(
         self, image: torch.Tensor, names: Sequence[str], rows: Sequence[int], caption: str = ""
@@ -241,9 +249,7 @@ class DiffSegmenter(OpenVocabularySegmenter):
             context = context[sel.to(context.device)]
             token_index, token_weight = prompts.token_index[sel], prompts.token_weight[sel]
 
-        x = F.interpolate(image[None], size=(self.image_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
-        x = (x - self.pixel_mean) / self.pixel_std
-        latents = d.encode_images(x)
+        latents = self.encode(image)
         generator = torch.Generator(device=latents.device).manual_seed(self.seed)
         noisy = d.add_noise(latents, self.noise_step, generator)
 

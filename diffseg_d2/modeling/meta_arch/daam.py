@@ -1,0 +1,103 @@
+"""DAAM baseline: DAAM's attention aggregation on the same frozen UNet as DiffSegmenter.
+
+DAAM ("What the DAAM", Tang et al., ACL 2023) explains a generated image by summing,
+for each prompt word, the cross-attention of every head, every cross-attention layer
+and every timestep of the generation, each map upsampled bicubically to the latent
+size (negative overshoot clamped), then upsampling the sum to the image and min-max
+normalising it; a word's segment is where the normalised map exceeds a threshold
+(0.4 was the paper's best). The ``daam`` package pins diffusers 0.21 and
+transformers 4.30, which our stack does not run, so the aggregation is written here
+on the substrate's attention recording.
+
+On a real image there is no generation to trace: the image is noised, with one
+noise sample, at each of ``MODEL.DIFFSEG.DAAM.TIMESTEPS`` and the UNet is run on ONE
+prompt that names every class (``CARRIER_TEMPLATE``); each class is read from its
+own words in that prompt. What DAAM does not have, and this baseline therefore
+leaves out: per-resolution weights and normalisation, self-attention refinement and
+the category filter. Classes become channels as in DiffSegmenter: per-class min-max
+maps, with "background" at the constant ``BACKGROUND_THRESHOLD`` (DAAM's threshold).
+"""
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY
+
+from ...diffusion import AttentionStore, available_factors, build_joint_prompt, record_attention, summed_cross_maps
+from ...vocabulary import background_index
+from .diffsegmenter import DiffSegmenter
+
+__all__ = ["DAAM"]
+
+
+@META_ARCH_REGISTRY.register()
+class DAAM(DiffSegmenter):
+    """Training-free baseline: DAAM's sum of cross-attention over all layers and several timesteps."""
+
+    output_upsampling = "bicubic"
+
+    @configurable
+    def __init__(self, *, timesteps: Sequence[int], **kwargs):
+        """
+        Args:
+            timesteps: timesteps (of the scheduler's training steps) at which the image is
+                noised and the UNet run; their maps are summed.
+            kwargs: as DiffSegmenter; its refinement, category filter and captioner are off.
+        """
+        kwargs.update(refine=False, category_filter=None, captioner=None, conditioning="shared")
+        super().__init__(**kwargs)
+        steps = int(self.diffusion.scheduler.config.num_train_timesteps)
+        if not timesteps or any(not 0 <= int(t) < steps for t in timesteps):
+            raise ValueError(
+                f"MODEL.DIFFSEG.DAAM.TIMESTEPS = {list(timesteps)} must be a non-empty list of timesteps in [0, {steps})."
+            )
+        self.timesteps = [int(t) for t in timesteps]
+
+    @classmethod
+    def from_config(cls, cfg) -> Dict:
+        cfg = cfg.clone()
+        cfg.defrost()
+        # Nothing DAAM lacks is built (no CLIP for a filter, no captioner).
+        cfg.MODEL.DIFFSEG.CATEGORY_FILTER.ENABLED = False
+        cfg.MODEL.DIFFSEG.CAPTION.ENABLED = False
+        args = super().from_config(cfg)
+        factors = available_factors(args["diffusion"].unet, "cross")
+        args.update(
+            timesteps=list(cfg.MODEL.DIFFSEG.DAAM.TIMESTEPS),
+            cross_attn_factors=factors,  # every cross-attention layer, equally
+            cross_attn_weights=[1.0] * len(factors),
+        )
+        return args
+
+    def _check_vocabulary(self, names: Sequence[str]) -> None:
+        # The joint prompt must hold every prompted class (DiffSegmenter's per-class prompts are
+        # not used); building it checks tokenisation and length.
+        super()._check_vocabulary(names)
+        bg = background_index(names)
+        prompted = [n for i, n in enumerate(names) if i != bg]
+        if prompted:
+            build_joint_prompt(self.diffusion.tokenizer, prompted, self.carrier_template)
+
+    def class_maps(self, image: torch.Tensor, names: Sequence[str], rows: Sequence[int], caption: str = "") -> torch.Tensor:
+        """Summed cross-attention ``(len(rows), h, w)`` at the finest cross-attention resolution."""
+        d = self.diffusion
+        prompts = build_joint_prompt(d.tokenizer, [names[r] for r in rows], self.carrier_template)
+        context = self._cached(("joint", prompts.prompts[0]), lambda: d.encode_text(prompts.input_ids[:1]))
+        latents = self.encode(image)
+        store = AttentionStore(
+            latents.shape[-2:],
+            prompts.token_index,
+            prompts.token_weight,
+            readout_context=context.expand(len(rows), -1, -1),
+        )
+        with record_attention(d.unet, store, self.cross_attn_factors):
+            for t in self.timesteps:
+                # The same noise sample at every timestep: points on one forward trajectory.
+                generator = torch.Generator(device=latents.device).manual_seed(self.seed)
+                d.unet_forward(d.add_noise(latents, t, generator), t, context)
+        return self._combine(store)
+
+    def _combine(self, store: AttentionStore) -> torch.Tensor:
+        return summed_cross_maps(store, self.cross_attn_factors, store.resolution(min(self.cross_attn_factors)))
