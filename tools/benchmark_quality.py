@@ -3,13 +3,25 @@
 
     python tools/benchmark_quality.py                          # the table on stdout
     python tools/benchmark_quality.py --write BENCHMARKS.md    # and into its section of BENCHMARKS.md
-    python tools/benchmark_quality.py --count 50               # a quick look on fewer scenes
+    python tools/benchmark_quality.py --count 50 --rows DAAM   # a quick look: fewer scenes, some rows
+    python tools/benchmark_quality.py --split test             # the test split instead of val
 
 Every method row runs ``tools/train_net.py --eval-only`` in its own process on the
-evaluated datasets (detectron2's ``SemSegEvaluator``; mIoU); the trivial baselines
-(all background, a uniformly random class per pixel) go through the same evaluator
-in this process. Every setting was fixed before the held-out split was looked at:
-the configs name them, this tool only switches the parts being measured on and off.
+evaluated datasets (detectron2's ``SemSegEvaluator``: mIoU; ``COCOPanopticEvaluator``:
+PQ); the trivial baselines (all background, a uniformly random class per pixel) go
+through the same evaluator in this process. Every setting was fixed before the
+held-out splits were looked at: the configs name them, this tool only switches the
+parts being measured on and off.
+
+Two rows need something built first, from TRAIN scenes only, which this tool does
+when it is missing (and continues when it was interrupted):
+
+* FreeDA: the prototype bank (``tools/make_microworld.py --captions``, then
+  ``tools/build_freeda_bank.py``) in ``output/micro_freeda/``, about 15 min;
+* ODISE: the head trained on the panoptic train split (``tools/train_net.py``) in
+  ``output/micro_odise/``, about 20 min.
+
+Delete those folders to rebuild them after a change of their configs.
 """
 import argparse
 import datetime
@@ -20,50 +32,144 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-DIFFSEGMENTER = os.path.join(ROOT, "configs", "micro", "diffsegmenter.yaml")
-DATASETS = ("diffseg_microworld_shapes_val", "diffseg_microworld_colourshapes_val")
+MICRO = os.path.join(ROOT, "configs", "micro")
+DIFFSEGMENTER = os.path.join(MICRO, "diffsegmenter.yaml")
 SECTION = "tools/benchmark_quality.py microworld"
 NO_FILTER = ["MODEL.DIFFSEG.CATEGORY_FILTER.ENABLED", "False"]
 PLAIN_WEIGHTS = os.path.join(ROOT, "diffseg_d2", "microworld", "weights", "diffusion_plain")
+# Built from train scenes when missing; the configs' own output folders, so that following a
+# config's comment and running this tool share them.
+FREEDA_DIR = os.path.join(ROOT, "output", "micro_freeda")
+FREEDA_CAPTIONS = 600
+ODISE_DIR = os.path.join(ROOT, "output", "micro_odise")
 
-# (label, config, opts). Rows whose weights are missing are reported as such, not skipped silently.
+
+def semseg_datasets(split: str) -> List[str]:
+    return [f"diffseg_microworld_shapes_{split}", f"diffseg_microworld_colourshapes_{split}"]
+
+
+def panoptic_dataset(split: str) -> str:
+    return f"diffseg_microworld_panoptic_{split}"
+
+
+def _run(cmd: Sequence[str], env) -> subprocess.CompletedProcess:
+    logger.info("$ %s", shlex.join(cmd))
+    return subprocess.run(list(cmd), capture_output=True, text=True, cwd=ROOT, env=env)
+
+
+def _failure(proc: subprocess.CompletedProcess) -> str:
+    lines = proc.stderr.strip().splitlines()
+    return lines[-1] if lines else f"exit {proc.returncode}"
+
+
+def freeda_bank(env) -> List[str]:
+    """The micro FreeDA bank (built when missing): the opts that point the config at it."""
+    bank = os.path.join(FREEDA_DIR, "bank")
+    if not os.path.exists(os.path.join(bank, "manifest.json")):
+        captions = os.path.join(FREEDA_DIR, "captions.txt")
+        tools = os.path.join(ROOT, "tools")
+        for cmd in (
+            [sys.executable, os.path.join(tools, "make_microworld.py"), "--splits", "--count", str(FREEDA_CAPTIONS),
+             "--captions", captions],
+            [sys.executable, os.path.join(tools, "build_freeda_bank.py"), "--config-file",
+             os.path.join(MICRO, "freeda.yaml"), "--captions", captions, "--output", bank, "--no-progress",
+             *(["--resume"] if os.path.isdir(bank) else [])],
+        ):
+            proc = _run(cmd, env)
+            if proc.returncode != 0:
+                raise RuntimeError(f"building the FreeDA bank failed: {_failure(proc)}")
+    return ["MODEL.DIFFSEG.FREEDA.BANK", bank]
+
+
+def odise_checkpoint(env) -> List[str]:
+    """The micro ODISE checkpoint (trained when missing): the opts that load it."""
+    final = os.path.join(ODISE_DIR, "model_final.pth")
+    if not os.path.exists(final):
+        cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file",
+               os.path.join(MICRO, "odise.yaml"), "OUTPUT_DIR", ODISE_DIR]
+        if os.path.exists(os.path.join(ODISE_DIR, "last_checkpoint")):
+            cmd.insert(2, "--resume")
+        proc = _run(cmd, env)
+        if proc.returncode != 0 or not os.path.exists(final):
+            raise RuntimeError(f"training the micro ODISE failed: {_failure(proc)}")
+    return ["MODEL.WEIGHTS", final]
+
+
+class Row(NamedTuple):
+    label: str
+    config: str
+    opts: List[str]
+    # Builds what the row needs (from train scenes) and returns opts that point at it.
+    prepare: Optional[Callable] = None
+    # Also evaluated on the panoptic split (PQ).
+    panoptic: bool = False
+
+
+# Rows whose weights are missing are reported as failed, not skipped silently.
 ROWS = [
-    ("DiffSegmenter, cross-attention only", DIFFSEGMENTER, ["MODEL.DIFFSEG.REFINE", "False", *NO_FILTER]),
-    ("DiffSegmenter + self-attention refinement", DIFFSEGMENTER, NO_FILTER),
-    ("DiffSegmenter + refinement + category filter (micro CLIP)", DIFFSEGMENTER, []),
-    ("DiffSegmenter + refinement, per-class prompts", DIFFSEGMENTER, ["MODEL.DIFFSEG.CONDITIONING", "per_class", *NO_FILTER]),
-    ("DiffSegmenter + refinement, noise step 50", DIFFSEGMENTER, ["MODEL.DIFFSEG.NOISE_STEP", "50", *NO_FILTER]),
-    ("DiffSegmenter + refinement, noise step 300", DIFFSEGMENTER, ["MODEL.DIFFSEG.NOISE_STEP", "300", *NO_FILTER]),
-    ("DiffSegmenter + refinement, model trained WITHOUT the alignment loss", DIFFSEGMENTER,
-     ["MODEL.DIFFSEG.SD.WEIGHTS", PLAIN_WEIGHTS, *NO_FILTER]),
+    Row("DAAM baseline (DAAM's aggregation, same micro diffusion model)", os.path.join(MICRO, "daam.yaml"), []),
+    Row("DiffSegmenter, cross-attention only", DIFFSEGMENTER, ["MODEL.DIFFSEG.REFINE", "False", *NO_FILTER]),
+    Row("DiffSegmenter + self-attention refinement", DIFFSEGMENTER, NO_FILTER),
+    Row("DiffSegmenter + refinement + category filter (micro CLIP)", DIFFSEGMENTER, []),
+    Row("DiffSegmenter + refinement, per-class prompts", DIFFSEGMENTER,
+        ["MODEL.DIFFSEG.CONDITIONING", "per_class", *NO_FILTER]),
+    Row("DiffSegmenter + refinement, noise step 50", DIFFSEGMENTER, ["MODEL.DIFFSEG.NOISE_STEP", "50", *NO_FILTER]),
+    Row("DiffSegmenter + refinement, noise step 300", DIFFSEGMENTER, ["MODEL.DIFFSEG.NOISE_STEP", "300", *NO_FILTER]),
+    Row("DiffSegmenter + refinement, model trained WITHOUT the alignment loss", DIFFSEGMENTER,
+        ["MODEL.DIFFSEG.SD.WEIGHTS", PLAIN_WEIGHTS, *NO_FILTER]),
+    Row(f"FreeDA (bank: {FREEDA_CAPTIONS} train captions, micro diffusion + dense encoder + CLIP)",
+        os.path.join(MICRO, "freeda.yaml"), [], prepare=freeda_bank),
+    Row("ODISE (head trained on the panoptic train split; colour-shapes are open-vocabulary)",
+        os.path.join(MICRO, "odise.yaml"), [], prepare=odise_checkpoint, panoptic=True),
 ]
 
 logger = logging.getLogger("diffseg_d2.benchmark_quality")
 
 
-def run_row(config: str, opts, datasets, env) -> dict:
-    """{dataset: mIoU} of one configuration through tools/train_net.py --eval-only (or {"error": why}).
+def read_metric(stdout: str, dataset: str, task: str, metric: str) -> Optional[float]:
+    """A value of train_net's results table (``<dataset> [<task>]`` then ``| <metric> | value |``).
 
-    The numbers are read from the results table train_net prints (``<dataset> [sem_seg]``
-    then ``| mIoU | value |``): the evaluator's own .pth file holds pickled numpy scalars,
-    which are not loaded here.
+    The evaluators' own .pth files hold pickled numpy scalars, which are not loaded here.
     """
+    block = stdout.split(f"{dataset} [{task}]", 1)
+    if len(block) != 2:
+        return None
+    for line in block[1].lstrip("\n").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[0] == metric:
+            return float(cells[1])
+        if not line.strip():
+            break
+    return None
+
+
+def run_row(row: Row, datasets: Sequence[str], panoptic: Optional[str], env) -> dict:
+    """{column: value} of one row through tools/train_net.py --eval-only (or {"error": why})."""
+    try:
+        opts = row.prepare(env) if row.prepare else []
+    except RuntimeError as e:
+        return {"error": str(e)}
+    evaluated = list(datasets) + ([panoptic] if row.panoptic and panoptic else [])
     with tempfile.TemporaryDirectory(prefix="quality-") as out:
-        cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", config, "--eval-only",
-               "DATASETS.TEST", "(" + "".join(f"'{d}'," for d in datasets) + ")", "OUTPUT_DIR", out, *opts]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-        if proc.returncode != 0:
-            return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
-        results = {}
-        for d in datasets:
-            block = proc.stdout.split(f"{d} [sem_seg]", 1)
-            rows = [line for line in block[-1].splitlines() if line.startswith("| mIoU")] if len(block) == 2 else []
-            if not rows:
-                return {"error": f"no mIoU for {d} in train_net's output"}
-            results[d] = float(rows[0].strip("|").split("|")[1])
-        return results
+        cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", row.config, "--eval-only",
+               "DATASETS.TEST", "(" + "".join(f"'{d}'," for d in evaluated) + ")", "OUTPUT_DIR", out,
+               *row.opts, *opts]
+        proc = _run(cmd, env)
+    if proc.returncode != 0:
+        return {"error": _failure(proc)}
+    results = {}
+    for d in datasets:
+        results[d] = read_metric(proc.stdout, d, "sem_seg", "mIoU")
+        if results[d] is None:
+            return {"error": f"no mIoU for {d} in train_net's output"}
+    if row.panoptic and panoptic:
+        results["PQ"] = read_metric(proc.stdout, panoptic, "panoptic_seg", "PQ")
+        if results["PQ"] is None:
+            return {"error": f"no PQ for {panoptic} in train_net's output"}
+    return results
 
 
 def trivial_baselines(datasets, seed: int = 0) -> dict:
@@ -96,48 +202,58 @@ def trivial_baselines(datasets, seed: int = 0) -> dict:
 
 def render(rows, datasets, args, wall_s: float) -> str:
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    short = {d: d.replace("diffseg_microworld_", "").replace("_val", "") for d in datasets}
+    columns = list(datasets) + (["PQ"] if any("PQ" in result for _, result in rows) else [])
+    names = {d: d.replace("diffseg_microworld_", "").replace(f"_{args.split}", "") for d in datasets}
+    names["PQ"] = f"PQ ({panoptic_dataset(args.split).replace('diffseg_microworld_', '')})"
     lines = [
         "### Micro-world quality: mIoU on held-out scenes (micro models trained by the project)",
         "",
-        f"- Date: {date}; {args.count} val scenes per dataset; wall time {wall_s / 60:.1f} min",
+        f"- Date: {date}; {args.count} {args.split} scenes per dataset; wall time {wall_s / 60:.1f} min",
         f"- Command: `{shlex.join(['python', 'tools/benchmark_quality.py', *sys.argv[1:]])}`",
-        "- shapes: background + 4 shapes; colourshapes: background + 16 colour-shape classes.",
+        "- shapes: background + 4 shapes; colourshapes: background + 16 colour-shape classes; "
+        "PQ: background stuff + 4 shape things.",
         "",
-        "| method | " + " | ".join(short[d] for d in datasets) + " |",
-        "|---|" + "---|" * len(datasets),
+        "| method | " + " | ".join(names[c] for c in columns) + " |",
+        "|---|" + "---|" * len(columns),
     ]
     for label, result in rows:
         if "error" in result:
-            lines.append(f"| {label} | failed: {result['error'][:120]} |" + " |" * (len(datasets) - 1))
+            lines.append(f"| {label} | failed: {result['error'][:160]} |" + " |" * (len(columns) - 1))
         else:
-            lines.append(f"| {label} | " + " | ".join(f"{result[d]:.1f}" for d in datasets) + " |")
+            cells = [f"{result[c]:.1f}" if c in result else "-" for c in columns]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--count", type=int, default=500, help="val scenes per dataset (the first N of the split)")
-    p.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    p.add_argument("--split", default="val", choices=("val", "test"), help="held-out split to evaluate on")
+    p.add_argument("--count", type=int, default=500, help="scenes per dataset (the first N of the split)")
+    p.add_argument("--rows", nargs="+", metavar="TEXT", default=None,
+                   help="only the method rows whose label contains one of these (case-insensitive); "
+                        "the trivial baselines always run")
     p.add_argument("--write", metavar="FILE", help="also replace this tool's section in FILE (e.g. BENCHMARKS.md)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
-    os.environ["DIFFSEG_D2_MICROWORLD_COUNT"] = f"val={args.count}"
+    rows_wanted = [r for r in ROWS if not args.rows or any(t.lower() in r.label.lower() for t in args.rows)]
+    if not rows_wanted and args.rows:
+        p.error(f"no row matches {args.rows}; rows: {[r.label for r in ROWS]}")
+    os.environ["DIFFSEG_D2_MICROWORLD_COUNT"] = f"{args.split}={args.count}"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    datasets = semseg_datasets(args.split)
     start = time.perf_counter()
-    rows = []
-    for label, result in trivial_baselines(args.datasets).items():
-        rows.append((label, result))
-    for label, config, opts in ROWS:
-        logger.info("%s", label)
-        rows.append((label, run_row(config, opts, args.datasets, env)))
+    rows = list(trivial_baselines(datasets).items())
+    for row in rows_wanted:
+        logger.info("%s", row.label)
+        rows.append((row.label, run_row(row, datasets, panoptic_dataset(args.split), env)))
         logger.info("  -> %s", rows[-1][1])
-    section = render(rows, args.datasets, args, time.perf_counter() - start)
+    section = render(rows, datasets, args, time.perf_counter() - start)
     print(section, flush=True)
     if args.write:
         from diffseg_d2.evaluation.report import update_marked_section
 
         update_marked_section(args.write, SECTION, section)
+    return rows
 
 
 if __name__ == "__main__":

@@ -105,6 +105,9 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
     p.add_argument("--export-scenes", metavar="DIR", default=None,
                    help="also write the first --sheet-scenes scenes of --sheet-split as <seed>.png into DIR "
                         "(inputs for tools/demo.py)")
+    p.add_argument("--captions", metavar="FILE", default=None,
+                   help="also write the captions of the first --count train scenes here, one per line "
+                        "(input of tools/build_freeda_bank.py)")
     args = p.parse_args(argv)
 
     from diffseg_d2.microworld.datasets import materialize_split
@@ -132,6 +135,16 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
             Image.fromarray(render_scene(seed).image).save(os.path.join(args.export_scenes, f"{seed}.png"))
         print(f"{len(seeds)} {args.sheet_split} scenes as PNG: {os.path.abspath(args.export_scenes)}")
         written.append(os.path.abspath(args.export_scenes))
+    if args.captions:
+        from diffseg_d2.microworld.datasets import split_count
+        from diffseg_d2.microworld.scenes import render_scene
+        from diffseg_d2.microworld.train_state import write_text
+
+        seeds = scene_seeds("train", args.count if args.count is not None else split_count("train"))
+        os.makedirs(os.path.dirname(os.path.abspath(args.captions)), exist_ok=True)
+        write_text(args.captions, "".join(render_scene(seed).caption + "\n" for seed in seeds))
+        print(f"{len(seeds)} train captions: {os.path.abspath(args.captions)}")
+        written.append(os.path.abspath(args.captions))
     return written
 
 

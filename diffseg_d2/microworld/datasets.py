@@ -85,14 +85,14 @@ DEFAULT_COUNTS: Dict[str, int] = {"train": 2000, "val": 500, "test": 500}
 _SEMSEG: Dict[str, Tuple[str, str]] = {
     f"diffseg_microworld_{kind}_{split}": (split, kind)
     for kind in ("shapes", "colourshapes")
-    for split in ("val", "test")
+    for split in ("train", "val", "test")
 }
 # Panoptic datasets: name -> split.
-_PANOPTIC: Dict[str, str] = {f"diffseg_microworld_panoptic_{s}": s for s in ("train", "val")}
+_PANOPTIC: Dict[str, str] = {f"diffseg_microworld_panoptic_{s}": s for s in ("train", "val", "test")}
 
-#: Semantic segmentation datasets (evaluation only).
+#: Semantic segmentation datasets (evaluation; the train ones are for calibrating settings, never val/test).
 MICROWORLD_SEMSEG_DATASET_NAMES: Tuple[str, ...] = tuple(_SEMSEG)
-#: Panoptic datasets (train: for training; val: for evaluation).
+#: Panoptic datasets (train: for training; val, test: for evaluation).
 MICROWORLD_PANOPTIC_DATASET_NAMES: Tuple[str, ...] = tuple(_PANOPTIC)
 #: Every micro-world dataset name.
 MICROWORLD_DATASET_NAMES: Tuple[str, ...] = (
