@@ -1,5 +1,4 @@
 """Every bad input of the issue gets a clear error (and nothing half-written), or a documented conversion."""
-import os
 import shutil
 
 import numpy as np

@@ -1,5 +1,4 @@
 """Caption augmentation with a tiny random BLIP saved to a temp folder and loaded like a real one."""
-import os
 
 import pytest
 import torch
