@@ -5,6 +5,8 @@
     python tools/benchmark_quality.py --write BENCHMARKS.md    # and into its section of BENCHMARKS.md
     python tools/benchmark_quality.py --count 50 --rows DAAM   # a quick look: fewer scenes, some rows
     python tools/benchmark_quality.py --split test             # the test split instead of val
+    python tools/benchmark_quality.py --split train --count 100 --rows FreeDA \
+        --opts MODEL.DIFFSEG.BACKGROUND_THRESHOLD 0.3          # choosing a setting: on train scenes only
 
 Every method row runs ``tools/train_net.py --eval-only`` in its own process on the
 evaluated datasets (detectron2's ``SemSegEvaluator``: mIoU; ``COCOPanopticEvaluator``:
@@ -92,6 +94,8 @@ def odise_checkpoint(env) -> List[str]:
                os.path.join(MICRO, "odise.yaml"), "OUTPUT_DIR", ODISE_DIR]
         if os.path.exists(os.path.join(ODISE_DIR, "last_checkpoint")):
             cmd.insert(2, "--resume")
+        # Trained on the whole train split, whatever scene count this run evaluates.
+        env = {k: v for k, v in env.items() if k != "DIFFSEG_D2_MICROWORLD_COUNT"}
         proc = _run(cmd, env)
         if proc.returncode != 0 or not os.path.exists(final):
             raise RuntimeError(f"training the micro ODISE failed: {_failure(proc)}")
@@ -227,11 +231,14 @@ def render(rows, datasets, args, wall_s: float) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--split", default="val", choices=("val", "test"), help="held-out split to evaluate on")
+    p.add_argument("--split", default="val", choices=("val", "test", "train"),
+                   help="held-out split to evaluate on (train: for choosing a setting, never val or test)")
     p.add_argument("--count", type=int, default=500, help="scenes per dataset (the first N of the split)")
     p.add_argument("--rows", nargs="+", metavar="TEXT", default=None,
                    help="only the method rows whose label contains one of these (case-insensitive); "
                         "the trivial baselines always run")
+    p.add_argument("--opts", nargs="+", metavar="KEY VALUE", default=[],
+                   help="config overrides added to every method row (e.g. to compare settings on train scenes)")
     p.add_argument("--write", metavar="FILE", help="also replace this tool's section in FILE (e.g. BENCHMARKS.md)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
@@ -245,6 +252,7 @@ def main(argv=None):
     rows = list(trivial_baselines(datasets).items())
     for row in rows_wanted:
         logger.info("%s", row.label)
+        row = row._replace(opts=row.opts + args.opts)
         rows.append((row.label, run_row(row, datasets, panoptic_dataset(args.split), env)))
         logger.info("  -> %s", rows[-1][1])
     section = render(rows, datasets, args, time.perf_counter() - start)
