@@ -32,7 +32,13 @@ def main(args):
             raise SystemExit(f"{cfg.MODEL.META_ARCHITECTURE} is training-free: run with --eval-only.")
         trainer = DiffSegTrainer(cfg)
         trainer.resume_or_load(resume=args.resume)
-        return trainer.train()
+        trainer.train()
+        # The final evaluation that DefaultTrainer runs after the last iteration (its EvalHook
+        # keeps the results here), printed as --eval-only prints them.
+        results = getattr(trainer, "_last_eval_results", None)
+        if results and comm.is_main_process():
+            print(format_results_table(results), flush=True)
+        return results
     model = DiffSegTrainer.build_model(cfg)
     StrictCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
     results = DiffSegTrainer.test(cfg, model)
