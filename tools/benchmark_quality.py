@@ -210,7 +210,8 @@ def render(rows, datasets, args, wall_s: float) -> str:
     names = {d: d.replace("diffseg_microworld_", "").replace(f"_{args.split}", "") for d in datasets}
     names["PQ"] = f"PQ ({panoptic_dataset(args.split).replace('diffseg_microworld_', '')})"
     lines = [
-        "### Micro-world quality: mIoU on held-out scenes (micro models trained by the project)",
+        f"### Micro-world quality: mIoU on {'held-out ' if args.split != 'train' else ''}{args.split} scenes "
+        "(micro models trained by the project)",
         "",
         f"- Date: {date}; {args.count} {args.split} scenes per dataset; wall time {wall_s / 60:.1f} min",
         f"- Command: `{shlex.join(['python', 'tools/benchmark_quality.py', *sys.argv[1:]])}`",
@@ -260,7 +261,7 @@ def main(argv=None):
     if args.write:
         from diffseg_d2.evaluation.report import update_marked_section
 
-        update_marked_section(args.write, SECTION, section)
+        update_marked_section(args.write, SECTION if args.split == "val" else f"{SECTION} {args.split}", section)
     return rows
 
 
