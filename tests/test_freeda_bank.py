@@ -38,7 +38,7 @@ from diffseg_d2.freeda.bank import (
     write_shard,
 )
 from diffseg_d2.freeda.builder import PrototypeBankBuilder, prepare_output
-from diffseg_d2.freeda.nouns import ListNouns, build_noun_extractor
+from diffseg_d2.nouns import ListNouns, build_noun_extractor
 from diffseg_d2.freeda.superpixels import felzenszwalb_superpixels, pool_features, pooling_matrix, sliding_windows
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -125,7 +125,7 @@ class PrototypeBankBuilder(nn.Module):
         from ..diffusion import load_stable_diffusion
         from ..modeling.clip import OpenCLIP
         from ..modeling.dino import DenseDINO
-        from .nouns import build_noun_extractor
+        from ..nouns import build_noun_extractor
 
         d, b = cfg.MODEL.DIFFSEG, cfg.MODEL.DIFFSEG.FREEDA.BUILD
         nouns = build_noun_extractor(b.NOUNS, b.NOUN_LIST)

@@ -198,7 +198,7 @@ class ODISE(nn.Module):
             vocabulary, things = classes_from_metadata(cfg.DATASETS.TEST[0])
         nouns = None
         if loss.GROUNDING_WEIGHT > 0:
-            from ...freeda.nouns import ListNouns  # a noun finder shared with FreeDA's bank builder
+            from ...nouns import ListNouns  # the noun finder of FreeDA's bank builder too
 
             nouns = ListNouns.from_file(loss.GROUNDING_NOUNS) if loss.GROUNDING_NOUNS else ListNouns(
                 [s for name in train_classes for s in _synonyms(name)]

@@ -1,4 +1,5 @@
-"""Nouns of a caption: the words a FreeDA bank makes prototypes for.
+"""Nouns of a caption: the words a FreeDA bank makes prototypes for, and the words ODISE's
+caption-grounding loss matches with its queries.
 
 Two sources (``MODEL.DIFFSEG.FREEDA.BUILD.NOUNS``):
 
@@ -16,7 +17,7 @@ import re
 from pathlib import Path
 from typing import List, Sequence
 
-from ..optional_imports import require
+from .optional_imports import require
 
 # Words of letters and inner hyphens; an apostrophe ends a word, so "dog's" gives "dog".
 _WORD = re.compile(r"[A-Za-z][A-Za-z-]*")
