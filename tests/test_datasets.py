@@ -459,13 +459,23 @@ def test_gt_loader_pickles_and_validates(tmp_path):
 
 
 def test_build_evaluator_rejects_unknown_type():
-    name = "diffseg_test_only_panoptic_metadata"
-    MetadataCatalog.get(name).set(evaluator_type="coco_panoptic_seg")
+    name = "diffseg_test_only_cityscapes_type"
+    MetadataCatalog.get(name).set(evaluator_type="cityscapes_sem_seg")
     try:
-        with pytest.raises(ValueError, match="coco_panoptic_seg"):
+        with pytest.raises(ValueError, match="'cityscapes_sem_seg', supported: \['sem_seg', 'coco_panoptic_seg'\]"):
             build_evaluator(name)
     finally:
         MetadataCatalog.remove(name)
     with pytest.raises(ValueError, match="None"):
         build_evaluator("diffseg_test_only_no_metadata")
     MetadataCatalog.remove("diffseg_test_only_no_metadata")
+
+
+def test_build_evaluator_needs_a_panoptic_json_for_pq():
+    name = "diffseg_test_only_panoptic_metadata"
+    MetadataCatalog.get(name).set(evaluator_type="coco_panoptic_seg")
+    try:
+        with pytest.raises(ValueError, match="panoptic_json"):
+            build_evaluator(name)
+    finally:
+        MetadataCatalog.remove(name)
