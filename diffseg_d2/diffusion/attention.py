@@ -84,8 +84,9 @@ class AttentionStore:
         token_index: ``(K, T)`` positions, in each class prompt, of the class word's tokens.
         token_weight: ``(K, T)`` weights over those positions (1/n for the n real
             sub-word tokens, 0 for padding), so a weighted sum is the mean.
-        readout_context: optional ``(K, L, D)`` encoded class prompts. When set,
-            cross-attention is read against these keys instead of the layer's own.
+        readout_context: optional ``(K, L, D)`` encoded class prompts, or ``(1, L, D)``: one
+            prompt holding every class's words. When set, cross-attention is read against
+            these keys instead of the layer's own.
     """
 
     def __init__(
@@ -193,7 +194,8 @@ def class_token_maps(
 
     Args:
         query: ``(Bq, H, N, d)`` with ``Bq`` = 1 (shared) or K.
-        key: ``(K, H, L, d)``: one prompt's keys per class.
+        key: ``(K, H, L, d)``: one prompt's keys per class; or ``(1, H, L, d)`` with a
+            1-query: one prompt that holds every class's words, whose softmax is computed once.
         token_index, token_weight: ``(K, T)``.
         scale: softmax temperature of the layer (``1/sqrt(d)``).
 
@@ -201,16 +203,23 @@ def class_token_maps(
         ``(K, N)``: for every query position, the softmax(QK^T * scale) mass on
         the class word (mean over its sub-word tokens), averaged over heads.
     """
-    K, H, L, _ = key.shape
+    K = token_index.shape[0]
+    _, H, L, _ = key.shape
     N = query.shape[2]
+
+    def softmax(q, k):  # in float32: the maps are small, and half-precision runs (CUDA) keep their accuracy
+        return torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale).softmax(dim=-1)
+
+    joint = softmax(query, key) if key.shape[0] == 1 and query.shape[0] == 1 else None  # (1, H, N, L)
     per_class = H * N * L * 4  # float32 probabilities
     step = max(1, _CHUNK_BYTES // max(per_class, 1))
     out = []
     for start in range(0, K, step):
         stop = min(K, start + step)
-        q = query if query.shape[0] == 1 else query[start:stop]
-        # softmax in float32: the maps are small, and half-precision runs (CUDA) keep their accuracy
-        probs = torch.matmul(q, key[start:stop].transpose(-1, -2)).float().mul_(scale).softmax(dim=-1)  # (k, H, N, L)
+        if joint is not None:
+            probs = joint.expand(stop - start, -1, -1, -1)
+        else:
+            probs = softmax(query if query.shape[0] == 1 else query[start:stop], key[start:stop])  # (k, H, N, L)
         idx = token_index[start:stop].to(probs.device)
         picked = probs.gather(-1, idx[:, None, None, :].expand(-1, H, N, -1))  # (k, H, N, T)
         w = token_weight[start:stop].to(device=probs.device)

@@ -193,7 +193,7 @@ class PrototypeBankBuilder(nn.Module):
         k = len(kept)
         token_index, token_weight = token_mean_table(positions)
         context = d.encode_text(ids)
-        store = AttentionStore((side, side), token_index, token_weight, readout_context=context.expand(k, -1, -1))
+        store = AttentionStore((side, side), token_index, token_weight, readout_context=context)
         # A CPU generator: the same caption gets the same image on any device.
         generator = torch.Generator().manual_seed(self.seed + index)
         with record_attention(d.unet, store, self.cross_attn_factors, ()):

@@ -19,13 +19,20 @@ maps, with "background" at the constant ``BACKGROUND_THRESHOLD`` (DAAM's thresho
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 
-from ...diffusion import AttentionStore, available_factors, build_joint_prompt, record_attention, summed_cross_maps
+from ...diffusion import (
+    AttentionStore,
+    ClassPrompts,
+    available_factors,
+    build_joint_prompt,
+    record_attention,
+    summed_cross_maps,
+)
 from ...vocabulary import background_index
 from .diffsegmenter import DiffSegmenter
 
@@ -72,26 +79,29 @@ class DAAM(DiffSegmenter):
         return args
 
     def _check_vocabulary(self, names: Sequence[str]) -> None:
-        # The joint prompt must hold every prompted class (DiffSegmenter's per-class prompts are
-        # not used); building it checks tokenisation and length.
-        super()._check_vocabulary(names)
+        # Only the joint prompt is used (not DiffSegmenter's per-class prompts); building it
+        # checks tokenisation and length, and warms the cache.
         bg = background_index(names)
         prompted = [n for i, n in enumerate(names) if i != bg]
         if prompted:
-            build_joint_prompt(self.diffusion.tokenizer, prompted, self.carrier_template)
+            self._joint_prompt(tuple(prompted))
+
+    def _joint_prompt(self, names: Tuple[str, ...]) -> Tuple[ClassPrompts, torch.Tensor]:
+        """The prompt naming ``names`` and its encoded text ``(1, L, D)``, cached per tuple of names."""
+
+        def compute():
+            prompts = build_joint_prompt(self.diffusion.tokenizer, names, self.carrier_template)
+            return prompts, self.diffusion.encode_text(prompts.input_ids[:1])
+
+        return self._cached(("joint", names), compute)
 
     def class_maps(self, image: torch.Tensor, names: Sequence[str], rows: Sequence[int], caption: str = "") -> torch.Tensor:
         """Summed cross-attention ``(len(rows), h, w)`` at the finest cross-attention resolution."""
         d = self.diffusion
-        prompts = build_joint_prompt(d.tokenizer, [names[r] for r in rows], self.carrier_template)
-        context = self._cached(("joint", prompts.prompts[0]), lambda: d.encode_text(prompts.input_ids[:1]))
+        prompts, context = self._joint_prompt(tuple(names[r] for r in rows))
         latents = self.encode(image)
-        store = AttentionStore(
-            latents.shape[-2:],
-            prompts.token_index,
-            prompts.token_weight,
-            readout_context=context.expand(len(rows), -1, -1),
-        )
+        # One prompt holds every class: its attention is read once per layer, each class from its tokens.
+        store = AttentionStore(latents.shape[-2:], prompts.token_index, prompts.token_weight, readout_context=context)
         with record_attention(d.unet, store, self.cross_attn_factors):
             for t in self.timesteps:
                 # The same noise sample at every timestep: points on one forward trajectory.
