@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from ..data.datasets import builtin_meta as bm
 from ..data.datasets.register_panoptic import (
+    attach_instance_annotations,
     load_panoptic_json,
     panoptic_metadata,
     register_panoptic_dataset,
@@ -455,8 +456,6 @@ def load_microworld_panoptic(split: str) -> List[Dict[str, Any]]:
         ``BoxMode.XYWH_ABS``, ``category_id`` 0..3, ``segmentation`` a COCO RLE dict,
         ``iscrowd`` 0), one per object.
     """
-    from detectron2.structures import BoxMode
-
     files = materialize_split(split)
     meta = microworld_panoptic_metadata()
     records = load_panoptic_json(
@@ -466,24 +465,10 @@ def load_microworld_panoptic(split: str) -> List[Dict[str, Any]]:
         meta,
         str(files.panoptic_semseg_root),
     )
-    with open(files.instances_json) as f:
-        by_image: Dict[int, List[Dict[str, Any]]] = {}
-        for ann in json.load(f)["annotations"]:
-            by_image.setdefault(ann["image_id"], []).append(ann)
+    attach_instance_annotations(records, str(files.instances_json), meta)
     captions = {s["seed"]: s["caption"] for s in _manifest_scenes(files)}
-    things = meta["thing_dataset_id_to_contiguous_id"]
     for record in records:
         record["captions"] = [captions[record["image_id"]]]
-        record["annotations"] = [
-            {
-                "bbox": list(ann["bbox"]),
-                "bbox_mode": BoxMode.XYWH_ABS,
-                "category_id": things[ann["category_id"]],
-                "segmentation": dict(ann["segmentation"]),
-                "iscrowd": 0,
-            }
-            for ann in by_image.get(record["image_id"], [])
-        ]
     return records
 
 

@@ -283,6 +283,30 @@ class _PanopticSplit:
         return out
 
 
+def attach_instance_annotations(records: List[Dict[str, Any]], instances_json: str, meta: Mapping[str, Any]) -> None:
+    """Give each record the detectron2 instance ``annotations`` of its ``image_id`` in a COCO
+    instances json: ``bbox`` in ``BoxMode.XYWH_ABS``, ``category_id`` contiguous through
+    ``meta["thing_dataset_id_to_contiguous_id"]``, ``segmentation`` a COCO RLE dict, ``iscrowd`` 0."""
+    from detectron2.structures import BoxMode
+
+    with open(instances_json) as f:
+        by_image: Dict[Any, List[Dict[str, Any]]] = {}
+        for ann in json.load(f)["annotations"]:
+            by_image.setdefault(ann["image_id"], []).append(ann)
+    things = meta["thing_dataset_id_to_contiguous_id"]
+    for record in records:
+        record["annotations"] = [
+            {
+                "bbox": list(ann["bbox"]),
+                "bbox_mode": BoxMode.XYWH_ABS,
+                "category_id": things[ann["category_id"]],
+                "segmentation": dict(ann["segmentation"]),
+                "iscrowd": 0,
+            }
+            for ann in by_image.get(record["image_id"], [])
+        ]
+
+
 def _coco_layout(split: str) -> str:
     return f"""\
 coco/

@@ -40,7 +40,12 @@ if TYPE_CHECKING:
     import numpy as np
 from ...paths import cache_dir, write_atomically
 from . import builtin_meta as bm
-from .register_panoptic import load_panoptic_json, panoptic_metadata, register_panoptic_dataset
+from .register_panoptic import (
+    attach_instance_annotations,
+    load_panoptic_json,
+    panoptic_metadata,
+    register_panoptic_dataset,
+)
 from .register_semseg import voc_metadata
 
 __all__ = [
@@ -363,10 +368,6 @@ def load_sample_voc_panoptic(separated: bool = False) -> List[Dict[str, Any]]:
         ``BoxMode.XYWH_ABS``, ``category_id`` 0..19 into ``thing_classes``,
         ``segmentation`` a COCO RLE dict, ``iscrowd`` 0), one per thing segment.
     """
-    import json
-
-    from detectron2.structures import BoxMode
-
     files = materialize_sample_panoptic()
     meta = sample_panoptic_metadata(separated)
     sem_dir = files["separated_png" if separated else "sem_seg_png"].parent
@@ -377,22 +378,9 @@ def load_sample_voc_panoptic(separated: bool = False) -> List[Dict[str, Any]]:
         meta,
         str(sem_dir),
     )
-    with open(files["instances_json"]) as f:
-        instances = json.load(f)["annotations"]
-    thing_ids = meta["thing_dataset_id_to_contiguous_id"]
+    attach_instance_annotations(records, str(files["instances_json"]), meta)
     for record in records:
         record["captions"] = [SAMPLE_CAPTION]
-        record["annotations"] = [
-            {
-                "bbox": list(ann["bbox"]),
-                "bbox_mode": BoxMode.XYWH_ABS,
-                "category_id": thing_ids[ann["category_id"]],
-                "segmentation": dict(ann["segmentation"]),
-                "iscrowd": 0,
-            }
-            for ann in instances
-            if ann["image_id"] == record["image_id"]
-        ]
     return records
 
 
