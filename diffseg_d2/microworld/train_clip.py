@@ -51,7 +51,7 @@ from torch import nn
 from ..optional_imports import require
 from ..paths import write_atomically
 from .scenes import COLOURS, SHAPES, SPLITS, Scene, render_scene
-from .train_state import STATE_FILE, load_train_state, save_train_state, warmup_cosine_lr, write_text
+from .train_state import STATE_FILE, resume_model, save_model_state, warmup_cosine_lr, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -269,13 +269,8 @@ def train_micro_clip(output: Path, settings: ClipTrainingSettings, resume: bool 
     tokenizer = open_clip.tokenizer.SimpleTokenizer()
     opt = torch.optim.AdamW(_param_groups(model, settings.weight_decay), lr=settings.lr)
 
-    state_path = output / STATE_FILE
-    start, history = 0, {"loss": [], "image": [], "patches": []}
-    state = load_train_state(output, resume)
-    if state:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start, history = int(state["step"]), state["history"]
+    start, history = resume_model(output, resume, model, opt, {"loss": [], "image": [], "patches": []})
+    if start:
         logger.info("resuming the micro CLIP from step %d", start)
     model.train()
     t0 = time.perf_counter()
@@ -301,8 +296,7 @@ def train_micro_clip(output: Path, settings: ClipTrainingSettings, resume: bool 
                         settings.steps, *(float(np.mean(history[k][-50:])) for k in ("loss", "image", "patches")),
                         time.perf_counter() - t0)
         if (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.steps:
-            save_train_state(state_path, {"step": step + 1, "model": model.state_dict(), "opt": opt.state_dict(),
-                                          "history": history})
+            save_model_state(output, step + 1, model, opt, history)
 
     preprocess_cfg = {"mean": list(PIXEL_MEAN), "std": list(PIXEL_STD)}
     write_text(output / "open_clip_config.json",
@@ -321,7 +315,7 @@ def train_micro_clip(output: Path, settings: ClipTrainingSettings, resume: bool 
         "weights_dtype": "float16",
     }
     write_text(output / "training.json", json.dumps(summary, indent=2))
-    state_path.unlink(missing_ok=True)
+    (output / STATE_FILE).unlink(missing_ok=True)
     return output
 
 

@@ -51,8 +51,8 @@ from ..optional_imports import require
 from .scenes import SPLITS, render_scene
 from .train_state import (
     STATE_FILE,
-    load_train_state,
-    save_train_state,
+    resume_model,
+    save_model_state,
     step_generator,
     warmup_cosine_lr,
     write_text,
@@ -241,13 +241,8 @@ def train_micro_dense(output: Path, settings: DenseTrainingSettings, resume: boo
     model = build_dense_encoder(settings)
     prefix = int(getattr(model, "num_prefix_tokens", 1))
     opt = torch.optim.AdamW(_param_groups(model, settings.weight_decay), lr=settings.lr)
-    state_path = output / STATE_FILE
-    start, history = 0, {"loss": []}
-    state = load_train_state(output, resume)
-    if state:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start, history = int(state["step"]), state["history"]
+    start, history = resume_model(output, resume, model, opt, {"loss": []})
+    if start:
         logger.info("resuming the micro dense encoder from step %d", start)
     model.train()
     t0 = time.perf_counter()
@@ -275,8 +270,7 @@ def train_micro_dense(output: Path, settings: DenseTrainingSettings, resume: boo
             logger.info("micro dense step %d/%d loss %.4f (%.1f s)", step + 1, settings.steps,
                         float(np.mean(history["loss"][-50:])), time.perf_counter() - t0)
         if (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.steps:
-            save_train_state(state_path, {"step": step + 1, "model": model.state_dict(), "opt": opt.state_dict(),
-                                          "history": history})
+            save_model_state(output, step + 1, model, opt, history)
     model.eval()
     save_dense_encoder(model, settings, output)
     summary = {
@@ -291,7 +285,7 @@ def train_micro_dense(output: Path, settings: DenseTrainingSettings, resume: boo
         "train_scene_seeds": f"train split, {settings.steps * settings.batch} scenes from {SCENE_SEED_OFFSET}",
     }
     write_text(output / "training.json", json.dumps(summary, indent=2))
-    state_path.unlink(missing_ok=True)
+    (output / STATE_FILE).unlink(missing_ok=True)
     return output
 
 

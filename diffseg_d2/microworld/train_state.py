@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
 
@@ -28,6 +28,25 @@ def load_train_state(output: Path, resume: bool) -> Dict:
 def save_train_state(path: Path, state: Dict) -> None:
     """Atomic ``torch.save`` of a trainer's state (tensors, numbers, lists and dicts only)."""
     write_atomically(Path(path), lambda tmp: torch.save(state, tmp))
+
+
+def resume_model(output: Path, resume: bool, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                 history: Dict) -> Tuple[int, Dict]:
+    """For a one-model trainer: restore ``model`` and ``opt`` from ``output``'s saved state when
+    resuming and one exists. Returns (first step, history): ``(0, history)`` otherwise."""
+    state = load_train_state(output, resume)
+    if not state:
+        return 0, history
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    return int(state["step"]), state["history"]
+
+
+def save_model_state(output: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                     history: Dict) -> None:
+    """For a one-model trainer: the state that ``resume_model`` restores, after ``step`` steps."""
+    save_train_state(Path(output) / STATE_FILE,
+                     {"step": step, "model": model.state_dict(), "opt": opt.state_dict(), "history": history})
 
 
 def write_text(path: Path, text: str) -> None:
