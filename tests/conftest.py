@@ -1,5 +1,6 @@
 """Shared fixtures: one temporary cache for the whole session (tiny presets are built once)."""
 import os
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,23 @@ def _session_cache(tmp_path_factory):
         os.environ.pop("DIFFSEG_D2_CACHE", None)
     else:
         os.environ["DIFFSEG_D2_CACHE"] = old
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """A fresh DIFFSEG_D2_CACHE for one test (datasets written on first use land here)."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("DIFFSEG_D2_CACHE", str(path))
+    return path
+
+
+@pytest.fixture
+def droot(tmp_path, monkeypatch) -> Path:
+    """An empty DETECTRON2_DATASETS root for one test."""
+    path = tmp_path / "datasets"
+    path.mkdir()
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(path))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -41,21 +41,6 @@ EXPECTED = {  # name: (number of classes, index of background or None)
 }
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "cache"
-    monkeypatch.setenv("DIFFSEG_D2_CACHE", str(path))
-    return path
-
-
-@pytest.fixture
-def droot(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "datasets"
-    path.mkdir()
-    monkeypatch.setenv("DETECTRON2_DATASETS", str(path))
-    return path
-
-
 def _save_png(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path)

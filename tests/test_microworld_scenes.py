@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.structures import BitMasks, Instances
 from PIL import Image
+
+from ground_truth import png, prediction_from_ground_truth  # tests/ground_truth.py
 
 import diffseg_d2  # noqa: F401  (registers the datasets)
 from diffseg_d2 import microworld
@@ -52,11 +53,10 @@ def many_scenes() -> List[Scene]:
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "cache"
-    monkeypatch.setenv("DIFFSEG_D2_CACHE", str(path))
+def cache(cache, monkeypatch) -> Path:
+    """The shared fresh cache, with small splits."""
     monkeypatch.setenv(mwd.COUNT_ENV, "train=3,val=4,test=2")
-    return path
+    return cache
 
 
 def _digest(scene: Scene) -> str:
@@ -65,10 +65,6 @@ def _digest(scene: Scene) -> str:
         h.update(array.tobytes())
     h.update(scene.caption.encode())
     return h.hexdigest()[:16]
-
-
-def _png(path: str) -> np.ndarray:
-    return np.asarray(Image.open(path))
 
 
 # --------------------------------------------------------------------------- #
@@ -258,8 +254,8 @@ def test_semantic_records_agree_with_render_scene(cache, kind, label):
     assert [r["image_id"] for r in records] == list(scene_seeds("val", 4))
     for record in records:
         scene = render_scene(record["image_id"])
-        np.testing.assert_array_equal(_png(record["file_name"]), scene.image)
-        np.testing.assert_array_equal(_png(record["sem_seg_file_name"]), getattr(scene, label)())
+        np.testing.assert_array_equal(png(record["file_name"]), scene.image)
+        np.testing.assert_array_equal(png(record["sem_seg_file_name"]), getattr(scene, label)())
         assert record["captions"] == [scene.caption]
         assert (record["height"], record["width"]) == (IMAGE_SIZE, IMAGE_SIZE)
     meta = MetadataCatalog.get(f"diffseg_microworld_{kind}_val")
@@ -284,7 +280,7 @@ def test_panoptic_records_agree_with_render_scene(cache):
     assert len(records) == 4
     for record in records:
         scene = render_scene(record["image_id"])
-        pan = rgb2id(_png(record["pan_seg_file_name"]).astype(np.uint32))
+        pan = rgb2id(png(record["pan_seg_file_name"]).astype(np.uint32))
         instances = scene.instance_label()
         background = len(scene.objects) + 1
         np.testing.assert_array_equal(pan, np.where(instances == 0, background, instances))
@@ -294,7 +290,7 @@ def test_panoptic_records_agree_with_render_scene(cache):
             assert segs[i + 1]["category_id"] == SHAPES.index(obj.shape) and segs[i + 1]["isthing"]
             assert segs[i + 1]["area"] == obj.mask.sum()
         assert segs[background]["category_id"] == 4 and not segs[background]["isthing"]
-        sem = _png(record["sem_seg_file_name"])
+        sem = png(record["sem_seg_file_name"])
         np.testing.assert_array_equal(sem, np.where(instances == 0, 4, scene.shape_label() - 1))
         assert record["captions"] == [scene.caption]
         anns = record["annotations"]
@@ -322,7 +318,7 @@ def test_panoptic_train_records_feed_the_panoptic_mapper(cache):
 
 
 def _semantic_prediction(record: Dict[str, Any], num_classes: int, wrong: bool) -> Dict[str, Any]:
-    gt = torch.as_tensor(_png(record["sem_seg_file_name"]).astype(np.int64))
+    gt = torch.as_tensor(png(record["sem_seg_file_name"]).astype(np.int64))
     if wrong:
         gt = torch.zeros_like(gt)  # all background
     return {"sem_seg": torch.nn.functional.one_hot(gt, num_classes).permute(2, 0, 1).float()}
@@ -344,32 +340,6 @@ def test_semantic_evaluator_scores_ground_truth_100(cache, name):
     assert results[True]["mIoU"] < 60 and results[True]["IoU-background"] < 100
 
 
-def _panoptic_prediction(record: Dict[str, Any], relabel: Dict[int, int]) -> Dict[str, Any]:
-    from panopticapi.utils import rgb2id
-
-    pan = rgb2id(_png(record["pan_seg_file_name"]).astype(np.uint32))
-    segs = record["segments_info"]
-    cls = {s["id"]: relabel.get(s["category_id"], s["category_id"]) for s in segs}
-    sem = torch.as_tensor(
-        np.vectorize(lambda v: relabel.get(v, v))(_png(record["sem_seg_file_name"]))
-    )
-    things = [s for s in segs if s["isthing"]]
-    masks = torch.stack([torch.from_numpy(pan == s["id"]) for s in things])
-    instances = Instances(pan.shape)
-    instances.pred_masks = masks
-    instances.pred_boxes = BitMasks(masks).get_bounding_boxes()
-    instances.pred_classes = torch.tensor([cls[s["id"]] for s in things], dtype=torch.int64)
-    instances.scores = torch.ones(len(things))
-    return {
-        "panoptic_seg": (
-            torch.from_numpy(pan.astype(np.int32)),
-            [{"id": s["id"], "category_id": cls[s["id"]], "isthing": s["isthing"]} for s in segs],
-        ),
-        "sem_seg": torch.nn.functional.one_hot(sem.long(), 5).permute(2, 0, 1).float(),
-        "instances": instances,
-    }
-
-
 def test_panoptic_evaluators_score_ground_truth_100(cache):
     name = "diffseg_microworld_panoptic_val"
     results = {}
@@ -378,7 +348,7 @@ def test_panoptic_evaluators_score_ground_truth_100(cache):
         evaluator.reset()
         for record in DatasetCatalog.get(name):
             inputs = [{k: record[k] for k in ("file_name", "image_id", "height", "width")}]
-            evaluator.process(inputs, [_panoptic_prediction(record, relabel)])
+            evaluator.process(inputs, [prediction_from_ground_truth(record, 5, relabel)])
         results[key] = evaluator.evaluate()
     perfect, wrong = results["perfect"], results["wrong"]
     assert perfect["panoptic_seg"]["PQ"] == pytest.approx(100.0)

@@ -28,9 +28,11 @@ from detectron2.evaluation import (
     DatasetEvaluators,
     SemSegEvaluator,
 )
-from detectron2.structures import BitMasks, BoxMode, Instances
-from panopticapi.utils import id2rgb, rgb2id
+from detectron2.structures import BoxMode
+from panopticapi.utils import id2rgb
 from PIL import Image
+
+from ground_truth import pan_ids, png, prediction_from_ground_truth  # tests/ground_truth.py
 
 import diffseg_d2.data  # noqa: F401  (registers the datasets)
 from diffseg_d2.data import MaskFormerPanopticMapper
@@ -46,29 +48,6 @@ from diffseg_d2.evaluation import (
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = "diffseg_sample_voc_panoptic"
 SEPARATED = "diffseg_sample_voc_panoptic_separated"
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "cache"
-    monkeypatch.setenv("DIFFSEG_D2_CACHE", str(path))
-    return path
-
-
-@pytest.fixture
-def droot(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "datasets"
-    path.mkdir()
-    monkeypatch.setenv("DETECTRON2_DATASETS", str(path))
-    return path
-
-
-def _pan_ids(path: str) -> np.ndarray:
-    return rgb2id(np.asarray(Image.open(path).convert("RGB")).astype(np.uint32))
-
-
-def _png(path: str) -> np.ndarray:
-    return np.asarray(Image.open(path))
 
 
 # --------------------------------------------------------------------------- #
@@ -93,7 +72,7 @@ def test_sample_panoptic_files_are_consistent_and_written_once(cache):
         )
         for p in files.values()
     )
-    pan = _pan_ids(str(files["panoptic_png"]))
+    pan = pan_ids(str(files["panoptic_png"]))
     data = json.loads(files["panoptic_json"].read_text())
     (ann,) = data["annotations"]
     segments = {s["id"]: s for s in ann["segments_info"]}
@@ -120,7 +99,7 @@ def test_sample_panoptic_files_are_consistent_and_written_once(cache):
         voc_class = seg["category_id"] if seg["category_id"] <= 20 else 0
         assert (label[pan == seg_id] == voc_class).all()
     # semantic PNGs: contiguous ids (things 0..19, background 20) and the separated ones
-    semantic, separated = _png(str(files["sem_seg_png"])), _png(str(files["separated_png"]))
+    semantic, separated = png(str(files["sem_seg_png"])), png(str(files["separated_png"]))
     np.testing.assert_array_equal(semantic, np.where(label == 0, 20, label - 1))
     np.testing.assert_array_equal(separated, np.where(label == 0, 1, 0))
     # the instances json: one RLE per thing segment, equal to its panoptic pixels
@@ -171,7 +150,7 @@ def test_sample_panoptic_records_and_metadata(cache):
     assert meta.sem_seg_root == str(folder / "panoptic_semseg")
     assert meta.json_file == str(folder / "instances.json")
 
-    pan = _pan_ids(rec["pan_seg_file_name"])
+    pan = pan_ids(rec["pan_seg_file_name"])
     names = {meta.stuff_classes[s["category_id"]] for s in rec["segments_info"]}
     assert names == {"bottle", "chair", "dining table", "person", "background"}
     for seg in rec["segments_info"]:
@@ -198,7 +177,7 @@ def test_sample_panoptic_records_and_metadata(cache):
     assert [s["category_id"] for s in sep["segments_info"] if s["isthing"]] == [
         s["category_id"] for s in things
     ]
-    assert set(np.unique(_png(sep["sem_seg_file_name"])).tolist()) == {0, 1}
+    assert set(np.unique(png(sep["sem_seg_file_name"])).tolist()) == {0, 1}
     assert sep["annotations"] == rec["annotations"]
 
     clone = pickle.loads(pickle.dumps(meta))
@@ -259,7 +238,7 @@ def _fixed_mapper(*augs, image_format: str = "RGB") -> MaskFormerPanopticMapper:
 def test_mapper_masks_partition_labelled_pixels(cache):
     (rec,) = DatasetCatalog.get(SAMPLE)
     out = _fixed_mapper()(rec)
-    pan = _pan_ids(rec["pan_seg_file_name"])
+    pan = pan_ids(rec["pan_seg_file_name"])
     inst = out["instances"]
     assert out["image"].shape == (3, 375, 500) and out["image"].dtype == torch.uint8
     image = np.asarray(Image.open(rec["file_name"]).convert("RGB"))
@@ -504,8 +483,8 @@ def test_fake_coco_records_match_detectron2_loader(droot):
     assert meta.sem_seg_root == str(coco / "panoptic_semseg_val2017")
 
     # without semantic PNGs: records have no sem_seg_file_name, metadata no sem_seg_root
-    for png in (coco / "panoptic_semseg_val2017").iterdir():
-        png.unlink()
+    for png_file in (coco / "panoptic_semseg_val2017").iterdir():
+        png_file.unlink()
     (coco / "panoptic_semseg_val2017").rmdir()
     assert all(
         "sem_seg_file_name" not in r for r in DatasetCatalog.get("diffseg_coco_panoptic_val")
@@ -552,42 +531,13 @@ def _ade_fake(droot: Path) -> None:
 # --------------------------------------------------------------------------- #
 
 
-def _prediction(
-    record: Dict[str, Any], num_classes: int, relabel: Dict[int, int] = None
-) -> Dict[str, Any]:
-    """The record's ground truth as a model output; ``relabel`` changes some contiguous ids."""
-    relabel = relabel or {}
-    pan = _pan_ids(record["pan_seg_file_name"])
-    segs = record["segments_info"]
-    cls = {s["id"]: relabel.get(s["category_id"], s["category_id"]) for s in segs}
-    segments_info = [
-        {"id": s["id"], "category_id": cls[s["id"]], "isthing": s["isthing"]} for s in segs
-    ]
-    sem = _png(record["sem_seg_file_name"]).astype(np.int64)
-    sem = np.vectorize(lambda v: relabel.get(v, v))(sem)
-    sem = torch.as_tensor(np.where(sem < num_classes, sem, 0))
-    scores = torch.nn.functional.one_hot(sem, num_classes).permute(2, 0, 1).float()
-    things = [s for s in segs if s["isthing"]]
-    masks = torch.stack([torch.from_numpy(pan == s["id"]) for s in things])
-    instances = Instances(pan.shape)
-    instances.pred_masks = masks
-    instances.pred_boxes = BitMasks(masks).get_bounding_boxes()
-    instances.pred_classes = torch.tensor([cls[s["id"]] for s in things], dtype=torch.int64)
-    instances.scores = torch.ones(len(things))
-    return {
-        "panoptic_seg": (torch.from_numpy(pan.astype(np.int32)), segments_info),
-        "sem_seg": scores,
-        "instances": instances,
-    }
-
-
 def _evaluate(name: str, relabel: Dict[int, int] = None, **kwargs) -> Dict[str, Dict[str, float]]:
     evaluator = build_evaluator(name, distributed=False, **kwargs)
     num_classes = len(MetadataCatalog.get(name).stuff_classes)
     evaluator.reset()
     for rec in DatasetCatalog.get(name):
         inputs = [{k: rec[k] for k in ("file_name", "image_id", "height", "width")}]
-        evaluator.process(inputs, [_prediction(rec, num_classes, relabel)])
+        evaluator.process(inputs, [prediction_from_ground_truth(rec, num_classes, relabel)])
     return evaluator.evaluate()
 
 
