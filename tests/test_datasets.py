@@ -454,13 +454,3 @@ def test_build_evaluator_rejects_unknown_type():
     with pytest.raises(ValueError, match="None"):
         build_evaluator("diffseg_test_only_no_metadata")
     MetadataCatalog.remove("diffseg_test_only_no_metadata")
-
-
-def test_build_evaluator_needs_a_panoptic_json_for_pq():
-    name = "diffseg_test_only_panoptic_metadata"
-    MetadataCatalog.get(name).set(evaluator_type="coco_panoptic_seg")
-    try:
-        with pytest.raises(ValueError, match="panoptic_json"):
-            build_evaluator(name)
-    finally:
-        MetadataCatalog.remove(name)
