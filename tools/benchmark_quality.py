@@ -193,7 +193,7 @@ def trivial_baselines(datasets, seed: int = 0) -> dict:
             evaluator = build_evaluator(d, output_dir=None, distributed=False)
             evaluator.reset()
             for r in records:
-                h = w = 64
+                h, w = r["height"], r["width"]
                 if name == "all background":
                     labels = torch.zeros(h, w, dtype=torch.long)
                 else:
