@@ -33,7 +33,6 @@ from ...diffusion import (
     record_attention,
     summed_cross_maps,
 )
-from ...vocabulary import background_index
 from .diffsegmenter import DiffSegmenter
 
 __all__ = ["DAAM"]
@@ -78,30 +77,24 @@ class DAAM(DiffSegmenter):
         )
         return args
 
-    def _check_vocabulary(self, names: Sequence[str]) -> None:
-        # Only the joint prompt is used (not DiffSegmenter's per-class prompts); building it
-        # checks tokenisation and length, and warms the cache.
-        bg = background_index(names)
-        prompted = [n for i, n in enumerate(names) if i != bg]
-        if prompted:
-            self._joint_prompt(tuple(prompted))
-
-    def _joint_prompt(self, names: Tuple[str, ...]) -> Tuple[ClassPrompts, torch.Tensor]:
-        """The prompt naming ``names`` and its encoded text ``(1, L, D)``, cached per tuple of names."""
+    def _vocabulary_prompts(self, names: Tuple[str, ...]) -> Tuple[ClassPrompts, torch.Tensor]:
+        """ONE prompt naming every class (DiffSegmenter has one per class) and its encoded text
+        ``(1, L, D)``, cached per vocabulary; building it checks the names and the length."""
 
         def compute():
             prompts = build_joint_prompt(self.diffusion.tokenizer, names, self.carrier_template)
             return prompts, self.diffusion.encode_text(prompts.input_ids[:1])
 
-        return self._cached(("joint", names), compute)
+        return self._cached(("vocabulary", names), compute)
 
     def class_maps(self, image: torch.Tensor, names: Sequence[str], rows: Sequence[int], caption: str = "") -> torch.Tensor:
         """Summed cross-attention ``(len(rows), h, w)`` at the finest cross-attention resolution."""
         d = self.diffusion
-        prompts, context = self._joint_prompt(tuple(names[r] for r in rows))
+        prompts, context = self._vocabulary_prompts(tuple(names[r] for r in rows))
         latents = self.encode(image)
-        # One prompt holds every class: its attention is read once per layer, each class from its tokens.
-        store = AttentionStore(latents.shape[-2:], prompts.token_index, prompts.token_weight, readout_context=context)
+        # The UNet runs on the joint prompt itself, so each layer's own attention is read:
+        # one softmax per layer, each class taken from its tokens.
+        store = AttentionStore(latents.shape[-2:], prompts.token_index, prompts.token_weight)
         with record_attention(d.unet, store, self.cross_attn_factors):
             for t in self.timesteps:
                 # The same noise sample at every timestep: points on one forward trajectory.
