@@ -48,6 +48,25 @@ def token_mean_table(positions: Sequence[Sequence[int]]) -> Tuple[torch.Tensor, 
     return index, weight
 
 
+def _check_template(template: str) -> None:
+    if "{}" not in template:
+        raise VocabularyError(f"The prompt template {template!r} has no '{{}}' where the class name goes.")
+
+
+def _name_tokens(tokenizer, name: str) -> List[int]:
+    """Token ids of a class name on its own (no special tokens)."""
+    ids = tokenizer(name, add_special_tokens=False).input_ids
+    if not ids:
+        raise VocabularyError(f"The class name {name!r} tokenises to nothing; use a name made of letters or digits.")
+    return ids
+
+
+def _padded(tokenizer, ids: List[int]) -> List[int]:
+    """``ids`` padded to the tokenizer's context with its pad (or end-of-text) token."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return ids + [pad] * (int(tokenizer.model_max_length) - len(ids))
+
+
 def build_class_prompts(tokenizer, names: Sequence[str], template: str, suffix: str = "") -> ClassPrompts:
     """Prompt ``template.format(name) + suffix`` per class, and where the name's tokens sit.
 
@@ -56,17 +75,11 @@ def build_class_prompts(tokenizer, names: Sequence[str], template: str, suffix: 
             the tokenizer's context, or a template that does not contain the
             name as separate words.
     """
-    if "{}" not in template:
-        raise VocabularyError(f"The prompt template {template!r} has no '{{}}' where the class name goes.")
+    _check_template(template)
     context = int(tokenizer.model_max_length)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts, rows, positions = [], [], []
     for name in names:
-        name_ids = tokenizer(name, add_special_tokens=False).input_ids
-        if not name_ids:
-            raise VocabularyError(
-                f"The class name {name!r} tokenises to nothing; use a name made of letters or digits."
-            )
+        name_ids = _name_tokens(tokenizer, name)
         prompt = template.format(name) + (f" {suffix}" if suffix else "")
         ids = tokenizer(prompt).input_ids
         if len(ids) > context:
@@ -81,7 +94,7 @@ def build_class_prompts(tokenizer, names: Sequence[str], template: str, suffix: 
                 "put '{}' in MODEL.DIFFSEG.PROMPT_TEMPLATE between spaces or punctuation."
             )
         prompts.append(prompt)
-        rows.append(ids + [pad] * (context - len(ids)))
+        rows.append(_padded(tokenizer, ids))
         positions.append(list(range(start, start + len(name_ids))))
     token_index, token_weight = token_mean_table(positions)
     return ClassPrompts(prompts, torch.tensor(rows, dtype=torch.long), token_index, token_weight)
@@ -96,8 +109,7 @@ def build_joint_prompt(tokenizer, names: Sequence[str], template: str) -> ClassP
         VocabularyError: as ``build_class_prompts``; the joint prompt must fit the
             tokenizer's context, since every class is read from it.
     """
-    if "{}" not in template:
-        raise VocabularyError(f"The prompt template {template!r} has no '{{}}' where the class names go.")
+    _check_template(template)
     prompt = template.format(", ".join(names))
     ids = tokenizer(prompt).input_ids
     context = int(tokenizer.model_max_length)
@@ -108,11 +120,7 @@ def build_joint_prompt(tokenizer, names: Sequence[str], template: str) -> ClassP
         )
     positions, start = [], 0
     for name in names:
-        name_ids = tokenizer(name, add_special_tokens=False).input_ids
-        if not name_ids:
-            raise VocabularyError(
-                f"The class name {name!r} tokenises to nothing; use a name made of letters or digits."
-            )
+        name_ids = _name_tokens(tokenizer, name)
         at = find_subsequence(ids, name_ids, start)
         if at < 0:
             raise VocabularyError(
@@ -121,7 +129,6 @@ def build_joint_prompt(tokenizer, names: Sequence[str], template: str) -> ClassP
             )
         positions.append(list(range(at, at + len(name_ids))))
         start = at + len(name_ids)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    row = ids + [pad] * (context - len(ids))
     token_index, token_weight = token_mean_table(positions)
+    row = _padded(tokenizer, ids)
     return ClassPrompts([prompt] * len(names), torch.tensor([row] * len(names), dtype=torch.long), token_index, token_weight)
