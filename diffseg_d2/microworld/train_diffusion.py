@@ -115,8 +115,8 @@ class AlignmentProcessor:
             if request is None:
                 continue
             index, weight = request
-            words = index.shape[0]
-            maps = class_token_maps(q[b : b + 1], k[b : b + 1].expand(words, -1, -1, -1), index, weight, attn.scale)
+            # One caption holds all its words: one softmax, each word read from its tokens.
+            maps = class_token_maps(q[b : b + 1], k[b : b + 1], index, weight, attn.scale)
             self.maps.append((b, n, maps))
         out = out.transpose(1, 2).reshape(batch, n, heads * d)
         return attn.to_out[1](attn.to_out[0](out))
@@ -230,7 +230,7 @@ def train_micro_diffusion(output: Path, settings: DiffusionTrainingSettings, res
         context = text_encoder(ids)[0]
         masks: List[Optional[torch.Tensor]] = []
         processor.requests, processor.maps = [], []
-        for i, s in enumerate(scenes):
+        for i, s in enumerate(scenes if settings.align_weight > 0 else ()):  # word maps only feed the alignment
             word_masks = {} if drop[i] else s.word_masks()
             words = [w for w in word_masks]
             positions = word_tokens(tokenizer, captions[i], words) if words else []
