@@ -94,10 +94,6 @@ class SetCriterion(nn.Module):
         classes = torch.full(pred_logits.shape[:2], num_classes, dtype=torch.long, device=pred_logits.device)
         for image, (query_idx, target_idx) in enumerate(indices):
             labels = targets[image]["labels"].to(pred_logits.device)
-            if labels.numel() and int(labels.max()) >= num_classes:
-                raise ValueError(
-                    f"Target label {int(labels.max())} is outside the {num_classes} classes of pred_logits."
-                )
             classes[image, query_idx.to(pred_logits.device)] = labels[target_idx.to(labels.device)]
         weight = torch.ones(num_classes + 1, device=pred_logits.device, dtype=pred_logits.dtype)
         weight[-1] = self.eos_coef
@@ -166,6 +162,14 @@ class SetCriterion(nn.Module):
             unweighted scalar losses "loss_ce", "loss_mask", "loss_dice" and,
             with deep supervision, "loss_ce_<i>", ... for aux output i.
         """
+        # Once per call (every output shares the targets and the vocabulary), before matching.
+        num_classes = outputs["pred_logits"].shape[-1] - 1
+        for target in targets:
+            labels = target["labels"]
+            if labels.numel() and int(labels.max()) >= num_classes:
+                raise ValueError(
+                    f"Target label {int(labels.max())} is outside the {num_classes} classes of pred_logits."
+                )
         num_masks = _global_num_masks(targets, outputs["pred_masks"].device)
         losses = self._losses_of(outputs, targets, num_masks)
         if self.deep_supervision:
