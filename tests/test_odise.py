@@ -267,6 +267,22 @@ def test_checkpoint_round_trip_and_refusals(odise, batch, tmp_path):
         StrictCheckpointer(smaller).load(str(tmp_path / "old.pkl"))
 
 
+def test_checkpoint_ddp_prefix_is_checked_as_it_is_loaded(tmp_path):
+    from torch import nn
+
+    from diffseg_d2.engine import CheckpointMismatchError, StrictCheckpointer
+
+    model = nn.Sequential(nn.Linear(2, 2))
+    wrapped = {f"module.{k}": v + 1 for k, v in model.state_dict().items()}  # saved from a DDP model
+    torch.save({"model": wrapped}, tmp_path / "ddp.pth")
+    StrictCheckpointer(model).load(str(tmp_path / "ddp.pth"))
+    assert torch.equal(model[0].bias, wrapped["module.0.bias"])
+    # Only some keys prefixed: the loader would not strip them, so neither does the check.
+    torch.save({"model": {"module.0.weight": torch.zeros(2, 2), "0.bias": torch.zeros(2)}}, tmp_path / "mixed.pth")
+    with pytest.raises(CheckpointMismatchError, match=r"missing from the checkpoint \(1\): 0\.weight"):
+        StrictCheckpointer(model).load(str(tmp_path / "mixed.pth"))
+
+
 def test_pq_needs_a_panoptic_dataset():
     from diffseg_d2.evaluation import check_panoptic_dataset
 

@@ -15,6 +15,7 @@ from typing import List
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
+from fvcore.common.checkpoint import _strip_prefix_if_present
 
 
 class CheckpointMismatchError(ValueError):
@@ -40,7 +41,10 @@ class StrictCheckpointer(DetectionCheckpointer):
             return torch.load(fh, map_location=torch.device("cpu"), weights_only=True)
 
     def _load_model(self, checkpoint):
-        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in checkpoint["model"].items()}
+        # DDP's "module." prefix goes exactly as fvcore's loader would take it off (only when every
+        # key has it), so the keys checked here are the keys that get loaded.
+        _strip_prefix_if_present(checkpoint["model"], "module.")
+        state = checkpoint["model"]
         expected = self.model.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
