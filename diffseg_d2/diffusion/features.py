@@ -82,9 +82,6 @@ class FeatureRecording:
         self.taps = list(taps)
         self.features: List[Optional[torch.Tensor]] = [None] * len(self.taps)
 
-    def reset(self) -> None:
-        self.features = [None] * len(self.taps)
-
     def collected(self) -> List[torch.Tensor]:
         """Tapped outputs (B, C_i, H / stride_i, W / stride_i) of the last call, in tap order."""
         missing = [t.name for t, f in zip(self.taps, self.features) if f is None]

@@ -80,6 +80,11 @@ def _assign_taps(tap_strides: Sequence[int], levels: Sequence[str]) -> Dict[str,
     return out
 
 
+def _projection_name(level: str, tap) -> str:
+    """Key of a tap's projection onto a level in ``projections`` (and so in checkpoints)."""
+    return f"{level}_{tap.name.replace('.', '_')}"
+
+
 @BACKBONE_REGISTRY.register()
 class DiffusionUNetBackbone(Backbone):
     """ODISE's diffusion backbone (see the module docstring).
@@ -138,7 +143,7 @@ class DiffusionUNetBackbone(Backbone):
         for level, indices in self.level_taps.items():
             for i in indices:
                 tap = self.taps[i]
-                self.projections[f"{level}_{tap.name.replace('.', '_')}"] = nn.Sequential(
+                self.projections[_projection_name(level, tap)] = nn.Sequential(
                     nn.Conv2d(tap.channels, out_channels, kernel_size=1, bias=False),
                     nn.GroupNorm(groups, out_channels),
                 )
@@ -258,7 +263,7 @@ class DiffusionUNetBackbone(Backbone):
             size = (side // LEVEL_STRIDES[level],) * 2
             total = None
             for i in indices:
-                proj = self.projections[f"{level}_{self.taps[i].name.replace('.', '_')}"]
+                proj = self.projections[_projection_name(level, self.taps[i])]
                 y = proj(tapped[i].to(proj[0].weight.dtype))
                 if y.shape[-2:] != size:
                     y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
