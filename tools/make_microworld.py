@@ -75,7 +75,7 @@ def contact_sheet(seeds: Sequence[int], scale: int = 3) -> Image.Image:
 
 def main(argv: Optional[List[str]] = None) -> List[str]:
     """Run the tool; returns the folders (and sheet) written, as printed."""
-    from diffseg_d2.microworld.scenes import SPLITS, scene_seeds
+    from diffseg_d2.microworld.scenes import SPLITS, render_scene, scene_seeds
 
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -110,36 +110,28 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
                         "(input of tools/build_freeda_bank.py)")
     args = p.parse_args(argv)
 
-    from diffseg_d2.microworld.datasets import materialize_split
+    from diffseg_d2.microworld.datasets import materialize_split, split_count
+    from diffseg_d2.microworld.train_state import write_text
 
     written = []
+    sheet_seeds = scene_seeds(args.sheet_split, args.sheet_scenes) if args.contact_sheet or args.export_scenes else ()
     for split in args.splits:
         files = materialize_split(split, args.count)
         print(f"{split}: {files.count} scenes in {files.folder}")
         written.append(str(files.folder))
     if args.contact_sheet:
-        seeds = scene_seeds(args.sheet_split, args.sheet_scenes)
         out = os.path.abspath(args.contact_sheet)
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        contact_sheet(seeds, args.scale).save(out)
-        print(f"contact sheet of {len(seeds)} {args.sheet_split} scenes: {out}")
+        contact_sheet(sheet_seeds, args.scale).save(out)
+        print(f"contact sheet of {len(sheet_seeds)} {args.sheet_split} scenes: {out}")
         written.append(out)
     if args.export_scenes:
-        from PIL import Image
-
-        from diffseg_d2.microworld.scenes import render_scene
-
         os.makedirs(args.export_scenes, exist_ok=True)
-        seeds = scene_seeds(args.sheet_split, args.sheet_scenes)
-        for seed in seeds:
+        for seed in sheet_seeds:
             Image.fromarray(render_scene(seed).image).save(os.path.join(args.export_scenes, f"{seed}.png"))
-        print(f"{len(seeds)} {args.sheet_split} scenes as PNG: {os.path.abspath(args.export_scenes)}")
+        print(f"{len(sheet_seeds)} {args.sheet_split} scenes as PNG: {os.path.abspath(args.export_scenes)}")
         written.append(os.path.abspath(args.export_scenes))
     if args.captions:
-        from diffseg_d2.microworld.datasets import split_count
-        from diffseg_d2.microworld.scenes import render_scene
-        from diffseg_d2.microworld.train_state import write_text
-
         seeds = scene_seeds("train", args.count if args.count is not None else split_count("train"))
         os.makedirs(os.path.dirname(os.path.abspath(args.captions)), exist_ok=True)
         write_text(args.captions, "".join(render_scene(seed).caption + "\n" for seed in seeds))
