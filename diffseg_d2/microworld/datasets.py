@@ -41,7 +41,9 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
 
 from ..data.datasets import builtin_meta as bm
 from ..data.datasets.register_panoptic import (
@@ -52,11 +54,8 @@ from ..data.datasets.register_panoptic import (
 )
 from ..data.datasets.register_semseg import build_label_lut, semseg_metadata
 from ..paths import cache_dir, write_atomically
+from .scenes import COLOUR_SHAPE_CLASSES, IMAGE_SIZE, SHAPES, SPLITS, Scene, render_scene, scene_seeds
 
-if TYPE_CHECKING:
-    import numpy as np
-
-    from .scenes import Scene
 
 __all__ = [
     "MICROWORLD_SEMSEG_DATASET_NAMES",
@@ -102,7 +101,7 @@ MICROWORLD_DATASET_NAMES: Tuple[str, ...] = (
 
 _SUBDIR = "microworld"
 _IMAGES, _PANOPTIC_PNG, _PANOPTIC_SEMSEG = "images", "panoptic", "panoptic_semseg"
-_LABEL_DIRS = {"shapes": "shapes", "colourshapes": "colourshapes"}
+_LABEL_KINDS = ("shapes", "colourshapes")
 #: Dataset (json) category id of "background"; shapes have ``1 + SHAPES.index``.
 _BACKGROUND_DATASET_ID = 5
 # Bump when the files' layout or content changes without a change of the rendered scenes.
@@ -120,7 +119,6 @@ def split_count(split: str) -> int:
     Raises:
         ValueError: the variable cannot be parsed or names an unknown split.
     """
-    from .scenes import SPLITS
 
     if split not in SPLITS:
         raise KeyError(f"Unknown micro-world split {split!r}; splits: {list(SPLITS)}")
@@ -170,7 +168,9 @@ class MicroworldFiles:
 
     def label_root(self, kind: str) -> Path:
         """Folder of the semantic PNGs of ``kind`` ("shapes" or "colourshapes")."""
-        return self.folder / _LABEL_DIRS[kind]
+        if kind not in _LABEL_KINDS:
+            raise KeyError(f"Unknown micro-world label kind {kind!r}; kinds: {list(_LABEL_KINDS)}")
+        return self.folder / kind
 
     @property
     def panoptic_root(self) -> Path:
@@ -194,7 +194,6 @@ class MicroworldFiles:
 
 
 def _files(split: str, count: Optional[int] = None, create: bool = False) -> MicroworldFiles:
-    from .scenes import scene_seeds
 
     count = split_count(split) if count is None else int(count)
     scene_seeds(split, count)  # validates split and count
@@ -210,11 +209,12 @@ def _stem(seed: int) -> str:
 # --------------------------------------------------------------------------- #
 
 
+@functools.lru_cache(maxsize=None)
 def _fingerprint(split: str) -> str:
-    """A digest of the generator's output on two seeds of ``split`` (detects a changed generator)."""
+    """A digest of the generator's output on two seeds of ``split`` (detects a changed generator);
+    the generator cannot change within a process, so it is computed once per split."""
     import hashlib
 
-    from .scenes import render_scene, scene_seeds
 
     digest = hashlib.sha256(f"format {_FORMAT_VERSION}".encode())
     for seed in scene_seeds(split, 2):
@@ -256,19 +256,18 @@ def _write_scene(
     files: MicroworldFiles, scene: "Scene"
 ) -> Tuple[Dict[str, Any], Dict[str, Any], List[Dict[str, Any]]]:
     """Write the PNGs of one scene; return its manifest entry, panoptic annotation and instances."""
-    import numpy as np
     import pycocotools.mask as mask_util
     from panopticapi.utils import id2rgb
 
-    from .scenes import SHAPES
 
     name = _stem(scene.seed) + ".png"
     instance = scene.instance_label()
     background = instance == 0
     segment_ids = np.where(background, len(scene.objects) + 1, instance)
-    panoptic_semseg = np.where(background, 4, scene.shape_label().astype(np.int64) - 1)
+    shapes = scene.shape_label()
+    panoptic_semseg = np.where(background, 4, shapes.astype(np.int64) - 1)
     for folder, array in (
-        (files.label_root("shapes"), scene.shape_label()),
+        (files.label_root("shapes"), shapes),
         (files.label_root("colourshapes"), scene.colour_shape_label()),
         (files.panoptic_root, id2rgb(segment_ids)),
         (files.panoptic_semseg_root, panoptic_semseg.astype(np.uint8)),
@@ -326,7 +325,6 @@ def materialize_split(split: str, count: Optional[int] = None) -> MicroworldFile
     Returns:
         The :class:`MicroworldFiles` of the split.
     """
-    from .scenes import IMAGE_SIZE, SHAPES, render_scene, scene_seeds
 
     files = _files(split, count, create=True)
     fingerprint = _fingerprint(split)
@@ -335,7 +333,7 @@ def materialize_split(split: str, count: Optional[int] = None) -> MicroworldFile
         return files
 
     for folder in (files.image_root, files.panoptic_root, files.panoptic_semseg_root) + tuple(
-        files.label_root(k) for k in _LABEL_DIRS
+        files.label_root(k) for k in _LABEL_KINDS
     ):
         folder.mkdir(parents=True, exist_ok=True)
     entries, annotations, instances = [], [], []
@@ -393,7 +391,6 @@ def microworld_semseg_metadata(kind: str) -> Dict[str, Any]:
     Classes are "background" (0) then the shapes (or the colour-shape names) in label order;
     the label PNG values are the class ids (``gt_label_lut`` is the identity on them).
     """
-    from .scenes import COLOUR_SHAPE_CLASSES, SHAPES
 
     names = {"shapes": SHAPES, "colourshapes": COLOUR_SHAPE_CLASSES}[kind]
     classes = (bm.BACKGROUND,) + tuple(names)
@@ -406,7 +403,6 @@ def microworld_panoptic_metadata() -> Dict[str, Any]:
     The shapes are things with contiguous ids 0..3 (dataset ids 1..4); "background" is the
     one stuff class, contiguous 4 (dataset id 5).
     """
-    from .scenes import SHAPES
 
     return panoptic_metadata(
         tuple(SHAPES) + (bm.BACKGROUND,),
@@ -429,7 +425,6 @@ def load_microworld_semseg(split: str, kind: str) -> List[Dict[str, Any]]:
         One record per scene: ``file_name``, ``sem_seg_file_name``, ``image_id`` (the seed),
         ``height``, ``width``, ``captions`` (one caption).
     """
-    from .scenes import IMAGE_SIZE
 
     files = materialize_split(split)
     return [
