@@ -77,13 +77,19 @@ class PanopticInstanceCOCOEvaluator(COCOEvaluator):
         super().process(inputs, renumbered)
 
 
+def _is_panoptic(meta: Metadata) -> bool:
+    """Whether PQ can be computed on a dataset: a panoptic evaluator type and a panoptic json."""
+    return meta.get("evaluator_type", None) == "coco_panoptic_seg" and bool(meta.get("panoptic_json", None))
+
+
 def _panoptic_dataset_names() -> List[str]:
-    return sorted(
-        n
-        for n in MetadataCatalog.list()
-        if n.startswith("diffseg_")
-        and MetadataCatalog.get(n).get("evaluator_type") == "coco_panoptic_seg"
-        and MetadataCatalog.get(n).get("panoptic_json")
+    return sorted(n for n in MetadataCatalog.list() if n.startswith("diffseg_") and _is_panoptic(MetadataCatalog.get(n)))
+
+
+def _sem_seg_evaluator(dataset_name: str, lut, output_dir: Optional[str], distributed: bool) -> SemSegEvaluator:
+    """detectron2's SemSegEvaluator reading ground-truth PNGs through the value table ``lut``."""
+    return SemSegEvaluator(
+        dataset_name, distributed=distributed, output_dir=output_dir, sem_seg_loading_fn=SemSegGTLoader(lut)
     )
 
 
@@ -98,9 +104,9 @@ def check_panoptic_dataset(dataset_name: str) -> None:
             has no ``panoptic_json``; the message lists the panoptic datasets registered.
     """
     meta = MetadataCatalog.get(dataset_name)
-    evaluator_type = meta.get("evaluator_type", None)
-    if evaluator_type == "coco_panoptic_seg" and meta.get("panoptic_json", None):
+    if _is_panoptic(meta):
         return
+    evaluator_type = meta.get("evaluator_type", None)
     raise ValueError(
         f"Dataset '{dataset_name}' has evaluator_type {evaluator_type!r} and no panoptic "
         f"annotations (panoptic_json); PQ needs a panoptic dataset such as {_PANOPTIC_EXAMPLES} "
@@ -129,14 +135,7 @@ def _build_panoptic_evaluator(
     if meta.get("sem_seg_root") and records and all("sem_seg_file_name" in r for r in records):
         # Semantic PNGs of panoptic datasets hold contiguous ids already.
         identity = build_label_lut({i: i for i in range(len(meta.stuff_classes))})
-        evaluators.append(
-            SemSegEvaluator(
-                dataset_name,
-                distributed=distributed,
-                output_dir=output_dir,
-                sem_seg_loading_fn=SemSegGTLoader(identity),
-            )
-        )
+        evaluators.append(_sem_seg_evaluator(dataset_name, identity, output_dir, distributed))
     else:
         logger.info(
             "'%s' has no semantic PNGs (sem_seg_root): mIoU is not evaluated.", dataset_name
@@ -202,12 +201,7 @@ def build_evaluator(
                 "'%s' has no gt_label_lut; raw GT values are used as class ids.", dataset_name
             )
             lut = tuple(range(256))
-        return SemSegEvaluator(
-            dataset_name,
-            distributed=distributed,
-            output_dir=output_dir,
-            sem_seg_loading_fn=SemSegGTLoader(lut),
-        )
+        return _sem_seg_evaluator(dataset_name, lut, output_dir, distributed)
     if evaluator_type == "coco_panoptic_seg":
         return _build_panoptic_evaluator(dataset_name, meta, output_dir, distributed)
     raise ValueError(
