@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Any, Dict, List, Sequence
 
@@ -97,7 +96,8 @@ class MaskFormerPanopticMapper:
                 f"{type(self).__name__} needs a panoptic dataset such as "
                 "diffseg_coco_panoptic_train or diffseg_sample_voc_panoptic (see docs/datasets.md)."
             )
-        record = copy.deepcopy(dataset_dict)  # the loader reuses records across epochs
+        # Only check_image_size writes into the record (top-level height/width); the rest is read.
+        record = dict(dataset_dict)  # the loader reuses records across epochs
         image = read_image_rgb(record["file_name"])
         if self.image_format == "BGR":
             image = image[:, :, ::-1]
