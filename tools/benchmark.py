@@ -432,24 +432,22 @@ def run_worker(spec: dict) -> dict:
     import torch
 
     threads = _threads(spec["threads"])
+    torch.set_num_threads(threads)
+    device = spec.get("device", "cpu")
+    device_name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
     if spec["preset"] == ODISE:
-        torch.set_num_threads(threads)
         load = OtherLoad()
         load.start()
         result = measure_odise(spec)
-        result.update(other_load=load.fraction(), threads=threads, torch=torch.__version__,
-                      device_name=torch.cuda.get_device_name() if spec["device"].startswith("cuda") else "CPU")
+        result.update(other_load=load.fraction(), threads=threads, torch=torch.__version__, device_name=device_name)
         return result
     if spec["preset"] == RETRIEVAL:
         from diffseg_d2.optional_imports import require
 
-        torch.set_num_threads(threads)
         require("faiss", "faiss-cpu", "The retrieval preset of tools/benchmark.py").omp_set_num_threads(threads)
         result = measure_retrieval(spec)
-        result.update(threads=threads, torch=torch.__version__, device_name="CPU")
+        result.update(threads=threads, torch=torch.__version__, device_name=device_name)
         return result
-    torch.set_num_threads(threads)
-    device = spec["device"]
     start = time.perf_counter()
     build = build_tiny if spec["preset"] == "tiny" else build_sd15
     model = build(device, spec["dtype"], spec.get("conditioning", "shared"))
@@ -467,7 +465,7 @@ def run_worker(spec: dict) -> dict:
         build_s=build_s,
         threads=threads,
         torch=torch.__version__,
-        device_name=torch.cuda.get_device_name() if device.startswith("cuda") else "CPU",
+        device_name=device_name,
         dtype=str(model.diffusion.dtype).replace("torch.", ""),
         image_size=model.image_size,
         input_size=list(image.shape[-2:]),
