@@ -59,6 +59,11 @@ def background_index(names: Sequence[str]) -> Optional[int]:
     return None
 
 
+def split_synonyms(name: str) -> List[str]:
+    """The synonyms a class name lists, separated by commas (``"sofa, couch"``), stripped."""
+    return [part.strip() for part in name.split(",") if part.strip()]
+
+
 def vocabulary_from_metadata(dataset_name: str) -> List[str]:
     """The ``stuff_classes`` of a registered dataset (the classes it is evaluated on)."""
     from detectron2.data import MetadataCatalog

@@ -16,6 +16,7 @@ from torch import nn
 from ..diffusion.prompts import find_subsequence, token_mean_table
 from ..optional_imports import require
 from ..random_models import TINY_CLIP_FOLDER, build_tiny_open_clip
+from ..vocabulary import split_synonyms
 from ..weights import hub_load_error, resolve_weights
 
 logger = logging.getLogger(__name__)
@@ -97,9 +98,12 @@ class OpenCLIP(nn.Module):
         The whole image is resized to the model's input square (no crop), so
         nothing at the borders is missed by the filter.
         """
+        return F.normalize(self.model.encode_image(self._preprocess(images)).float(), dim=-1)
+
+    def _preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) RGB in [0, 255] -> the model's normalised input square (resized, no crop)."""
         x = F.interpolate(images.float().to(self.device), size=self.image_size, mode="bicubic", align_corners=False)
-        x = (x.clamp(0, 255) - self.pixel_mean) / self.pixel_std
-        return F.normalize(self.model.encode_image(x).float(), dim=-1)
+        return (x.clamp(0, 255) - self.pixel_mean) / self.pixel_std
 
     @torch.no_grad()
     def encode_class_names(self, names: Sequence[str]) -> torch.Tensor:
@@ -133,10 +137,8 @@ class OpenCLIP(nn.Module):
                 f"forward_intermediates; {type(visual).__name__} here has not both. Upgrade open_clip_torch, "
                 "use a ViT CLIP in MODEL.DIFFSEG.CLIP.WEIGHTS, or set MODEL.DIFFSEG.ODISE.TEST.ENSEMBLE False."
             )
-        x = F.interpolate(images.float().to(self.device), size=self.image_size, mode="bicubic", align_corners=False)
-        x = (x.clamp(0, 255) - self.pixel_mean) / self.pixel_std
         out = visual.forward_intermediates(
-            x, indices=1, normalize_intermediates=True, intermediates_only=True, output_fmt="NCHW"
+            self._preprocess(images), indices=1, normalize_intermediates=True, intermediates_only=True, output_fmt="NCHW"
         )
         tokens = out["image_intermediates"][-1]  # (B, W, h, w)
         return torch.einsum("bwhx,wd->bdhx", tokens, visual.proj).float()
@@ -154,7 +156,7 @@ class OpenCLIP(nn.Module):
         """
         synonyms, owner = [], []
         for k, name in enumerate(names):
-            parts = [p.strip() for p in name.split(",") if p.strip()] or [name]
+            parts = split_synonyms(name) or [name]
             synonyms += parts
             owner += [k] * len(parts)
         return self.encode_class_names(synonyms), torch.tensor(owner, dtype=torch.long, device=self.device)

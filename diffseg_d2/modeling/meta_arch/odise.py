@@ -29,7 +29,7 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import BitMasks, Boxes, ImageList, Instances
 from torch import nn
 
-from ...vocabulary import parse_vocabulary, vocabulary_from_metadata
+from ...vocabulary import parse_vocabulary, split_synonyms, vocabulary_from_metadata
 from ..clip import OpenCLIP
 from ..frozen import exclude_from_checkpoints
 from ..heads import (
@@ -47,7 +47,8 @@ _KEY = "MODEL.DIFFSEG.ODISE"
 
 
 def _synonyms(name: str) -> List[str]:
-    return [s.strip().lower() for s in name.split(",") if s.strip()]
+    """A class's synonyms, lower-cased: how seen (training) classes are recognised."""
+    return [s.lower() for s in split_synonyms(name)]
 
 
 def classes_from_metadata(dataset_name: str) -> Tuple[List[str], List[str]]:
