@@ -29,7 +29,7 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import BitMasks, Boxes, ImageList, Instances
 from torch import nn
 
-from ...vocabulary import parse_vocabulary, split_synonyms, vocabulary_from_metadata
+from ...vocabulary import BACKGROUND, parse_vocabulary, split_synonyms, vocabulary_from_metadata
 from ..clip import OpenCLIP
 from ..frozen import exclude_from_checkpoints
 from ..heads import (
@@ -49,6 +49,11 @@ _KEY = "MODEL.DIFFSEG.ODISE"
 def _synonyms(name: str) -> List[str]:
     """A class's synonyms, lower-cased: how seen (training) classes are recognised."""
     return [s.lower() for s in split_synonyms(name)]
+
+
+def _default_things(names: Sequence[str]) -> List[bool]:
+    """Which classes are things when nobody says: every class except "background"."""
+    return [n.strip().lower() != BACKGROUND for n in names]
 
 
 def classes_from_metadata(dataset_name: str) -> Tuple[List[str], List[str]]:
@@ -251,7 +256,7 @@ class ODISE(nn.Module):
         """
         names = parse_vocabulary(names)
         if thing_classes is None:
-            things = [n.strip().lower() != "background" for n in names]
+            things = _default_things(names)
         else:
             thing_set = {t.strip().lower() for t in thing_classes}
             things = [n.strip().lower() in thing_set for n in names]
@@ -347,10 +352,14 @@ class ODISE(nn.Module):
 
     def _grounding_loss(self, batched_inputs: List[Dict], embeds: torch.Tensor) -> torch.Tensor:
         """Caption grounding (symmetric contrastive over the batch) between queries and caption nouns."""
-        noun_embeds = []
-        for x in batched_inputs:
-            nouns = sorted({n for c in x.get("captions", []) for n in self.nouns(c)})
-            noun_embeds.append(self.clip.encode_class_names(nouns) if nouns else embeds.new_zeros(0, embeds.shape[-1]))
+        per_image = [sorted({n for c in x.get("captions", []) for n in self.nouns(c)}) for x in batched_inputs]
+        # One text-encoder call for the batch's nouns; each image takes its rows.
+        batch_nouns = sorted({n for nouns in per_image for n in nouns})
+        table = self.clip.encode_class_names(batch_nouns) if batch_nouns else None
+        row = {n: i for i, n in enumerate(batch_nouns)}
+        noun_embeds = [
+            table[[row[n] for n in nouns]] if nouns else embeds.new_zeros(0, embeds.shape[-1]) for nouns in per_image
+        ]
         return caption_grounding_loss(F.normalize(embeds, dim=-1), noun_embeds, self.classifier.scale())
 
     # ------------------------------------------------------------------ inference
@@ -360,7 +369,7 @@ class ODISE(nn.Module):
         for i, x in enumerate(batched_inputs):
             if "vocabulary" in x:
                 names = parse_vocabulary(x["vocabulary"])
-                things = [n.strip().lower() != "background" for n in names]
+                things = _default_things(names)
             elif self._vocabulary is not None:
                 names, things = self._vocabulary, self._things
             else:
