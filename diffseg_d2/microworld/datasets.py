@@ -54,7 +54,7 @@ from ..data.datasets.register_panoptic import (
     save_png,
     load_panoptic_json,
     panoptic_metadata,
-    register_panoptic_dataset,
+    register_lazy_dataset,
 )
 from ..data.datasets.register_semseg import build_label_lut, semseg_metadata
 from ..paths import cache_dir, write_atomically
@@ -476,14 +476,14 @@ def register_all_microworld() -> None:
     are computed when read, from ``$DIFFSEG_D2_CACHE`` and ``$DIFFSEG_D2_MICROWORLD_COUNT``.
     """
     for name, (split, kind) in _SEMSEG.items():
-        register_panoptic_dataset(  # a generic lazy-path registration, despite its name
+        register_lazy_dataset(
             name,
             functools.partial(load_microworld_semseg, split, kind),
             functools.partial(_semseg_paths, split, kind),
             microworld_semseg_metadata(kind),
         )
     for name, split in _PANOPTIC.items():
-        register_panoptic_dataset(
+        register_lazy_dataset(
             name,
             functools.partial(load_microworld_panoptic, split),
             functools.partial(_panoptic_paths, split),

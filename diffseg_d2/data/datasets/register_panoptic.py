@@ -55,7 +55,7 @@ __all__ = [
     "ade20k_panoptic_metadata",
     "load_panoptic_json",
     "load_panoptic_dataset",
-    "register_panoptic_dataset",
+    "register_lazy_dataset",
     "register_all_panoptic",
 ]
 
@@ -467,13 +467,13 @@ def load_panoptic_dataset(name: str, root: Optional[Path] = None) -> List[Dict[s
     return records
 
 
-def register_panoptic_dataset(
+def register_lazy_dataset(
     name: str,
     loader: Callable[[], List[Dict[str, Any]]],
     resolve_paths: Callable[[], Dict[str, str]],
     meta: Mapping[str, Any],
 ) -> None:
-    """Register a panoptic dataset whose paths are resolved when read (idempotent).
+    """Register a dataset (panoptic or semantic) whose metadata paths are resolved when read (idempotent).
 
     Args:
         name: the dataset name.
@@ -491,7 +491,7 @@ def register_panoptic_dataset(
 def register_all_panoptic() -> None:
     """Register every dataset of :data:`PANOPTIC_DATASET_NAMES` (idempotent, lists no files)."""
     for name, (_, make_meta) in _SPECS.items():
-        register_panoptic_dataset(
+        register_lazy_dataset(
             name,
             functools.partial(load_panoptic_dataset, name),
             functools.partial(_paths_now, name),

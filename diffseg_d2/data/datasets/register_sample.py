@@ -48,7 +48,7 @@ from .register_panoptic import (
     save_png,
     load_panoptic_json,
     panoptic_metadata,
-    register_panoptic_dataset,
+    register_lazy_dataset,
 )
 from .register_semseg import voc_metadata
 
@@ -386,7 +386,7 @@ def register_all_sample() -> None:
         )
     for name, separated in zip(SAMPLE_PANOPTIC_DATASET_NAMES, (False, True)):
         # Paths resolved when read: $DIFFSEG_D2_CACHE may change after import.
-        register_panoptic_dataset(
+        register_lazy_dataset(
             name,
             functools.partial(load_sample_voc_panoptic, separated),
             functools.partial(_sample_panoptic_paths, separated),
