@@ -51,7 +51,15 @@ from torch import nn
 from ..optional_imports import require
 from ..paths import write_atomically
 from .scenes import COLOURS, SHAPES, SPLITS, Scene, render_scene
-from .train_state import STATE_FILE, resume_model, save_model_state, warmup_cosine_lr, write_text
+from .train_state import (
+    STATE_FILE,
+    resume_model,
+    save_model_state,
+    scene_tensor,
+    train_scene,
+    warmup_cosine_lr,
+    write_text,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -131,15 +139,6 @@ def object_crop(scene: Scene, index: int, margin: int) -> torch.Tensor:
     return F.interpolate(crop[None], size=(size, size), mode="bilinear", align_corners=False)[0].clamp(0, 255)
 
 
-def _scene_tensor(scene: Scene) -> torch.Tensor:
-    return torch.from_numpy(scene.image).permute(2, 0, 1).float()
-
-
-def _train_scene(index: int) -> Scene:
-    lo, hi = SPLITS["train"]
-    return render_scene(lo + index % (hi - lo))
-
-
 def training_batch(settings: ClipTrainingSettings, step: int):
     """The images, texts and meanings of one step (a function of ``(seed, step)`` only).
 
@@ -157,11 +156,11 @@ def training_batch(settings: ClipTrainingSettings, step: int):
         texts.append(template.format(phrase))
         specs.append((tuple(names), whole))
 
-    scenes = [_train_scene(SCENE_SEED_OFFSET + step * settings.scenes_per_step + i)
+    scenes = [train_scene(SCENE_SEED_OFFSET + step * settings.scenes_per_step + i)
               for i in range(settings.scenes_per_step)]
     for scene in scenes:
         pairs = [(o.colour, o.shape) for o in scene.objects]
-        images.append(_scene_tensor(scene))
+        images.append(scene_tensor(scene))
         contents.append(frozenset(pairs))
         kind = rng.random()
         if kind < 0.4:
@@ -173,7 +172,7 @@ def training_batch(settings: ClipTrainingSettings, step: int):
             add_text([(None, pairs[int(rng.integers(len(pairs)))][1])], whole=False)
     for i in range(settings.crops_per_step):
         # Crops come from the same scenes (rendering costs a fifth of a step), of a random object.
-        scene = scenes[i % len(scenes)] if scenes else _train_scene(SCENE_SEED_OFFSET + step + i)
+        scene = scenes[i % len(scenes)] if scenes else train_scene(SCENE_SEED_OFFSET + step + i)
         j = int(rng.integers(len(scene.objects)))
         obj = scene.objects[j]
         images.append(object_crop(scene, j, margin=int(rng.integers(2, 9))))
@@ -350,7 +349,7 @@ def evaluate_micro_clip(weights: str, split: str = "val", count: int = 500,
     shape_acc = np.mean([SHAPES[int(p)] == s for p, (_, s) in zip(shape_pred, truth)])
     colour_acc = np.mean([COLOURS[int(p)] == c for p, (c, _) in zip(colour_pred, truth)])
 
-    scene_emb = clip.encode_image(torch.stack([_scene_tensor(s) for s in scenes]))
+    scene_emb = clip.encode_image(torch.stack([scene_tensor(s) for s in scenes]))
     scores = scene_emb @ clip.encode_class_names(pairs).T
     top1, recall = [], []
     for scene, row in zip(scenes, scores):

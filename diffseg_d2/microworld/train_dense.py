@@ -53,7 +53,9 @@ from .train_state import (
     STATE_FILE,
     resume_model,
     save_model_state,
+    scene_tensor,
     step_generator,
+    train_scene,
     warmup_cosine_lr,
     write_text,
 )
@@ -126,11 +128,10 @@ def save_dense_encoder(model: nn.Module, settings: DenseTrainingSettings, folder
 # ---------------------------------------------------------------------- data
 def training_batch(settings: DenseTrainingSettings, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """The scenes of one step: images (B, 3, 64, 64) in [0, 255] and region one-hots (B, MAX_REGIONS, 64, 64)."""
-    lo, hi = SPLITS["train"]
     images, regions = [], []
     for i in range(settings.batch):
-        scene = render_scene(lo + (SCENE_SEED_OFFSET + step * settings.batch + i) % (hi - lo))
-        images.append(torch.from_numpy(scene.image).permute(2, 0, 1).float())
+        scene = train_scene(SCENE_SEED_OFFSET + step * settings.batch + i)
+        images.append(scene_tensor(scene))
         instance = torch.from_numpy(scene.instance_label()).long()
         regions.append(F.one_hot(instance, MAX_REGIONS).permute(2, 0, 1).float())
     return torch.stack(images), torch.stack(regions)
@@ -296,7 +297,7 @@ def _pixel_features(dino, scenes) -> torch.Tensor:
     out = []
     for i in range(0, len(scenes), 64):
         chunk = scenes[i : i + 64]
-        images = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1).float() for s in chunk])
+        images = torch.stack([scene_tensor(s) for s in chunk])
         f = dino(images)
         f = F.interpolate(f, size=images.shape[-2:], mode="bilinear", align_corners=False)
         out.append(F.normalize(f, dim=1))

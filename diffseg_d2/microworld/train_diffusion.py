@@ -43,8 +43,7 @@ from ..diffusion.attention import attention_layers, class_token_maps
 from ..diffusion.prompts import find_subsequence, token_mean_table
 from ..optional_imports import require
 from ..random_models import random_stable_diffusion, write_clip_tokenizer_files
-from .scenes import SPLITS, render_scene
-from .train_state import STATE_FILE, load_train_state, save_train_state, step_generator, write_text
+from .train_state import STATE_FILE, load_train_state, save_train_state, step_generator, train_scene, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +72,7 @@ class DiffusionTrainingSettings:
 # ---------------------------------------------------------------------- data
 def scene_batch(start_seed: int, count: int):
     """``count`` train scenes from ``start_seed`` on: images (B, 3, 64, 64) in [-1, 1] and the scenes."""
-    lo, hi = SPLITS["train"]
-    scenes = [render_scene(lo + (start_seed + i) % (hi - lo)) for i in range(count)]
+    scenes = [train_scene(start_seed + i) for i in range(count)]
     images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return images, scenes
 

@@ -12,6 +12,7 @@ from typing import Dict, Tuple
 import torch
 
 from ..paths import write_atomically
+from .scenes import SPLITS, Scene, render_scene
 
 #: The resumable checkpoint inside a trainer's output folder (removed when training ends).
 STATE_FILE = "train_state.pt"
@@ -47,6 +48,17 @@ def save_model_state(output: Path, step: int, model: torch.nn.Module, opt: torch
     """For a one-model trainer: the state that ``resume_model`` restores, after ``step`` steps."""
     save_train_state(Path(output) / STATE_FILE,
                      {"step": step, "model": model.state_dict(), "opt": opt.state_dict(), "history": history})
+
+
+def train_scene(index: int) -> Scene:
+    """The ``index``-th scene of the train split (wrapping around it)."""
+    lo, hi = SPLITS["train"]
+    return render_scene(lo + index % (hi - lo))
+
+
+def scene_tensor(scene: Scene) -> torch.Tensor:
+    """A scene's image as a (3, H, W) float tensor in [0, 255]."""
+    return torch.from_numpy(scene.image).permute(2, 0, 1).float()
 
 
 def write_text(path: Path, text: str) -> None:
