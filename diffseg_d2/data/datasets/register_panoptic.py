@@ -445,7 +445,8 @@ def load_panoptic_dataset(name: str, root: Optional[Path] = None) -> List[Dict[s
         if not ok:
             raise _missing(what, path, name, root, split.layout)
     sem_dir = root / split.sem_seg_dir
-    if not sem_dir.is_dir():
+    has_sem = sem_dir.is_dir()
+    if not has_sem:
         logger.warning(
             "'%s': no semantic PNGs at %s; records get no sem_seg_file_name and mIoU is not "
             "evaluated (see docs/datasets.md to make them).",
@@ -457,7 +458,7 @@ def load_panoptic_dataset(name: str, root: Optional[Path] = None) -> List[Dict[s
         str(image_dir),
         str(pan_dir),
         make_meta(),
-        str(sem_dir) if sem_dir.is_dir() else None,
+        str(sem_dir) if has_sem else None,
     )
     if records:
         for what, key in (("image", "file_name"), ("panoptic PNG", "pan_seg_file_name")):
