@@ -6,7 +6,6 @@ methods (FreeDA keys, ODISE classification) reuse it.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..diffusion.prompts import find_subsequence, token_mean_table
+from ..lru import LRUCache
 from ..optional_imports import require
 from ..random_models import TINY_CLIP_FOLDER, build_tiny_open_clip
 from ..vocabulary import split_synonyms
@@ -52,7 +52,7 @@ class OpenCLIP(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
         # Bounded: ODISE's grounding loss encodes a new noun set every batch.
-        self._text_cache: "OrderedDict[Tuple[str, ...], torch.Tensor]" = OrderedDict()
+        self._text_cache = LRUCache(_TEXT_CACHE_SIZE)
 
     def train(self, mode: bool = True) -> "OpenCLIP":
         # Frozen: stays in eval mode whatever the parent model does.
@@ -108,18 +108,13 @@ class OpenCLIP(nn.Module):
     @torch.no_grad()
     def encode_class_names(self, names: Sequence[str]) -> torch.Tensor:
         """L2-normalised template-averaged text embeddings: K names -> (K, D). Cached per vocabulary."""
-        key = tuple(names)
-        if key in self._text_cache:
-            self._text_cache.move_to_end(key)
-            return self._text_cache[key]
-        prompts = [t.format(n) for n in names for t in self.templates]
-        ids = self.tokenizer(prompts).to(self.device)
-        emb = F.normalize(self.model.encode_text(ids).float(), dim=-1)
-        emb = emb.view(len(names), len(self.templates), -1).mean(1)
-        self._text_cache[key] = F.normalize(emb, dim=-1)
-        while len(self._text_cache) > _TEXT_CACHE_SIZE:
-            self._text_cache.popitem(last=False)
-        return self._text_cache[key]
+        def compute():
+            prompts = [t.format(n) for n in names for t in self.templates]
+            ids = self.tokenizer(prompts).to(self.device)
+            emb = F.normalize(self.model.encode_text(ids).float(), dim=-1)
+            return F.normalize(emb.view(len(names), len(self.templates), -1).mean(1), dim=-1)
+
+        return self._text_cache.get_or_compute(tuple(names), compute)
 
     @torch.no_grad()
     def encode_dense(self, images: torch.Tensor) -> torch.Tensor:

@@ -8,12 +8,12 @@ implements ``segment(image, names, out_size)`` and, optionally,
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from ...lru import LRUCache
 from ...vocabulary import parse_vocabulary, vocabulary_from_metadata
 
 _CACHE_SIZE = 8
@@ -43,7 +43,7 @@ class OpenVocabularySegmenter(nn.Module):
             raise ValueError(f"INPUT.FORMAT must be 'RGB' or 'BGR' for {type(self).__name__}, not {input_format!r}.")
         self.input_format = input_format
         self._vocabulary: Optional[List[str]] = None
-        self._cache: "OrderedDict[Tuple, object]" = OrderedDict()
+        self._cache = LRUCache(_CACHE_SIZE)
         # An empty buffer that follows .to(): where the model lives (cfg.MODEL.DEVICE).
         self.register_buffer("_device_anchor", torch.zeros(0), persistent=False)
 
@@ -71,13 +71,7 @@ class OpenVocabularySegmenter(nn.Module):
 
     def _cached(self, key: Tuple, compute: Callable[[], object]):
         """A small LRU cache for per-vocabulary work (encoded prompts, class prototypes)."""
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        value = self._cache[key] = compute()
-        while len(self._cache) > _CACHE_SIZE:
-            self._cache.popitem(last=False)
-        return value
+        return self._cache.get_or_compute(key, compute)
 
     # ------------------------------------------------------------------ inference
     def forward(self, batched_inputs: List[Dict]) -> List[Dict[str, torch.Tensor]]:
