@@ -8,13 +8,18 @@ Without --input the bundled sample image (a Pascal VOC photo) is segmented.
 A "background" class is added in front of the vocabulary unless it names one
 already or --no-background is given. Large images are first shrunk to
 --max-side pixels on their long side (the model sees IMAGE_SIZE anyway; this
-keeps the full-size score maps in memory bounds).
+keeps the full-size score maps in memory bounds); their label PNG is upsampled
+back to the input's size, the overlay keeps the shrunk size.
+
+Exit status 0 means every input was segmented and written. A wrong request (a bad
+vocabulary, an input matching no file) ends with a one-line message before the
+model is loaded; an input that could not be read or gave non-finite scores is
+reported, nothing is written for it, the others are, and the exit status is 1.
 """
 import argparse
 import glob
 import logging
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +33,9 @@ from detectron2.utils.logger import setup_logger
 from diffseg_d2 import get_diffseg_cfg
 from diffseg_d2.data.datasets.register_sample import sample_image_path
 from diffseg_d2.data.image import read_image_rgb
+from diffseg_d2.numerics import NonFiniteError
 from diffseg_d2.paths import write_atomically
-from diffseg_d2.vocabulary import BACKGROUND, background_index, parse_vocabulary
+from diffseg_d2.vocabulary import BACKGROUND, VocabularyError, background_index, parse_vocabulary
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 logger = logging.getLogger("diffseg_d2.demo")
@@ -99,44 +105,83 @@ def render_overlay(rgb, label, names):
     return imgviz.label2rgb(label, image=rgb, label_names=present, font_size=max(12, min(rgb.shape[:2]) // 25), loc="rb")
 
 
+def upsample_nearest(label, size):
+    """A label map (h, w) -> (H, W) = ``size`` by nearest neighbour (each output pixel takes the label
+    under its centre), so it lines up pixel for pixel with the image it was shrunk from."""
+    h, w = label.shape
+    rows = np.minimum((np.arange(size[0]) + 0.5) * h / size[0], h - 1).astype(np.int64)
+    cols = np.minimum((np.arange(size[1]) + 0.5) * w / size[1], w - 1).astype(np.int64)
+    return label[rows[:, None], cols[None, :]]
+
+
 def main(argv=None):
+    """Segment every input and write its overlay and label PNG; return the paths written.
+
+    Raises:
+        SystemExit: with a one-line message (exit status 1, no traceback) when the request is wrong
+            (vocabulary, inputs), before anything is written; or, once every other input has been
+            written, when any input was skipped (unreadable) or failed (non-finite scores), naming them.
+    """
     args = parse_args(argv)
     setup_logger(name="diffseg_d2")
     setup_logger(name="diffseg_d2.demo")
     # Everything that can be wrong with the request is checked before a model is loaded or a file written.
-    names = parse_vocabulary(args.vocab)
+    try:
+        names = parse_vocabulary(args.vocab)
+    except VocabularyError as e:
+        raise SystemExit(f"--vocab {args.vocab!r}: {e}") from None
     if not args.no_background and background_index(names) is None:
         names = [BACKGROUND] + names
     files = collect_inputs(args.input) if args.input else [sample_image_path()]
     cfg = get_diffseg_cfg(args.config_file, args.opts)
     cfg.MODEL.DIFFSEG.VOCABULARY = names
     cfg.DATASETS.TEST = ()
-    predictor = DefaultPredictor(cfg)  # checks the vocabulary against the tokenizer
+    # Building the model checks the vocabulary against its tokenizer (a name too long, one that
+    # tokenises to nothing) and encodes it: each error's message names the culprit and the fix.
+    try:
+        predictor = DefaultPredictor(cfg)
+    except VocabularyError as e:
+        raise SystemExit(f"Cannot segment with this vocabulary: {e}") from None
+    except NonFiniteError as e:  # e.g. the text encoder, run on the vocabulary's prompts
+        raise SystemExit(str(e)) from None
+    except ValueError as e:  # this package's build-time checks name the config key at fault
+        raise SystemExit(f"Could not build the model of {args.config_file}: {e}") from None
 
     os.makedirs(args.output, exist_ok=True)
-    written, skipped = [], []
+    written, skipped, failed = [], [], []
     for path, stem in tqdm(list(zip(files, output_stems(files))), desc="segmenting", unit="image"):
         try:
-            rgb = shrink(read_image_rgb(path), args.max_side)
+            full = read_image_rgb(path)
         except ValueError as e:  # one unreadable file does not stop a folder run
             logger.warning("skipping: %s", e)
             skipped.append(path)
             continue
-        with torch.no_grad():
-            bgr = np.ascontiguousarray(rgb[:, :, ::-1])  # DefaultPredictor takes BGR like cv2.imread
-            scores = predictor(bgr)["sem_seg"]
+        rgb = shrink(full, args.max_side)
+        try:
+            with torch.no_grad():
+                bgr = np.ascontiguousarray(rgb[:, :, ::-1])  # DefaultPredictor takes BGR like cv2.imread
+                scores = predictor(bgr)["sem_seg"]
+        except NonFiniteError as e:  # its message names the model part and what to do; no traceback
+            logger.error("%s: not segmented, nothing written: %s", path, e)
+            failed.append(path)
+            continue
         label = scores.argmax(dim=0).cpu().numpy()
-        label_png = label.astype(np.uint8 if len(names) <= 256 else np.uint16)
+        # The label PNG must line up with the input file, so a label computed on the shrunk image is
+        # upsampled by nearest neighbour. Asking the model for full-size scores (input height/width)
+        # would hold a (K, H, W) float map, the memory --max-side exists to bound; a label is 1 byte a pixel.
+        label_png = upsample_nearest(label.astype(np.uint8 if len(names) <= 256 else np.uint16), full.shape[:2])
         overlay_path = os.path.join(args.output, f"{stem}_overlay.png")
         label_path = os.path.join(args.output, f"{stem}_label.png")
         for out_path, array in ((overlay_path, render_overlay(rgb, label, names)), (label_path, label_png)):
             write_atomically(Path(out_path), lambda tmp, a=array: Image.fromarray(a).save(tmp, format="PNG"))
         written += [overlay_path, label_path]
     logger.info("wrote %d files to %s (label PNG values index the vocabulary: %s)", len(written), args.output, names)
-    if skipped:
-        logger.warning("%d unreadable input(s) skipped: %s", len(skipped), skipped)
+    problems = [f"{len(skipped)} unreadable input(s) skipped: {skipped}"] if skipped else []
+    problems += [f"{len(failed)} input(s) failed, a model part produced NaN or infinity: {failed}"] if failed else []
+    if problems:
+        raise SystemExit(f"Not every input was segmented: {'; '.join(problems)}.")
     return written
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    main()

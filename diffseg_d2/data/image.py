@@ -7,14 +7,19 @@ Detectron2's ``read_image`` converts with PIL's ``convert("RGB")``, which clips
 * 16-bit or 32-bit integer images -> scaled to 0..255 by their bit depth;
 * float images -> values in [0, 1] scaled to 0..255, others clipped to 0..255;
 * alpha (RGBA, LA, palette transparency) -> composited over white;
-* EXIF orientation applied.
+* EXIF orientation applied;
+* multi-frame files (animated GIF/PNG/WebP, multi-page TIFF) -> the first frame,
+  with a logged warning naming the file and its frame count.
 """
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 from PIL import Image, ImageOps
 
 WHITE = (255, 255, 255)
+logger = logging.getLogger(__name__)
 
 
 def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
@@ -42,8 +47,16 @@ def pil_to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
 
 
+def _frame_count(img: Image.Image) -> int:
+    """How many frames an opened image file holds (1 for still formats), or 0 if they cannot be counted."""
+    try:
+        return int(getattr(img, "n_frames", 1))
+    except Exception:  # PIL walks every frame to count them and raises assorted errors at a damaged one
+        return 0
+
+
 def read_image_rgb(path: str) -> np.ndarray:
-    """Read an image file as (H, W, 3) uint8 RGB.
+    """Read an image file as (H, W, 3) uint8 RGB; of a multi-frame file, its first frame (with a warning).
 
     Raises:
         ValueError: the file is not a readable image, or has no pixels.
@@ -52,8 +65,16 @@ def read_image_rgb(path: str) -> np.ndarray:
         with Image.open(path) as img:
             img.load()
             rgb = pil_to_rgb(img)
+            # Counted after the first frame is converted: counting seeks, and a damaged later
+            # frame must not make a readable first frame an error.
+            frames = _frame_count(img)
     except (OSError, SyntaxError) as e:  # PIL raises SyntaxError for some corrupt files
         raise ValueError(f"Could not read the image {path}: {e}") from e
     if rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise ValueError(f"The image {path} has no pixels.")
+    if frames != 1:
+        logger.warning(
+            "%s has %s frames; only the first is read. To segment another, save that frame as its own file.",
+            path, frames or "several (some damaged)",
+        )
     return rgb
