@@ -20,7 +20,7 @@ install: $(STAMP)
 $(STAMP): setup.py tools/install_detectron2.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade "pip>=23"
-	$(PY) -m pip install "torch>=2.1" "torchvision>=0.16"
+	$(PY) -m pip install "torch>=2.6" "torchvision>=0.21"
 	$(PY) tools/install_detectron2.py
 	$(PY) -m pip install -e ".[freeda,test,benchmark]"
 	touch $(STAMP)

@@ -18,8 +18,8 @@ setup(
     # inside the package, so MODEL.DIFFSEG.*.WEIGHTS "micro" works from any install.
     package_data={"diffseg_d2.microworld": ["weights/*/*", "weights/*/*/*"]},
     install_requires=[
-        "torch>=2.1",
-        "torchvision>=0.16",
+        "torch>=2.6",  # torch.load is weights-only by default from 2.6 on
+        "torchvision>=0.21",
         "diffusers>=0.27,<1",
         "transformers>=4.40,<6",
         "open_clip_torch>=2.24,<4",

@@ -288,3 +288,121 @@ def get_diffseg_cfg(config_file: Optional[str] = None, opts: Optional[Sequence[s
             "other keys are detectron2's (detectron2/config/defaults.py)."
         ) from e
     return cfg
+
+
+# ---------------------------------------------------------------------------- checks at build time
+# Numeric keys and the ranges their values must lie in: (key under MODEL.DIFFSEG, low, high, what).
+# Checked by ``check_config`` when a model is built, so a wrong value is named before weights load.
+_UNIT = (0.0, 1.0, "in [0, 1]")
+_POSITIVE = (1, None, ">= 1")
+_NON_NEGATIVE = (0, None, ">= 0")
+_RANGES = {
+    "IMAGE_SIZE": _POSITIVE,
+    "NOISE_STEP": _NON_NEGATIVE,  # the upper end (the scheduler's length) is checked against the loaded UNet
+    "CLASS_CHUNK_SIZE": _POSITIVE,
+    "SELF_ATTN_FACTOR": _POSITIVE,
+    "BACKGROUND_THRESHOLD": _UNIT,
+    "CROSS_ATTN_FACTORS": _POSITIVE,
+    "CROSS_ATTN_WEIGHTS": (0.0, None, ">= 0"),
+    "DAAM.TIMESTEPS": _NON_NEGATIVE,
+    "CATEGORY_FILTER.THRESHOLD": _UNIT,
+    "CATEGORY_FILTER.TOP_K": _NON_NEGATIVE,
+    "CAPTION.MAX_NEW_TOKENS": _POSITIVE,
+    "FREEDA.TOP_K": _POSITIVE,
+    "FREEDA.MIN_KEY_SIMILARITY": (-1.0, 1.0, "in [-1, 1] (a cosine similarity)"),
+    "FREEDA.LOCAL_WEIGHT": _UNIT,
+    "FREEDA.SUPERPIXEL.SCALE": (0.0, None, ">= 0"),
+    "FREEDA.SUPERPIXEL.SIGMA": (0.0, None, ">= 0"),
+    "FREEDA.SUPERPIXEL.MIN_SIZE": _NON_NEGATIVE,
+    "FREEDA.SHORT_SIDE": _POSITIVE,
+    "FREEDA.WINDOW": _POSITIVE,
+    "FREEDA.STRIDE": _POSITIVE,
+    "FREEDA.EF_SEARCH": _POSITIVE,
+    "FREEDA.NPROBE": _POSITIVE,
+    "FREEDA.BUILD.IMAGE_SIZE": _POSITIVE,
+    "FREEDA.BUILD.STEPS": _POSITIVE,
+    "FREEDA.BUILD.GUIDANCE_SCALE": (0.0, None, ">= 0"),
+    "FREEDA.BUILD.CROSS_ATTN_FACTORS": _POSITIVE,
+    "FREEDA.BUILD.MASK_THRESHOLD": _UNIT,
+    "FREEDA.BUILD.SHARD_SIZE": _POSITIVE,
+    "FREEDA.BUILD.EXACT_UP_TO": _NON_NEGATIVE,
+    "FREEDA.BUILD.HNSW_M": _POSITIVE,
+    "FREEDA.BUILD.HNSW_EF_CONSTRUCTION": _POSITIVE,
+    "FREEDA.BUILD.IVF_NLIST": _NON_NEGATIVE,
+    "ODISE.BACKBONE_LR_MULTIPLIER": (0.0, None, ">= 0"),
+    "ODISE.BACKBONE.OUT_CHANNELS": _POSITIVE,
+    "ODISE.BACKBONE.WINDOW": _POSITIVE,
+    "ODISE.BACKBONE.WINDOW_STRIDE": _POSITIVE,
+    "ODISE.BACKBONE.WINDOW_BATCH": _POSITIVE,
+    "ODISE.BACKBONE.NOISE_STEP": _NON_NEGATIVE,
+    "ODISE.HEAD.CONV_DIM": _POSITIVE,
+    "ODISE.HEAD.MASK_DIM": _POSITIVE,
+    "ODISE.HEAD.ENCODER_LAYERS": _NON_NEGATIVE,
+    "ODISE.HEAD.ENCODER_FFN_DIM": _POSITIVE,
+    "ODISE.HEAD.HIDDEN_DIM": _POSITIVE,
+    "ODISE.HEAD.NUM_QUERIES": _POSITIVE,
+    "ODISE.HEAD.DECODER_LAYERS": _POSITIVE,
+    "ODISE.HEAD.NUM_HEADS": _POSITIVE,
+    "ODISE.HEAD.DECODER_FFN_DIM": _POSITIVE,
+    "ODISE.LOSS.CLASS_WEIGHT": (0.0, None, ">= 0"),
+    "ODISE.LOSS.MASK_WEIGHT": (0.0, None, ">= 0"),
+    "ODISE.LOSS.DICE_WEIGHT": (0.0, None, ">= 0"),
+    "ODISE.LOSS.NO_OBJECT_WEIGHT": (0.0, None, ">= 0"),
+    "ODISE.LOSS.NUM_POINTS": _POSITIVE,
+    "ODISE.LOSS.OVERSAMPLE_RATIO": (1.0, None, ">= 1"),
+    "ODISE.LOSS.IMPORTANCE_SAMPLE_RATIO": _UNIT,
+    "ODISE.LOSS.GROUNDING_WEIGHT": (0.0, None, ">= 0"),
+    "ODISE.TEST.OBJECT_MASK_THRESHOLD": _UNIT,
+    "ODISE.TEST.OVERLAP_THRESHOLD": _UNIT,
+    "ODISE.TEST.DETECTIONS_PER_IMAGE": _POSITIVE,
+    "ODISE.TEST.ENSEMBLE_ALPHA": _UNIT,
+    "ODISE.TEST.ENSEMBLE_BETA": _UNIT,
+}
+
+
+def _lookup(node: CN, dotted: str):
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def check_device(device: str) -> None:
+    """Raise a clear error when ``MODEL.DEVICE`` names no device this machine has."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"MODEL.DEVICE = {device!r} is not a device name; use 'cpu', 'cuda' or 'cuda:N'.") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"MODEL.DEVICE = {device!r}, but this machine has no usable CUDA GPU (torch "
+                f"{torch.__version__}, torch.cuda.is_available() is False). Set MODEL.DEVICE cpu."
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"MODEL.DEVICE = {device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})."
+            )
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"MODEL.DEVICE = {device!r}, but MPS is not available here. Set MODEL.DEVICE cpu.")
+
+
+def check_config(cfg: CN) -> None:
+    """Every check a model of the package runs on ``cfg`` when it is built, before any weights load:
+    the numeric ``MODEL.DIFFSEG`` keys are in range, ``MODEL.DEVICE`` exists on this machine, and
+    ``MODEL.WEIGHTS`` is empty or a checkpoint that loads weights-only (never a pickle)."""
+    from .checkpoint_safety import check_checkpoint_file
+
+    d = cfg.MODEL.DIFFSEG
+    for key, (low, high, what) in _RANGES.items():
+        value = _lookup(d, key)
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"MODEL.DIFFSEG.{key} = {value!r} must be a number {what}.")
+            if (low is not None and v < low) or (high is not None and v > high):
+                raise ValueError(f"MODEL.DIFFSEG.{key} = {value!r} is out of range: it must be {what}.")
+    check_device(cfg.MODEL.DEVICE)
+    check_checkpoint_file(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")

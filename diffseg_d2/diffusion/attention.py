@@ -1,9 +1,9 @@
 """Recording attention maps from a diffusers UNet, streamed into small accumulators.
 
-``record_attention(unet, store)`` installs an ``AttentionRecorder`` processor on
-the chosen layers only (``unet.set_attn_processor``); every other layer keeps
-its fast default processor, and the original processors are put back when the
-context exits. A recorder computes its layer's output exactly as diffusers'
+``record_attention(unet, store)`` records the chosen layers only: on every other
+layer the original (fast) processor runs, and the original processors are put back
+when no call records any more. Concurrent calls of one UNet each record into their
+own store (see ``instrumentation``). A recorder computes its layer's output exactly as diffusers'
 default processor does and, on the way, reduces the attention probabilities it
 needs straight into the ``AttentionStore``:
 
@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Dict, Iterator, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, FrozenSet, Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from .instrumentation import SharedInstrumentation, shared_instrumentation
 
 # Largest transient tensor (bytes) a recorder materialises at once. It bounds the extra memory
 # and, kept under the C allocator's mmap threshold (32 MB by default), lets every chunk reuse
@@ -331,6 +334,44 @@ class AttentionRecorder:
         return out
 
 
+class _RecordingProcessor:
+    """Installed on every attention layer while any call records: it records into the store of the
+    call running in this thread when that call chose this layer, and otherwise runs the layer's
+    original processor unchanged."""
+
+    def __init__(self, original, kind: Optional[str], factor: Optional[int], instrumentation: SharedInstrumentation):
+        self.original = original
+        self.kind = kind
+        self.factor = factor
+        self.instrumentation = instrumentation
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        recording = self.instrumentation.current()
+        if recording is not None and (self.kind, self.factor) in recording.layers:
+            recorder = AttentionRecorder(recording.store, self.kind, self.factor)
+            return recorder(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+
+
+@dataclass(frozen=True)
+class _Recording:
+    store: AttentionStore
+    layers: FrozenSet[Tuple[str, int]]  # (kind, factor) pairs to record
+
+
+def _install_recording_processors(unet) -> Callable[[SharedInstrumentation], Callable[[], None]]:
+    def install(instrumentation: SharedInstrumentation) -> Callable[[], None]:
+        originals = dict(unet.attn_processors)
+        layers = attention_layers(unet)
+        unet.set_attn_processor({
+            name: _RecordingProcessor(proc, *layers.get(name, (None, None)), instrumentation)
+            for name, proc in originals.items()
+        })
+        return lambda: unet.set_attn_processor(originals)
+
+    return install
+
+
 @contextlib.contextmanager
 def record_attention(
     unet,
@@ -338,13 +379,15 @@ def record_attention(
     cross_factors: Sequence[int] = (),
     self_factors: Sequence[int] = (),
 ) -> Iterator[AttentionStore]:
-    """Record the chosen layers of ``unet`` into ``store`` inside the ``with`` block.
+    """Record the chosen layers of ``unet`` into ``store`` during this thread's UNet calls inside
+    the ``with`` block.
 
-    Only layers at ``cross_factors`` (cross-attention) and ``self_factors``
-    (self-attention) get a recorder; the rest keep their processors. The
-    original processors are restored on exit, also after an exception.
+    Only layers at ``cross_factors`` (cross-attention) and ``self_factors`` (self-attention) are
+    recorded; the rest compute as their own processors do. Calls of the same UNet from other
+    threads, recording or not, are not seen by ``store``, so one model may serve concurrent
+    calls. The original processors are back once no call records any more, also after an
+    exception.
     """
-    layers = attention_layers(unet)
     for kind, wanted in (("cross", cross_factors), ("self", self_factors)):
         missing = sorted(set(wanted) - set(available_factors(unet, kind)))
         if missing:
@@ -352,14 +395,7 @@ def record_attention(
                 f"The UNet has no {kind}-attention at latent factors {missing}; "
                 f"it has them at {available_factors(unet, kind)}."
             )
-    originals = dict(unet.attn_processors)
-    processors = {}
-    for name, proc in originals.items():
-        kind, factor = layers.get(name, (None, None))
-        chosen = (kind == "cross" and factor in cross_factors) or (kind == "self" and factor in self_factors)
-        processors[name] = AttentionRecorder(store, kind, factor) if chosen else proc
-    unet.set_attn_processor(processors)
-    try:
+    layers = frozenset([("cross", int(f)) for f in cross_factors] + [("self", int(f)) for f in self_factors])
+    instrumentation = shared_instrumentation(unet, "attention-recording", _install_recording_processors(unet))
+    with instrumentation.active(_Recording(store, layers)):
         yield store
-    finally:
-        unet.set_attn_processor(originals)

@@ -4,7 +4,8 @@
 blocks whose outputs are read (every resnet, or the attention that follows it),
 with their channels and their stride in image pixels. ``record_features`` installs
 forward hooks on those layers for the duration of a ``with`` block and collects
-their outputs, in the order of the list, on every UNet call inside the block.
+their outputs, in the order of the list, on every UNet call inside the block that
+runs in the same thread (concurrent calls each get their own recording).
 
 The hooks only read: the UNet computes exactly what it computes without them.
 """
@@ -12,10 +13,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from .instrumentation import SharedInstrumentation, shared_instrumentation
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,7 @@ class FeatureRecording:
     def __init__(self, taps: Sequence[FeatureTap]):
         self.taps = list(taps)
         self.features: List[Optional[torch.Tensor]] = [None] * len(self.taps)
+        self.index: Dict[Tuple[int, int], int] = {(t.block, t.layer): i for i, t in enumerate(self.taps)}
 
     def collected(self) -> List[torch.Tensor]:
         """Tapped outputs (B, C_i, H / stride_i, W / stride_i) of the last call, in tap order."""
@@ -90,29 +94,41 @@ class FeatureRecording:
         return list(self.features)
 
 
+def _install_tap_hooks(unet) -> Callable[[SharedInstrumentation], Callable[[], None]]:
+    def install(instrumentation: SharedInstrumentation) -> Callable[[], None]:
+        handles = []
+
+        def hook_for(position: Tuple[int, int]):
+            def hook(module, args, output):
+                recording = instrumentation.current()
+                index = None if recording is None else recording.index.get(position)
+                if index is not None:
+                    # Transformer2DModel returns a tuple or an output object; a resnet a tensor.
+                    recording.features[index] = output if isinstance(output, torch.Tensor) else output[0]
+
+            return hook
+
+        for b, block in enumerate(unet.up_blocks):
+            for j in range(len(block.resnets)):
+                handles.append(_tap_module(block, j).register_forward_hook(hook_for((b, j))))
+
+        def uninstall() -> None:
+            for h in handles:
+                h.remove()
+
+        return uninstall
+
+    return install
+
+
 @contextmanager
 def record_features(unet, taps: Sequence[FeatureTap]) -> Iterator[FeatureRecording]:
-    """Collect the outputs of ``taps`` during UNet calls inside the ``with`` block.
+    """Collect the outputs of ``taps`` during this thread's UNet calls inside the ``with`` block.
 
-    The hooks are removed on exit, also after an exception.
+    Calls of the same UNet from other threads are not seen (one model may serve concurrent
+    calls). The hooks are removed once no call records any more, also after an exception.
     """
     recording = FeatureRecording(taps)
-    handles = []
-
-    def hook_for(index: int):
-        def hook(module, args, output):
-            # Transformer2DModel returns a tuple or an output object; a resnet a tensor.
-            if not isinstance(output, torch.Tensor):
-                output = output[0]
-            recording.features[index] = output
-
-        return hook
-
-    try:
-        for index, tap in enumerate(recording.taps):
-            module = _tap_module(unet.up_blocks[tap.block], tap.layer)
-            handles.append(module.register_forward_hook(hook_for(index)))
+    instrumentation = shared_instrumentation(unet, "feature-recording", _install_tap_hooks(unet))
+    with instrumentation.active(recording):
         yield recording
-    finally:
-        for h in handles:
-            h.remove()

@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from ..numerics import require_finite
 from ..optional_imports import require
 from ..random_models import TINY_SD_FOLDER, build_tiny_stable_diffusion
 from ..weights import WeightsLocation, hub_load_error, resolve_weights
@@ -138,6 +139,12 @@ class FrozenStableDiffusion(nn.Module):
         """Pixels per latent cell along each side (8 for SD 1.5)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    def check_timestep(self, step: int, config_key: str) -> None:
+        """Raise unless ``step`` is a timestep of the scheduler's training schedule (0 .. T-1)."""
+        total = int(self.scheduler.config.num_train_timesteps)
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < total:
+            raise ValueError(f"{config_key} = {step!r} must be a timestep in [0, {total - 1}] of this scheduler.")
+
     @property
     def context_length(self) -> int:
         return int(self.tokenizer.model_max_length)
@@ -146,7 +153,7 @@ class FrozenStableDiffusion(nn.Module):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """VAE posterior means, scaled: (B, 3, H, W) in [-1, 1] -> (B, C_lat, H/f, W/f)."""
         posterior = self.vae.encode(images.to(self.dtype)).latent_dist
-        return posterior.mean * self.vae.config.scaling_factor
+        return require_finite(posterior.mean, f"the VAE encoder ({SD_WEIGHTS_KEY})") * self.vae.config.scaling_factor
 
     def add_noise(
         self, latents: torch.Tensor, step: int, generator: torch.Generator, *, same_for_batch: bool = False
@@ -178,7 +185,8 @@ class FrozenStableDiffusion(nn.Module):
     @torch.no_grad()
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Per-token text embeddings: (B, L) ids -> (B, L, D)."""
-        return self.text_encoder(input_ids.to(self.device))[0].to(self.dtype)
+        out = self.text_encoder(input_ids.to(self.device))[0]
+        return require_finite(out, f"the text encoder ({SD_WEIGHTS_KEY})").to(self.dtype)
 
     def unet_forward(
         self, latents: torch.Tensor, step: int, context: torch.Tensor, *, grad: bool = False
@@ -192,7 +200,8 @@ class FrozenStableDiffusion(nn.Module):
         """
         t = torch.full((latents.shape[0],), int(step), device=latents.device, dtype=torch.long)
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            return self.unet(latents.to(self.dtype), t, encoder_hidden_states=context.to(self.dtype)).sample
+            out = self.unet(latents.to(self.dtype), t, encoder_hidden_states=context.to(self.dtype)).sample
+        return require_finite(out, f"the UNet ({SD_WEIGHTS_KEY})")
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..diffusion.prompts import find_subsequence, token_mean_table
 from ..lru import LRUCache
+from ..numerics import require_finite
 from ..optional_imports import require
 from ..random_models import TINY_CLIP_FOLDER, build_tiny_open_clip
 from ..vocabulary import split_synonyms
@@ -98,7 +99,11 @@ class OpenCLIP(nn.Module):
         The whole image is resized to the model's input square (no crop), so
         nothing at the borders is missed by the filter.
         """
-        return F.normalize(self.model.encode_image(self._preprocess(images)).float(), dim=-1)
+        return F.normalize(self._finite(self.model.encode_image(self._preprocess(images))).float(), dim=-1)
+
+    @staticmethod
+    def _finite(x: torch.Tensor) -> torch.Tensor:
+        return require_finite(x, "CLIP (MODEL.DIFFSEG.CLIP.WEIGHTS)")
 
     def _preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) RGB in [0, 255] -> the model's normalised input square (resized, no crop)."""
@@ -111,7 +116,7 @@ class OpenCLIP(nn.Module):
         def compute():
             prompts = [t.format(n) for n in names for t in self.templates]
             ids = self.tokenizer(prompts).to(self.device)
-            emb = F.normalize(self.model.encode_text(ids).float(), dim=-1)
+            emb = F.normalize(self._finite(self.model.encode_text(ids)).float(), dim=-1)
             return F.normalize(emb.view(len(names), len(self.templates), -1).mean(1), dim=-1)
 
         return self._text_cache.get_or_compute(tuple(names), compute)
@@ -136,7 +141,7 @@ class OpenCLIP(nn.Module):
             self._preprocess(images), indices=1, normalize_intermediates=True, intermediates_only=True, output_fmt="NCHW"
         )
         tokens = out["image_intermediates"][-1]  # (B, W, h, w)
-        return torch.einsum("bwhx,wd->bdhx", tokens, visual.proj).float()
+        return self._finite(torch.einsum("bwhx,wd->bdhx", tokens, visual.proj).float())
 
     @torch.no_grad()
     def encode_class_synonyms(self, names: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:

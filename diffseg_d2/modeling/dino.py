@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..numerics import require_finite
 from ..optional_imports import require
 from ..random_models import TINY_DINO_FOLDER, build_tiny_dino
 from ..weights import hub_load_error, resolve_weights
@@ -82,4 +83,5 @@ class DenseDINO(nn.Module):
             x = F.interpolate(x, size=(gh * p, gw * p), mode="bilinear", antialias=True, align_corners=False)
         x = (x - self.pixel_mean) / self.pixel_std
         tokens = self.model.forward_features(x)[:, self.num_prefix_tokens :]  # (B, gh*gw, D)
+        require_finite(tokens, "DINOv2 (MODEL.DIFFSEG.DINO.WEIGHTS)")
         return tokens.transpose(1, 2).reshape(x.shape[0], -1, gh, gw).float()

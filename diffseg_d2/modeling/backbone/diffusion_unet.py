@@ -39,6 +39,8 @@ from detectron2.modeling import BACKBONE_REGISTRY, FPN, Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from torch import nn
 
+from ...checkpoint_safety import refuse_partial_loads
+from ...config import check_config
 from ...diffusion import FrozenStableDiffusion, load_stable_diffusion, record_features, unet_feature_taps
 from ..captioner import ImplicitCaptioner
 from ..clip import OpenCLIP
@@ -133,6 +135,7 @@ class DiffusionUNetBackbone(Backbone):
         if window_batch < 1:
             raise ValueError(f"{_KEY}.WINDOW_BATCH must be >= 1, got {window_batch}.")
         self.window, self.window_stride, self.window_batch = int(window), int(window_stride), int(window_batch)
+        diffusion.check_timestep(noise_step, f"{_KEY}.NOISE_STEP")
         self.noise_step, self.seed = int(noise_step), int(seed)
         self._out_features = list(sorted(out_features, key=LEVEL_STRIDES.get))
         self._out_feature_strides = {f: LEVEL_STRIDES[f] for f in self._out_features}
@@ -149,6 +152,7 @@ class DiffusionUNetBackbone(Backbone):
                 )
         frozen = ["diffusion"] + (["captioner.clip"] if captioner is not None else [])
         exclude_from_checkpoints(self, frozen)
+        refuse_partial_loads(self)
         logger.info(
             "DiffusionUNetBackbone: %d taps (%s) -> %s",
             len(self.taps), ", ".join(f"{t.name}@{t.stride}" for t in self.taps),
@@ -159,6 +163,9 @@ class DiffusionUNetBackbone(Backbone):
     def from_config(cls, cfg, input_shape: Optional[ShapeSpec] = None):
         if input_shape is not None and input_shape.channels not in (None, 3):
             raise ValueError(f"DiffusionUNetBackbone reads RGB images (3 channels), not {input_shape.channels}.")
+        # The backbone also runs under detectron2's own architectures (and their stock
+        # checkpointer), so it checks MODEL.WEIGHTS itself, before anything loads it.
+        check_config(cfg)
         c = cfg.MODEL.DIFFSEG
         o = c.ODISE.BACKBONE
         diffusion = FrozenStableDiffusion(

@@ -26,6 +26,7 @@ from ...diffusion import (
     minmax_per_map,
     record_attention,
 )
+from ...config import check_config
 from ...vocabulary import background_index
 from .open_vocab import OpenVocabularySegmenter, vocabulary_from_config
 
@@ -112,6 +113,12 @@ class DiffSegmenter(OpenVocabularySegmenter):
         if image_size <= 0 or image_size % multiple:
             raise ValueError(f"MODEL.DIFFSEG.IMAGE_SIZE = {image_size} must be a positive multiple of {multiple}.")
 
+        diffusion.check_timestep(noise_step, "MODEL.DIFFSEG.NOISE_STEP")
+        if class_chunk_size < 1:
+            raise ValueError(f"MODEL.DIFFSEG.CLASS_CHUNK_SIZE = {class_chunk_size} must be >= 1.")
+        if not 0.0 <= background_threshold <= 1.0:
+            raise ValueError(f"MODEL.DIFFSEG.BACKGROUND_THRESHOLD = {background_threshold} must be in [0, 1].")
+
         self.diffusion = diffusion
         self.image_size = int(image_size)
         self.noise_step = int(noise_step)
@@ -119,7 +126,7 @@ class DiffSegmenter(OpenVocabularySegmenter):
         self.prompt_template = prompt_template
         self.conditioning = conditioning
         self.carrier_template = carrier_template
-        self.class_chunk_size = max(1, int(class_chunk_size))
+        self.class_chunk_size = int(class_chunk_size)
         self.cross_attn_factors = [int(f) for f in cross_attn_factors]
         self.cross_attn_weights = [float(w) for w in cross_attn_weights]
         self.self_attn_factor = int(self_attn_factor)
@@ -135,6 +142,7 @@ class DiffSegmenter(OpenVocabularySegmenter):
 
     @classmethod
     def from_config(cls, cfg) -> Dict:
+        check_config(cfg)
         d = cfg.MODEL.DIFFSEG
         vocabulary = vocabulary_from_config(cfg)
         category_filter = captioner = None

@@ -19,6 +19,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
+from ...config import check_config
 from ...freeda.bank import PrototypeBank, check_bank_models, check_fingerprint, model_fingerprint
 from ...freeda.superpixels import felzenszwalb_superpixels, pool_features, sliding_windows
 from ...vocabulary import background_index
@@ -105,6 +106,7 @@ class FreeDA(OpenVocabularySegmenter):
         from ..clip import OpenCLIP
         from ..dino import DenseDINO
 
+        check_config(cfg)
         d, f = cfg.MODEL.DIFFSEG, cfg.MODEL.DIFFSEG.FREEDA
         vocabulary = vocabulary_from_config(cfg)
         # The bank is read (and checked) before the models load: a wrong folder fails fast.

@@ -29,6 +29,9 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import BitMasks, Boxes, ImageList, Instances
 from torch import nn
 
+from ...checkpoint_safety import refuse_partial_loads
+from ...config import check_config
+from ...numerics import require_finite
 from ...vocabulary import BACKGROUND, parse_vocabulary, split_synonyms, vocabulary_from_metadata
 from ..clip import OpenCLIP
 from ..frozen import exclude_from_checkpoints
@@ -137,6 +140,7 @@ class ODISE(nn.Module):
         self.clip = clip
         # The backbone's CLIP may be this same module; either way it is never checkpointed.
         exclude_from_checkpoints(self, ["clip"])
+        refuse_partial_loads(self)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
         self.input_format = input_format
@@ -156,6 +160,7 @@ class ODISE(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
+        check_config(cfg)
         o = cfg.MODEL.DIFFSEG.ODISE
         backbone = build_backbone(cfg)
         clip = getattr(backbone, "clip", None)
@@ -384,7 +389,10 @@ class ODISE(nn.Module):
                 align_corners=False,
             )[0]
             valid = masks[:, :h, :w]  # (Q, h, w) logits on the input image
-            probs = self._class_probabilities(outputs["pred_embeds"][i], valid, raw[i], names)
+            require_finite(valid, "ODISE's mask head (MODEL.WEIGHTS)")
+            probs = require_finite(
+                self._class_probabilities(outputs["pred_embeds"][i], valid, raw[i], names), "ODISE's classifier"
+            )
             masks = sem_seg_postprocess(masks, (h, w), out_h, out_w)  # (Q, out_h, out_w) logits
             result = {}
             if self.semantic_on:

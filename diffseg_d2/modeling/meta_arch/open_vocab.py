@@ -13,7 +13,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ...checkpoint_safety import refuse_partial_loads
 from ...lru import LRUCache
+from ...numerics import require_finite
 from ...vocabulary import parse_vocabulary, vocabulary_from_metadata
 
 _CACHE_SIZE = 8
@@ -46,6 +48,7 @@ class OpenVocabularySegmenter(nn.Module):
         self._cache = LRUCache(_CACHE_SIZE)
         # An empty buffer that follows .to(): where the model lives (cfg.MODEL.DEVICE).
         self.register_buffer("_device_anchor", torch.zeros(0), persistent=False)
+        refuse_partial_loads(self)
 
     # ------------------------------------------------------------------ vocabulary
     @property
@@ -102,7 +105,8 @@ class OpenVocabularySegmenter(nn.Module):
                 )
             image = self._rgb(x["image"])
             out_size = (int(x.get("height", image.shape[-2])), int(x.get("width", image.shape[-1])))
-            results.append({"sem_seg": self.segment(image, names, out_size)})
+            scores = require_finite(self.segment(image, names, out_size), f"{name}'s score computation")
+            results.append({"sem_seg": scores})
         return results
 
     def segment(self, image: torch.Tensor, names: Sequence[str], out_size: Tuple[int, int]) -> torch.Tensor:
