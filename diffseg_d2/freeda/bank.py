@@ -11,8 +11,13 @@ A bank is a folder::
 
 Every file is written atomically (temporary name, then rename), so a killed
 build leaves only whole files behind. ``PrototypeBank.load`` checks sizes and
-checksums before reading anything and refuses a bank whose models differ from
-the config's (a bank's keys only make sense with the CLIP that wrote them).
+checksums before reading anything, and every count of the manifest against the
+shards and the index, and refuses a bank whose models differ from the config's
+(a bank's keys only make sense with the CLIP that wrote them).
+
+A manifest is data that anyone may edit or copy, never a list of files to trust:
+every path the reader or the builder opens, writes or deletes comes from
+``bank_path``, which refuses whatever leads outside the bank folder.
 """
 from __future__ import annotations
 
@@ -43,12 +48,68 @@ SHARD_DIR = "shards"
 INDEX_TYPES = ("auto", "flat", "hnsw", "ivf")
 
 
+# What fixes a manifest that does not match its files (build_bank rewrites the manifest from intact shards).
+REWRITE_MANIFEST = ("Rerun tools/build_freeda_bank.py on this folder with --resume: it keeps the intact shards and "
+                    "writes the manifest again from them.")
+
+
 class BankError(ValueError):
     """A bank folder that cannot be used: unfinished, damaged, or built for other models."""
 
 
+class BankPathError(BankError):
+    """A path of a bank (named by its manifest, or a link in its folder) that leads outside the bank folder."""
+
+
 def shard_name(index: int) -> str:
     return f"{SHARD_DIR}/shard-{index:05d}.safetensors"
+
+
+def bank_path(folder, name, what: str) -> Path:
+    """The file or folder ``name`` of the bank in ``folder``, refusing any name that leads outside it.
+
+    The one containment check of a bank: the reader and ``--resume`` read, write and delete only paths
+    that come from here, so an edited manifest (``../x``, ``/etc/passwd``) or a symbolic link inside the
+    bank pointing elsewhere can never make them touch a file that is not the bank's.
+
+    Args:
+        folder: the bank folder (it may itself be, or lie under, a symbolic link).
+        name: a relative path as the manifest writes it, e.g. ``shards/shard-00000.safetensors``.
+        what: what names the path, for the error, e.g. ``"manifest entry 'shards[1].file'"``.
+
+    Returns:
+        The path with symbolic links resolved, strictly inside the resolved ``folder``.
+
+    Raises:
+        BankPathError: ``name`` is not a relative path, or it resolves outside ``folder``.
+    """
+    root = Path(folder).resolve()
+    link = False
+    if not isinstance(name, str) or not name.strip() or "\0" in name:
+        reason = "it is not a file name"
+    elif Path(name).is_absolute():
+        reason = "it is an absolute path"
+    else:
+        try:
+            path = (root / name).resolve()
+        except (OSError, RuntimeError) as e:  # a loop of links: RuntimeError before Python 3.13
+            path, reason = None, f"it cannot be resolved ({e})"
+        if path is not None:
+            if path != root and path.is_relative_to(root):
+                return path
+            link = Path(os.path.normpath(root / name)).is_relative_to(root)
+            reason = f"it leads to '{path}'" + (" through a symbolic link" if link else "")
+    if link:
+        advice = ("Replace the link with the file itself, or remove the link and rerun tools/build_freeda_bank.py "
+                  "on this folder with --resume to rebuild what it held.")
+    else:
+        advice = (f"The manifest was edited or copied from elsewhere: restore this bank's own {MANIFEST_FILE}, or "
+                  "delete it and rerun tools/build_freeda_bank.py on this folder with --resume, which writes it "
+                  "again from the intact shards.")
+    raise BankPathError(
+        f"The {what}, {name!r}, is not a path inside the bank folder '{root}': {reason}. A bank uses only its "
+        f"own files, so nothing outside the bank folder was read or deleted. {advice}"
+    )
 
 
 def sha256_of(path: Path, chunk: int = 2**22) -> str:
@@ -206,6 +267,16 @@ def set_search_breadth(index, top_k: int, ef_search: int, nprobe: int) -> None:
 
 
 # ----------------------------------------------------------------------------- the bank
+# The manifest's ``counts``, each summed over the shards.
+COUNTS = ("captions", "prototypes", "captions_without_nouns", "nouns_skipped")
+
+
+def shard_counts(shard: Shard) -> dict:
+    """One shard's share of each of the manifest's ``COUNTS``."""
+    return {"captions": shard.captions[1] - shard.captions[0], "prototypes": len(shard),
+            "captions_without_nouns": len(shard.captions_without_nouns), "nouns_skipped": shard.nouns_skipped}
+
+
 def finalize_bank(folder: Path, spec: dict, fingerprint: dict, num_shards: int, index_settings: dict) -> dict:
     """Index the keys of all shards and write the manifest; returns it.
 
@@ -213,19 +284,16 @@ def finalize_bank(folder: Path, spec: dict, fingerprint: dict, num_shards: int, 
     """
     folder = Path(folder)
     keys, entries = [], []
-    counts = {"captions": 0, "prototypes": 0, "captions_without_nouns": 0, "nouns_skipped": 0}
+    counts = dict.fromkeys(COUNTS, 0)
     for i in range(num_shards):
-        path = folder / shard_name(i)
+        path = bank_path(folder, shard_name(i), "bank shard")
         shard = read_shard(path)
         keys.append(shard.keys.numpy())
         entries.append({
             "file": shard_name(i), "bytes": path.stat().st_size, "sha256": sha256_of(path),
             "prototypes": len(shard), "captions": list(shard.captions),
         })
-        counts["captions"] += shard.captions[1] - shard.captions[0]
-        counts["prototypes"] += len(shard)
-        counts["captions_without_nouns"] += len(shard.captions_without_nouns)
-        counts["nouns_skipped"] += shard.nouns_skipped
+        counts = {k: counts[k] + v for k, v in shard_counts(shard).items()}
     if counts["prototypes"] == 0:
         raise BankError(
             f"The bank in {folder} has no prototypes: no caption gave a noun with a mask "
@@ -234,8 +302,8 @@ def finalize_bank(folder: Path, spec: dict, fingerprint: dict, num_shards: int, 
         )
     all_keys = np.concatenate(keys)
     index, kind = build_index(all_keys, **index_settings)
-    write_index(folder / INDEX_FILE, index)
-    path = folder / INDEX_FILE
+    path = bank_path(folder, INDEX_FILE, "bank index")
+    write_index(path, index)
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -247,37 +315,142 @@ def finalize_bank(folder: Path, spec: dict, fingerprint: dict, num_shards: int, 
         "counts": counts,
         "key_dim": int(all_keys.shape[1]),
     }
-    write_json(folder / MANIFEST_FILE, manifest)
+    write_json(bank_path(folder, MANIFEST_FILE, "bank manifest"), manifest)
     logger.info("bank %s: %d prototypes from %d captions (%d without nouns), %s index",
                 folder, counts["prototypes"], counts["captions"], counts["captions_without_nouns"], kind)
     return manifest
 
 
-def check_file(folder: Path, entry: dict, what: str) -> Path:
-    path = folder / entry["file"]
+def manifest_entry(container, key, name: str, folder, kind: Optional[type] = None):
+    """``container[key]`` of the manifest of the bank in ``folder``; ``name`` (``shards[1].bytes``) is its place."""
+    try:
+        value = container[key]
+    except (KeyError, IndexError, TypeError):
+        raise BankError(f"The manifest of the bank '{folder}' is damaged: its entry '{name}' is missing. "
+                        f"{REWRITE_MANIFEST}") from None
+    if kind is not None and not isinstance(value, kind):
+        raise BankError(f"The manifest of the bank '{folder}' is damaged: its entry '{name}' is {value!r}, not a "
+                        f"{kind.__name__}. {REWRITE_MANIFEST}")
+    return value
+
+
+def manifest_mismatch(folder, name: str, recorded, found: str) -> BankError:
+    """The error for a manifest entry ``name`` whose value ``recorded`` is not what the files hold (``found``)."""
+    return BankError(
+        f"The manifest of the bank '{folder}' does not match its files: its entry '{name}' says {recorded!r}, but "
+        f"{found}. The manifest was edited or belongs to other files. {REWRITE_MANIFEST}"
+    )
+
+
+def manifest_file(folder: Path, entry: dict, name: str) -> Path:
+    """The file that the manifest entry ``name`` (``shards[1]``, ``index``) names, resolved inside the bank."""
+    return bank_path(folder, manifest_entry(entry, "file", f"{name}.file", folder), f"manifest entry '{name}.file'")
+
+
+def check_file(folder: Path, path: Path, entry: dict, name: str, what: str) -> None:
+    """Raise ``BankError`` unless ``path`` has the size and sha256 that the manifest entry ``name`` records."""
     advice = "Rerun tools/build_freeda_bank.py on this folder with --resume: it rebuilds what is damaged."
+    size = manifest_entry(entry, "bytes", f"{name}.bytes", folder)
+    sha256 = manifest_entry(entry, "sha256", f"{name}.sha256", folder)
     if not path.is_file():
         raise BankError(f"The {what} {path} is missing. {advice}")
-    size = path.stat().st_size
-    if size != entry["bytes"]:
-        raise BankError(f"The {what} {path} is {size} bytes, the manifest says {entry['bytes']}: it is truncated "
-                        f"or was replaced. {advice}")
-    if sha256_of(path) != entry["sha256"]:
+    if path.stat().st_size != size:
+        raise BankError(f"The {what} {path} is {path.stat().st_size} bytes, the manifest says {size}: it is "
+                        f"truncated or was replaced. {advice}")
+    if sha256_of(path) != sha256:
         raise BankError(f"The {what} {path} does not match its checksum in the manifest. {advice}")
-    return path
+
+
+def read_bank(folder) -> Tuple[dict, object, torch.Tensor, List[str]]:
+    """Read a finished bank, checking every file and every count of its manifest against the files.
+
+    Only paths inside ``folder`` are read (``bank_path``). Besides sizes and checksums, each shard's
+    row count and caption range must be its entry's, the ranges must follow each other from caption 0,
+    the manifest's ``counts`` (and its spec's caption count) must be the shards' sums, and the index
+    must hold one key of ``key_dim`` dimensions per row.
+
+    Returns:
+        ``(manifest, index, prototypes, nouns)``: the faiss index over the ``(M, Dk)`` keys, the
+        ``(M, Dp)`` float32 prototypes and the M nouns, rows in shard order.
+
+    Raises:
+        BankPathError: the manifest names a path outside ``folder``, or a link in it leads out.
+        BankError: the manifest is not a bank's, a file is missing or damaged, or a count is wrong.
+    """
+    faiss = require("faiss", "faiss-cpu", "The FreeDA key index")
+    folder = Path(folder)
+    manifest_path = bank_path(folder, MANIFEST_FILE, "bank manifest")
+    manifest = read_json(manifest_path, "bank manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise BankError(f"'{manifest_path}' is not a version-{VERSION} diffseg_d2 FreeDA bank manifest.")
+    key_dim = manifest_entry(manifest, "key_dim", "key_dim", folder)
+    prototypes, nouns, totals, stop = [], [], dict.fromkeys(COUNTS, 0), 0
+    for i, entry in enumerate(manifest_entry(manifest, "shards", "shards", folder, list)):
+        name = f"shards[{i}]"
+        path = manifest_file(folder, entry, name)
+        check_file(folder, path, entry, name, "bank shard")
+        shard = read_shard(path)
+        rows = manifest_entry(entry, "prototypes", f"{name}.prototypes", folder)
+        if rows != len(shard):
+            raise manifest_mismatch(folder, f"{name}.prototypes", rows, f"{path} holds {len(shard)} rows")
+        captions = manifest_entry(entry, "captions", f"{name}.captions", folder)
+        if captions != list(shard.captions):
+            raise manifest_mismatch(folder, f"{name}.captions", captions,
+                                    f"{path} covers captions {list(shard.captions)}")
+        if shard.captions[0] != stop:
+            raise manifest_mismatch(folder, f"{name}.captions", captions, f"the shards before it end at caption "
+                                    f"{stop} (the shards cover the captions in order, each once)")
+        dim = shard.keys.shape[1] if shard.keys.dim() == 2 else None
+        if dim != key_dim:
+            raise manifest_mismatch(folder, "key_dim", key_dim, f"the keys in {path} have {dim} dimensions")
+        stop = shard.captions[1]
+        totals = {k: totals[k] + v for k, v in shard_counts(shard).items()}
+        prototypes.append(shard.prototypes)
+        nouns.extend(shard.nouns)
+    counts = manifest_entry(manifest, "counts", "counts", folder, dict)
+    for key in COUNTS:
+        recorded = manifest_entry(counts, key, f"counts.{key}", folder)
+        if recorded != totals[key]:
+            raise manifest_mismatch(folder, f"counts.{key}", recorded, f"the shards add up to {totals[key]}")
+    spec = manifest.get("spec")
+    spec_captions = spec.get("captions") if isinstance(spec, dict) else None
+    if isinstance(spec_captions, dict) and spec_captions.get("count") != totals["captions"]:
+        raise manifest_mismatch(folder, "spec.captions.count", spec_captions.get("count"),
+                                f"the shards cover {totals['captions']} captions")
+
+    index_entry = manifest_entry(manifest, "index", "index", folder, dict)
+    index_path = manifest_file(folder, index_entry, "index")
+    check_file(folder, index_path, index_entry, "index", "bank index")
+    try:
+        index = faiss.read_index(str(index_path))
+    except RuntimeError as e:
+        raise BankError(f"The bank index {index_path} cannot be read by faiss ({e}).") from e
+    ntotal = manifest_entry(index_entry, "ntotal", "index.ntotal", folder)
+    if ntotal != index.ntotal:
+        raise manifest_mismatch(folder, "index.ntotal", ntotal, f"{index_path} holds {index.ntotal} keys")
+    if index.ntotal != totals["prototypes"]:
+        raise manifest_mismatch(folder, "index.ntotal", ntotal,
+                                f"the shards hold {totals['prototypes']} rows, each with one key in the index")
+    if index.d != key_dim:
+        raise manifest_mismatch(folder, "key_dim", key_dim, f"{index_path} holds keys of {index.d} dimensions")
+    prototypes = torch.cat(prototypes).float() if prototypes else torch.zeros(0, 0)
+    return manifest, index, prototypes, nouns
 
 
 def verify_bank_files(folder: Path) -> Optional[dict]:
-    """The manifest of ``folder`` if the bank is finished and every file matches it, else None."""
-    path = Path(folder) / MANIFEST_FILE
-    if not path.is_file():
+    """The manifest of ``folder`` if the bank is finished and every file and count matches it, else None.
+
+    Raises:
+        BankPathError: the bank names a path outside its folder. Repairing it (``--resume``) would
+            delete what the manifest names, so it must stop here.
+    """
+    if not bank_path(folder, MANIFEST_FILE, "bank manifest").is_file():
         return None
     try:
-        manifest = read_json(path, "bank manifest")
-        for entry in manifest["shards"]:
-            check_file(Path(folder), entry, "bank shard")
-        check_file(Path(folder), manifest["index"], "bank index")
-    except (BankError, KeyError, TypeError) as e:
+        manifest = read_bank(folder)[0]
+    except BankPathError:
+        raise
+    except BankError as e:
         logger.warning("the finished bank in %s needs repair: %s", folder, e)
         return None
     return manifest
@@ -367,8 +540,7 @@ class PrototypeBank:
 
     @classmethod
     def load(cls, folder, *, top_k: int = 350, ef_search: int = 512, nprobe: int = 16) -> "PrototypeBank":
-        """Read and verify a finished bank folder (``MODEL.DIFFSEG.FREEDA.BANK``)."""
-        faiss = require("faiss", "faiss-cpu", "The FreeDA key index")
+        """Read and verify a finished bank folder (``MODEL.DIFFSEG.FREEDA.BANK``); see ``read_bank``."""
         if not str(folder or "").strip():
             raise BankError("MODEL.DIFFSEG.FREEDA.BANK is empty: build a bank with tools/build_freeda_bank.py "
                             "and set the key to its folder.")
@@ -376,26 +548,13 @@ class PrototypeBank:
         if not folder.is_dir():
             raise BankError(f"MODEL.DIFFSEG.FREEDA.BANK = '{folder}' is not a folder. Build a bank with "
                             "tools/build_freeda_bank.py --output <folder> first.")
-        manifest_path = folder / MANIFEST_FILE
-        if not manifest_path.is_file():
+        if not bank_path(folder, MANIFEST_FILE, "bank manifest").is_file():
             hint = ("its build was interrupted: rerun tools/build_freeda_bank.py with --resume"
                     if (folder / SPEC_FILE).is_file() else "it is not a bank folder")
             raise BankError(f"'{folder}' has no {MANIFEST_FILE}: {hint}.")
-        manifest = read_json(manifest_path, "bank manifest")
-        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-            raise BankError(f"'{manifest_path}' is not a version-{VERSION} diffseg_d2 FreeDA bank manifest.")
-        prototypes, nouns = [], []
-        for entry in manifest["shards"]:
-            shard = read_shard(check_file(folder, entry, "bank shard"))
-            prototypes.append(shard.prototypes)
-            nouns.extend(shard.nouns)
-        index_path = check_file(folder, manifest["index"], "bank index")
-        try:
-            index = faiss.read_index(str(index_path))
-        except RuntimeError as e:
-            raise BankError(f"The bank index {index_path} cannot be read by faiss ({e}).") from e
+        manifest, index, prototypes, nouns = read_bank(folder)
         set_search_breadth(index, top_k, ef_search, nprobe)
-        return cls(index, torch.cat(prototypes).float(), nouns, manifest)
+        return cls(index, prototypes, nouns, manifest)
 
     def search(self, queries: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Nearest keys: (Q, Dk) L2-normalised queries -> similarities and ids, each (Q, k').

@@ -37,10 +37,13 @@ from .bank import (
     SHARD_DIR,
     SPEC_FILE,
     BankError,
+    BankPathError,
     Shard,
+    bank_path,
     check_file,
     check_fingerprint,
     finalize_bank,
+    manifest_file,
     read_json,
     read_shard,
     shard_name,
@@ -276,7 +279,7 @@ def save_inspection(folder: Path, index: int, result: CaptionPrototypes) -> None
 
 # ----------------------------------------------------------------------------- the whole build
 def _shard_done(folder: Path, index: int, expected: tuple) -> bool:
-    path = folder / shard_name(index)
+    path = bank_path(folder, shard_name(index), "bank shard")
     if not path.is_file():
         return False
     try:
@@ -292,21 +295,34 @@ def _shard_done(folder: Path, index: int, expected: tuple) -> bool:
 
 def _drop_damaged_shards(folder: Path) -> None:
     """Before a resume: delete shards that fail the checksums of a (stale) manifest, then the
-    manifest itself, and temporary files a killed write left behind. What is deleted is rebuilt."""
-    manifest_path = folder / MANIFEST_FILE
+    manifest itself, and temporary files a killed write left behind. What is deleted is rebuilt.
+
+    Only files inside ``folder`` are deleted: a manifest entry naming a path outside it raises
+    ``BankPathError`` before anything is deleted.
+    """
+    manifest_path = bank_path(folder, MANIFEST_FILE, "bank manifest")
+    shard_dir = bank_path(folder, SHARD_DIR, "bank shard folder")
     if manifest_path.is_file():
         try:
             entries = read_json(manifest_path, "bank manifest").get("shards", [])
-        except BankError:
+        except (BankError, AttributeError):
             entries = []
-        for entry in entries:
+        named = []
+        for i, entry in enumerate(entries if isinstance(entries, list) else []):
             try:
-                check_file(folder, entry, "bank shard")
-            except (BankError, KeyError) as e:
+                named.append((manifest_file(folder, entry, f"shards[{i}]"), entry, f"shards[{i}]"))
+            except BankPathError:
+                raise
+            except BankError as e:  # no file name: nothing to check; the shard's range is checked later
+                logger.warning("rebuilding the manifest: %s", e)
+        for path, entry, name in named:  # every path is checked before the first is deleted
+            try:
+                check_file(folder, path, entry, name, "bank shard")
+            except BankError as e:
                 logger.warning("rebuilding: %s", e)
-                (folder / entry["file"]).unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
         manifest_path.unlink()  # stale: shards are about to change
-    for tmp in (folder / SHARD_DIR).glob(".*") if (folder / SHARD_DIR).is_dir() else ():
+    for tmp in shard_dir.glob(".*") if shard_dir.is_dir() else ():
         tmp.unlink(missing_ok=True)
 
 
@@ -330,7 +346,7 @@ def prepare_output(folder: Path, spec: dict, fingerprint: dict, resume: bool) ->
     """
     check_output_folder(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    spec_path = folder / SPEC_FILE
+    spec_path = bank_path(folder, SPEC_FILE, "bank build record")
     if spec_path.is_file():
         recorded = read_json(spec_path, "bank build record")
         differs = sorted(k for k in set(spec) | set(recorded.get("spec", {}))
@@ -380,7 +396,7 @@ def build_bank(builder: PrototypeBankBuilder, captions: Sequence[str], output, *
     done = comm.all_gather(done is not None)[0] if world > 1 else done is not None
     if done:
         logger.info("'%s' already holds this bank, complete: nothing to build.", output)
-        return read_json(output / MANIFEST_FILE, "bank manifest") if rank == 0 else None
+        return read_json(bank_path(output, MANIFEST_FILE, "bank manifest"), "bank manifest") if rank == 0 else None
 
     num_shards = math.ceil(len(captions) / builder.shard_size)
     ranges = {i: (i * builder.shard_size, min(len(captions), (i + 1) * builder.shard_size)) for i in range(num_shards)}
@@ -389,11 +405,12 @@ def build_bank(builder: PrototypeBankBuilder, captions: Sequence[str], output, *
     if len(todo) < len(mine):
         logger.info("process %d: %d of its %d shards are already built", rank, len(mine) - len(todo), len(mine))
     total = sum(ranges[i][1] - ranges[i][0] for i in todo)
-    inspect_dir = output / "inspect" if builder.keep_images else None
+    inspect_dir = bank_path(output, "inspect", "inspection folder") if builder.keep_images else None
     with tqdm(total=total, unit="caption", desc=f"bank shards of process {rank}",
               disable=not show_progress or rank != 0) as bar:
         for i in todo:
-            write_shard(output / shard_name(i), builder.build_shard(i, captions, inspect_dir, bar))
+            shard = builder.build_shard(i, captions, inspect_dir, bar)
+            write_shard(bank_path(output, shard_name(i), "bank shard"), shard)
     comm.synchronize()
     if rank != 0:
         return None
