@@ -309,7 +309,6 @@ _RANGES = {
     "CATEGORY_FILTER.TOP_K": _NON_NEGATIVE,
     "CAPTION.MAX_NEW_TOKENS": _POSITIVE,
     "FREEDA.TOP_K": _POSITIVE,
-    "FREEDA.MIN_KEY_SIMILARITY": (-1.0, 1.0, "in [-1, 1] (a cosine similarity)"),
     "FREEDA.LOCAL_WEIGHT": _UNIT,
     "FREEDA.SUPERPIXEL.SCALE": (0.0, None, ">= 0"),
     "FREEDA.SUPERPIXEL.SIGMA": (0.0, None, ">= 0"),
