@@ -33,19 +33,39 @@ def add_diffseg_config(cfg: CN) -> CN:
     # Compute dtype of the frozen SD parts: float32, float16 or bfloat16 (the last two on CUDA only).
     _c.SD.DTYPE = "float32"
 
-    # --- DiffSegmenter ---------------------------------------------------------------
+    # --- DiffSegmenter (defaults: the reference code's computation) -------------------------
     # Side of the square the image is resized to before the VAE (512 for SD 1.5).
     _c.IMAGE_SIZE = 512
+    # Antialias when resizing to IMAGE_SIZE. The reference resizes without (False); True is ours.
+    _c.RESIZE_ANTIALIAS = False
+    # VAE latent: "sample" draws from the posterior (the reference; seeded by SEED, so reproducible);
+    # "mean" takes the posterior mean (ours, noise-free).
+    _c.VAE_LATENT = "sample"
     # Diffusion timestep (of the scheduler's 1000) at which noise is added before the one UNet pass.
     _c.NOISE_STEP = 100
-    # Seed of the added noise; the same image always gets the same noise.
+    # Seed of the VAE sample and the added noise, drawn per image; the same image always gets the same.
     _c.SEED = 0
-    # Prompt of each class; "{}" is replaced by the class name.
-    _c.PROMPT_TEMPLATE = "a photograph of {}."
-    # "shared": ONE UNet pass conditioned on CARRIER_TEMPLATE, every class prompt's cross-attention
-    # read out against that pass's queries (cost nearly flat in the number of classes);
-    # "per_class": every class prompt conditions its own batch element, as in the reference (cost linear).
-    _c.CONDITIONING = "shared"
+    # Prompt of each class; "{}" is replaced by the class's prompt name.
+    _c.PROMPT_TEMPLATE = "a photograph of {}"
+    # Words used in prompts instead of a class name, as "class name=prompt word" pairs (the evaluated
+    # class names stay the dataset's), e.g. the reference's single-token VOC names "dining table=table".
+    _c.PROMPT_NAMES = []
+    # Weight of the tokens of each class name's last word in its prompt: embedding = empty +
+    # w * (z - empty), what the reference's Compel markup "name++" computes (1.21); 1 = no weighting.
+    _c.CLASS_TOKEN_WEIGHT = 1.21
+    # Which of a class name's tokens are read: "first" (the reference's VOC script), "last" (its
+    # COCO script) or "mean" (ours: all sub-tokens averaged).
+    _c.TOKEN_SELECTION = "first"
+    # The reference's "-ing" rule: when the word after the class name ends in "ing" (a caption
+    # continuation such as "dog running"), the token after the read one is averaged in too.
+    _c.ING_RULE = True
+    # "per_class": every class prompt conditions its own batch element, as in the reference (cost
+    # linear in classes); "shared" (ours): ONE UNet pass conditioned on CARRIER_TEMPLATE, every class
+    # prompt's cross-attention read out against that pass's queries (cost nearly flat in classes).
+    _c.CONDITIONING = "per_class"
+    # Self-attention of the refinement with "per_class": "own" refines each class with the
+    # self-attention of its own pass (the reference); "averaged" (ours) with the mean over all passes.
+    _c.REFINEMENT = "own"
     # Carrier prompt of "shared" conditioning; "{}" is replaced by the comma-joined class names.
     _c.CARRIER_TEMPLATE = "a photograph of {}."
     # Most class prompts per batched UNet call with "per_class" conditioning (larger vocabularies are chunked).
@@ -80,8 +100,9 @@ def add_diffseg_config(cfg: CN) -> CN:
 
     # --- category filter -----------------------------------------------------------------
     _c.CATEGORY_FILTER = CN()
-    # Drop classes that CLIP judges absent from the image before the argmax.
-    _c.CATEGORY_FILTER.ENABLED = True
+    # Drop classes that CLIP judges absent from the image before the argmax. Ours: the reference's
+    # filter (precomputed label files) was not released, and as released its lookup never matches.
+    _c.CATEGORY_FILTER.ENABLED = False
     # Keep a class when its softmax probability over the vocabulary (CLIP image-text) is at least this.
     _c.CATEGORY_FILTER.THRESHOLD = 0.02
     # Keep at most this many classes (the most probable); 0 = no cap.
@@ -89,12 +110,16 @@ def add_diffseg_config(cfg: CN) -> CN:
 
     # --- caption augmentation --------------------------------------------------------------
     _c.CAPTION = CN()
-    # Append a generated caption to every class prompt (the reference's prompt augmentation).
-    _c.CAPTION.ENABLED = False
-    # Captioner (transformers BLIP): a hub id or a local folder.
-    _c.CAPTION.WEIGHTS = "Salesforce/blip-image-captioning-base"
-    # Longest generated caption, in tokens.
-    _c.CAPTION.MAX_NEW_TOKENS = 20
+    # Continue every class prompt with a caption of the image (the reference's prompt augmentation).
+    _c.CAPTION.ENABLED = True
+    # Captioner (transformers BLIP): a hub id or a local folder (the reference: BLIP large).
+    _c.CAPTION.WEIGHTS = "Salesforce/blip-image-captioning-large"
+    # True: BLIP captions the image starting FROM each class prompt and what it adds follows the
+    # class word (the reference: one generation per class); False (ours): one caption per image,
+    # appended to every prompt after a space.
+    _c.CAPTION.CONDITIONED = True
+    # Most generated tokens; 0 = the model's own generation settings (the reference's).
+    _c.CAPTION.MAX_NEW_TOKENS = 0
 
     # --- DINOv2 dense features (FreeDA) ------------------------------------------------
     _c.DINO = CN()
@@ -307,7 +332,8 @@ _RANGES = {
     "DAAM.TIMESTEPS": _NON_NEGATIVE,
     "CATEGORY_FILTER.THRESHOLD": _UNIT,
     "CATEGORY_FILTER.TOP_K": _NON_NEGATIVE,
-    "CAPTION.MAX_NEW_TOKENS": _POSITIVE,
+    "CAPTION.MAX_NEW_TOKENS": _NON_NEGATIVE,
+    "CLASS_TOKEN_WEIGHT": (0.0, None, ">= 0"),
     "FREEDA.TOP_K": _POSITIVE,
     "FREEDA.LOCAL_WEIGHT": _UNIT,
     "FREEDA.SUPERPIXEL.SCALE": (0.0, None, ">= 0"),

@@ -42,27 +42,50 @@ def test_captioner_loads_from_a_folder_and_writes_words_of_its_vocabulary(blip_f
     assert caption and set(caption.split()) <= set(WORDS[6:])
 
 
-def test_caption_is_appended_to_every_class_prompt(tiny_cfg_path, blip_folder, monkeypatch):
-    cfg = get_diffseg_cfg(tiny_cfg_path, [
-        "MODEL.DIFFSEG.CAPTION.ENABLED", "True", "MODEL.DIFFSEG.CAPTION.WEIGHTS", blip_folder,
-        "MODEL.DIFFSEG.CAPTION.MAX_NEW_TOKENS", "4", "MODEL.DIFFSEG.CATEGORY_FILTER.ENABLED", "False",
-        "DATASETS.TEST", "()",
-    ])
-    model = build_model(cfg).eval()
-    image = torch.randint(0, 256, (3, 60, 80), dtype=torch.uint8)
-    caption = model.captioner(image.float())
-    seen = []
+def _spy_prompts(monkeypatch):
     from diffseg_d2.modeling.meta_arch import diffsegmenter
 
+    seen = []
     original = diffsegmenter.build_class_prompts
 
-    def spy(tokenizer, names, template, suffix=""):
-        prompts = original(tokenizer, names, template, suffix)
+    def spy(*args, **kwargs):
+        prompts = original(*args, **kwargs)
         seen.extend(prompts.prompts)
         return prompts
 
     monkeypatch.setattr(diffsegmenter, "build_class_prompts", spy)
+    return seen
+
+
+def _model(tiny_cfg_path, blip_folder, conditioned):
+    cfg = get_diffseg_cfg(tiny_cfg_path, [
+        "MODEL.DIFFSEG.CAPTION.ENABLED", "True", "MODEL.DIFFSEG.CAPTION.WEIGHTS", blip_folder,
+        "MODEL.DIFFSEG.CAPTION.MAX_NEW_TOKENS", "4", "MODEL.DIFFSEG.CAPTION.CONDITIONED", str(conditioned),
+        "MODEL.DIFFSEG.CATEGORY_FILTER.ENABLED", "False", "MODEL.DIFFSEG.PROMPT_TEMPLATE", "a photo of {}",
+        "DATASETS.TEST", "()",
+    ])
+    return build_model(cfg).eval()
+
+
+def test_each_class_prompt_is_continued_by_a_caption_generated_from_it(tiny_cfg_path, blip_folder, monkeypatch):
+    """The reference: BLIP captions the image starting from each class prompt; what it adds
+    (the decoded caption minus the prompt's length) follows the class word."""
+    model = _model(tiny_cfg_path, blip_folder, conditioned=True)
+    image = torch.randint(0, 256, (3, 60, 80), dtype=torch.uint8)
+    full = [model.captioner._generate(model.captioner._inputs(image.float(), f"a photo of {n}")) for n in ("cat", "dog")]
+    assert all(f.startswith(f"a photo of {n}") for f, n in zip(full, ("cat", "dog")))
+    seen = _spy_prompts(monkeypatch)
     out = model([{"image": image, "vocabulary": ["background", "cat", "dog"]}])[0]["sem_seg"]
     assert out.shape == (3, 60, 80)
-    # the last prompts built are the ones the UNet read (earlier ones checked the vocabulary)
-    assert seen[-2:] == [f"a photograph of cat. {caption}", f"a photograph of dog. {caption}"]
+    assert seen[-2:] == full  # prompt + continuation, i.e. the whole generated caption
+    assert any(len(f) > len("a photo of dog") for f in full)  # BLIP did add words
+
+
+def test_one_unconditioned_caption_is_appended_to_every_class_prompt(tiny_cfg_path, blip_folder, monkeypatch):
+    model = _model(tiny_cfg_path, blip_folder, conditioned=False)
+    image = torch.randint(0, 256, (3, 60, 80), dtype=torch.uint8)
+    caption = model.captioner(image.float())
+    seen = _spy_prompts(monkeypatch)
+    out = model([{"image": image, "vocabulary": ["background", "cat", "dog"]}])[0]["sem_seg"]
+    assert out.shape == (3, 60, 80)
+    assert seen[-2:] == [f"a photo of cat {caption}", f"a photo of dog {caption}"]

@@ -40,8 +40,16 @@ def test_sd15_configs_carry_the_reference_settings():
     assert (d.IMAGE_SIZE, d.NOISE_STEP) == (512, 100)
     assert list(d.CROSS_ATTN_FACTORS) == [8, 4, 2, 1]
     assert list(d.CROSS_ATTN_WEIGHTS) == [0.3, 0.5, 0.1, 0.1]
-    assert d.PROMPT_TEMPLATE == "a photograph of {}."
+    assert d.PROMPT_TEMPLATE == "a photograph of {}"
     assert cfg.DATASETS.TEST == ("diffseg_voc21_val",)
+    # the reference computation (its code, not our departures)
+    assert (d.CONDITIONING, d.REFINEMENT, d.VAE_LATENT, d.RESIZE_ANTIALIAS) == ("per_class", "own", "sample", False)
+    assert (d.CLASS_TOKEN_WEIGHT, d.TOKEN_SELECTION, d.ING_RULE) == (1.21, "first", True)
+    assert d.CAPTION.ENABLED and d.CAPTION.CONDITIONED and d.CAPTION.WEIGHTS == "Salesforce/blip-image-captioning-large"
+    assert not d.CATEGORY_FILTER.ENABLED
+    assert "dining table=table" in d.PROMPT_NAMES and "person=people" in d.PROMPT_NAMES
+    coco = get_diffseg_cfg(os.path.join(ROOT, "configs", "diffsegmenter", "coco_object.yaml")).MODEL.DIFFSEG
+    assert (coco.PROMPT_TEMPLATE, coco.TOKEN_SELECTION) == ("a photography of {}", "last")
 
 
 def test_add_config_is_idempotent_and_coexists_with_other_projects():

@@ -85,7 +85,7 @@ def test_call_time_vocabulary_overrides_the_model_vocabulary(tiny_model, sample_
 
 def test_one_unet_call_per_image_whatever_the_number_of_classes(tiny_model, sample_rgb, monkeypatch):
     calls = _count_unet_calls(tiny_model, monkeypatch)
-    with patched(tiny_model, category_filter=None):
+    with patched(tiny_model, category_filter=None, conditioning="shared"):
         for n in (1, 5, 20):
             names = tiny_model.vocabulary[1 : 1 + n]
             tiny_model([{"image": _image(sample_rgb), "vocabulary": names}])
@@ -160,13 +160,13 @@ def test_text_embeddings_are_cached_per_vocabulary(tiny_model, sample_rgb, monke
     calls = []
     original = tiny_model.diffusion.encode_text
 
-    def counting(ids):
+    def counting(ids, *args):
         calls.append(ids.shape[0])
-        return original(ids)
+        return original(ids, *args)
 
     monkeypatch.setattr(tiny_model.diffusion, "encode_text", counting)
     x = {"image": _image(sample_rgb), "vocabulary": ["lamp", "table", "window"]}
-    with patched(tiny_model, category_filter=None):
+    with patched(tiny_model, category_filter=None, conditioning="shared"):
         tiny_model([x])
         tiny_model([x])
     # class prompts (3) and the one-prompt carrier (1) are encoded once for both images
@@ -194,6 +194,6 @@ def test_a_150_class_vocabulary_in_one_pass(tiny_model, sample_rgb, monkeypatch)
 
     calls = _count_unet_calls(tiny_model, monkeypatch)
     names = MetadataCatalog.get("diffseg_ade150_val").stuff_classes
-    with patched(tiny_model, category_filter=None):
+    with patched(tiny_model, category_filter=None, conditioning="shared"):
         out = tiny_model([{"image": _image(sample_rgb), "vocabulary": names}])[0]["sem_seg"]
     assert out.shape == (150, 375, 500) and calls == [1]

@@ -13,7 +13,7 @@ from .attention import (
 )
 from .features import FeatureTap, record_features, unet_feature_taps
 from .frozen_sd import FrozenStableDiffusion, StableDiffusionParts, load_stable_diffusion
-from .prompts import ClassPrompts, build_class_prompts, build_joint_prompt
+from .prompts import TOKEN_SELECTIONS, ClassPrompts, build_class_prompts, build_joint_prompt
 
 __all__ = [
     "AttentionRecorder",
@@ -24,6 +24,7 @@ __all__ = [
     "StableDiffusionParts",
     "attention_layers",
     "available_factors",
+    "TOKEN_SELECTIONS",
     "build_class_prompts",
     "build_joint_prompt",
     "load_stable_diffusion",

@@ -90,6 +90,10 @@ class AttentionStore:
         readout_context: optional ``(K, L, D)`` encoded class prompts, or ``(1, L, D)``: one
             prompt holding every class's words. When set, cross-attention is read against
             these keys instead of the layer's own.
+        own_self_attention: keep, for every batch element (class), the scaled queries and keys
+            of the recorded self-attention layers instead of one running mean over the batch, so
+            that ``refine_own`` can refine each class with the self-attention of its own pass.
+            Costs ``2 * layers * H * N * d`` values per class, not ``N * N``.
     """
 
     def __init__(
@@ -98,11 +102,13 @@ class AttentionStore:
         token_index: torch.Tensor,
         token_weight: torch.Tensor,
         readout_context: Optional[torch.Tensor] = None,
+        own_self_attention: bool = False,
     ):
         self.latent_size = tuple(latent_size)
         self.token_index = token_index
         self.token_weight = token_weight
         self.readout_context = readout_context
+        self.own_self_attention = bool(own_self_attention)
         self.num_classes = token_index.shape[0]
         # Rows of the class accumulators that the current UNet batch holds
         # ("per_class" conditioning: one class prompt per batch element).
@@ -114,6 +120,8 @@ class AttentionStore:
         self._cross_count: Dict[int, torch.Tensor] = {}
         self._self: Dict[int, torch.Tensor] = {}
         self._self_count: Dict[int, int] = {}
+        # factor -> [(rows, scaled queries (n, H, N, d), keys (n, H, N, d))], one entry per layer call
+        self._self_qk: Dict[int, list] = {}
 
     def resolution(self, factor: int) -> Tuple[int, int]:
         h, w = self.latent_size
@@ -141,6 +149,32 @@ class AttentionStore:
         if summed is not None:
             self.self_accumulator(factor, summed.shape[0], summed.device).add_(summed.float())
         self._self_count[factor] += count
+
+    def add_self_qk(self, factor: int, rows: slice, query: torch.Tensor, key: torch.Tensor) -> None:
+        """Keep one self-attention layer's scaled queries and keys ``(n, H, N, d)`` of classes ``rows``."""
+        self._self_qk.setdefault(factor, []).append((rows, query, key))
+
+    def refine_own(self, factor: int, maps: torch.Tensor) -> torch.Tensor:
+        """``M_k = S_k c_k`` for every class k: ``maps`` ``(K, N)`` times the self-attention of that
+        class's own pass (mean over the kept layers and heads, rows = queries), ``(K, N)`` float32.
+        The ``(N, N)`` probabilities are formed in blocks of rows, never whole."""
+        if factor not in self._self_qk:
+            raise KeyError(f"no self-attention queries and keys were kept at latent factor {factor}")
+        out = torch.zeros(maps.shape, dtype=torch.float32, device=maps.device)
+        count = torch.zeros(maps.shape[0], dtype=torch.float32, device=maps.device)
+        for rows, query, key in self._self_qk[factor]:
+            n, heads, length, _ = query.shape
+            block = max(1, _CHUNK_BYTES // (length * 4))
+            for b in range(n):
+                row = rows.start + b
+                c = maps[row].float()
+                for h in range(heads):
+                    key_t = key[b, h].transpose(0, 1)
+                    for r in range(0, length, block):
+                        probs = torch.matmul(query[b, h, r:r + block], key_t).float().softmax(dim=-1)
+                        out[row, r:r + block] += probs @ c
+                count[row] += heads
+        return out / count.clamp(min=1)[:, None]
 
     def cross_factors(self) -> list:
         return sorted(self._cross)
@@ -274,7 +308,10 @@ class AttentionRecorder:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        if self.kind == "self" and attention_mask is None:
+        if self.kind == "self" and attention_mask is None and self.store.own_self_attention:
+            out = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
+            self.store.add_self_qk(self.factor, self.store.batch_classes, query * attn.scale, key)
+        elif self.kind == "self" and attention_mask is None:
             out = self._self_attention(query, key, value, attn.scale)
         else:
             mask = None

@@ -150,10 +150,19 @@ class FrozenStableDiffusion(nn.Module):
         return int(self.tokenizer.model_max_length)
 
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """VAE posterior means, scaled: (B, 3, H, W) in [-1, 1] -> (B, C_lat, H/f, W/f)."""
+    def encode_images(self, images: torch.Tensor, sample_generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Scaled VAE latents: (B, 3, H, W) in [-1, 1] -> (B, C_lat, H/f, W/f).
+
+        Args:
+            sample_generator: None for the posterior mean; else a draw from the posterior,
+                ``mean + std * eps`` with ``eps`` from this generator (reproducible).
+        """
         posterior = self.vae.encode(images.to(self.dtype)).latent_dist
-        return require_finite(posterior.mean, f"the VAE encoder ({SD_WEIGHTS_KEY})") * self.vae.config.scaling_factor
+        latents = require_finite(posterior.mean, f"the VAE encoder ({SD_WEIGHTS_KEY})")
+        if sample_generator is not None:
+            eps = torch.randn(latents.shape, generator=sample_generator, device=sample_generator.device)
+            latents = latents + posterior.std * eps.to(device=latents.device, dtype=latents.dtype)
+        return latents * self.vae.config.scaling_factor
 
     def add_noise(
         self, latents: torch.Tensor, step: int, generator: torch.Generator, *, same_for_batch: bool = False
@@ -183,10 +192,24 @@ class FrozenStableDiffusion(nn.Module):
         return ids
 
     @torch.no_grad()
-    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Per-token text embeddings: (B, L) ids -> (B, L, D)."""
+    def encode_text(
+        self, input_ids: torch.Tensor, emphasis: Optional[torch.Tensor] = None, weight: float = 1.0
+    ) -> torch.Tensor:
+        """Per-token text embeddings: (B, L) ids -> (B, L, D).
+
+        Args:
+            emphasis: optional (B, L) bool, tokens whose embedding is pushed away from the empty
+                prompt's at the same position: ``empty + weight * (z - empty)``. This is what
+                Compel computes for ``word++`` (weight 1.1 ** 2 = 1.21), the reference's prompt markup.
+            weight: that factor (1 = no change).
+        """
         out = self.text_encoder(input_ids.to(self.device))[0]
-        return require_finite(out, f"the text encoder ({SD_WEIGHTS_KEY})").to(self.dtype)
+        out = require_finite(out, f"the text encoder ({SD_WEIGHTS_KEY})")
+        if emphasis is not None and weight != 1.0:
+            empty = self.empty_prompt_context().to(out.dtype)
+            mask = emphasis.to(out.device)[..., None]
+            out = torch.where(mask, empty + float(weight) * (out - empty), out)
+        return out.to(self.dtype)
 
     def unet_forward(
         self, latents: torch.Tensor, step: int, context: torch.Tensor, *, grad: bool = False

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -16,14 +16,17 @@ class ClassPrompts:
     Attributes:
         prompts: the K prompt strings.
         input_ids: ``(K, L)`` token ids padded to the text encoder's context L.
-        token_index: ``(K, T)`` positions of the class word's (sub-word) tokens.
+        token_index: ``(K, T)`` positions of the tokens whose attention is read for the class.
         token_weight: ``(K, T)``: 1/n on the n real positions of a row, 0 on padding.
+        emphasis: ``(K, L)`` bool, the tokens of each class name's last word: what the reference's
+            Compel markup ``name++`` up-weights (``FrozenStableDiffusion.encode_text``).
     """
 
     prompts: List[str]
     input_ids: torch.Tensor
     token_index: torch.Tensor
     token_weight: torch.Tensor
+    emphasis: Optional[torch.Tensor] = None
 
 
 def find_subsequence(seq: Sequence[int], sub: Sequence[int], start: int = 0) -> int:
@@ -67,8 +70,35 @@ def _padded(tokenizer, ids: List[int]) -> List[int]:
     return ids + [pad] * (int(tokenizer.model_max_length) - len(ids))
 
 
-def build_class_prompts(tokenizer, names: Sequence[str], template: str, suffix: str = "") -> ClassPrompts:
-    """Prompt ``template.format(name) + suffix`` per class, and where the name's tokens sit.
+#: Which of a class name's tokens are read: the first sub-token (the reference's VOC script), the
+#: last (its COCO script), or the mean over all of them.
+TOKEN_SELECTIONS = ("first", "last", "mean")
+
+
+def build_class_prompts(
+    tokenizer,
+    names: Sequence[str],
+    template: str,
+    suffix: str = "",
+    *,
+    continuations: Optional[Sequence[str]] = None,
+    selection: str = "mean",
+    ing_rule: bool = False,
+) -> ClassPrompts:
+    """Prompt ``template.format(name)`` per class, optionally continued, and which tokens are read.
+
+    Args:
+        tokenizer: the text encoder's tokenizer.
+        names: the K words the prompts name (a class's prompt name).
+        template: e.g. ``"a photograph of {}"``.
+        suffix: one text appended to every prompt after a space (an image caption).
+        continuations: K texts, each appended right after its own prompt (the continuation of a
+            caption generated from that prompt). They are tokenised on their own and the tokens
+            joined, as Compel joins the fragments of ``prompt++continuation``; a continuation is
+            cut where the prompt would exceed the text encoder's context.
+        selection: which of the name's tokens are read, one of ``TOKEN_SELECTIONS``.
+        ing_rule: the reference's "-ing" rule: when the word after the name ends in "ing", the
+            token after the last selected one is averaged in as well.
 
     Raises:
         VocabularyError: a name that tokenises to nothing, a prompt longer than
@@ -76,9 +106,13 @@ def build_class_prompts(tokenizer, names: Sequence[str], template: str, suffix: 
             name as separate words.
     """
     _check_template(template)
+    if selection not in TOKEN_SELECTIONS:
+        raise ValueError(f"MODEL.DIFFSEG.TOKEN_SELECTION must be one of {TOKEN_SELECTIONS}, not {selection!r}.")
+    if continuations is not None and len(continuations) != len(names):
+        raise ValueError(f"{len(continuations)} continuations for {len(names)} class prompts.")
     context = int(tokenizer.model_max_length)
-    prompts, rows, positions = [], [], []
-    for name in names:
+    prompts, rows, positions, emphasis = [], [], [], []
+    for k, name in enumerate(names):
         name_ids = _name_tokens(tokenizer, name)
         prompt = template.format(name) + (f" {suffix}" if suffix else "")
         ids = tokenizer(prompt).input_ids
@@ -93,11 +127,29 @@ def build_class_prompts(tokenizer, names: Sequence[str], template: str, suffix: 
                 f"The class name {name!r} is not tokenised the same way inside the prompt {prompt!r}; "
                 "put '{}' in MODEL.DIFFSEG.PROMPT_TEMPLATE between spaces or punctuation."
             )
+        after = prompt[template.index("{}") + len(name):]
+        if continuations is not None and continuations[k]:
+            more = tokenizer(continuations[k], add_special_tokens=False).input_ids[: context - len(ids)]
+            ids = ids[:-1] + more + ids[-1:]
+            prompt = prompt + continuations[k]
+            after = after + continuations[k]
+        name_positions = list(range(start, start + len(name_ids)))
+        read = {"first": name_positions[:1], "last": name_positions[-1:], "mean": name_positions}[selection]
+        next_word = after.split()[0] if after.split() else ""
+        if ing_rule and next_word.endswith("ing") and read[-1] + 1 < len(ids) - 1:
+            read = read + [read[-1] + 1]
+        last_word_ids = _name_tokens(tokenizer, name.split()[-1])
+        tail = name_ids[-len(last_word_ids):] == last_word_ids
+        weighted = name_positions[-len(last_word_ids):] if tail else name_positions
         prompts.append(prompt)
         rows.append(_padded(tokenizer, ids))
-        positions.append(list(range(start, start + len(name_ids))))
+        positions.append(read)
+        emphasis.append(weighted)
     token_index, token_weight = token_mean_table(positions)
-    return ClassPrompts(prompts, torch.tensor(rows, dtype=torch.long), token_index, token_weight)
+    mask = torch.zeros(len(names), context, dtype=torch.bool)
+    for k, weighted in enumerate(emphasis):
+        mask[k, weighted] = True
+    return ClassPrompts(prompts, torch.tensor(rows, dtype=torch.long), token_index, token_weight, mask)
 
 
 def build_joint_prompt(tokenizer, names: Sequence[str], template: str) -> ClassPrompts:

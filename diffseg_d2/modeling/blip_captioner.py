@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import torch
 from torch import nn
@@ -52,9 +53,24 @@ class BlipCaptioner(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def _inputs(self, image: torch.Tensor, text: Optional[str] = None):
+        pixels = image.permute(1, 2, 0).clamp(0, 255).to(torch.uint8).cpu().numpy()
+        return self.processor(images=pixels, text=text, return_tensors="pt").to(self.device)
+
+    def _generate(self, inputs) -> str:
+        # 0 = the model's own generation settings (the reference calls generate() without any).
+        kwargs = {"max_new_tokens": self.max_new_tokens} if self.max_new_tokens > 0 else {}
+        ids = self.model.generate(**inputs, **kwargs)
+        return self.processor.decode(ids[0], skip_special_tokens=True)
+
     @torch.no_grad()
     def forward(self, image: torch.Tensor) -> str:
-        pixels = image.permute(1, 2, 0).clamp(0, 255).to(torch.uint8).cpu().numpy()
-        inputs = self.processor(images=pixels, return_tensors="pt").to(self.device)
-        ids = self.model.generate(pixel_values=inputs.pixel_values, max_new_tokens=self.max_new_tokens)
-        return self.processor.decode(ids[0], skip_special_tokens=True).strip()
+        """A caption of ``image`` (3, H, W) RGB in [0, 255]."""
+        return self._generate(self._inputs(image)).strip()
+
+    @torch.no_grad()
+    def continue_prompt(self, image: torch.Tensor, prompt: str) -> str:
+        """What BLIP writes after ``prompt`` when captioning ``image`` starting from it: the
+        decoded caption with the prompt's length cut off, as the reference does (usually a text
+        starting with a space; empty when BLIP adds nothing)."""
+        return self._generate(self._inputs(image, prompt))[len(prompt):]

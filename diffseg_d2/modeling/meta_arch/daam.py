@@ -52,7 +52,9 @@ class DAAM(DiffSegmenter):
                 noised and the UNet run; their maps are summed.
             kwargs: as DiffSegmenter; its refinement, category filter and captioner are off.
         """
-        kwargs.update(refine=False, category_filter=None, captioner=None, conditioning="shared")
+        # DAAM reads one joint prompt, unweighted, from the posterior mean of the image.
+        kwargs.update(refine=False, category_filter=None, captioner=None, conditioning="shared", vae_latent="mean",
+                      resize_antialias=True, class_token_weight=1.0, token_selection="mean", ing_rule=False)
         super().__init__(**kwargs)
         steps = int(self.diffusion.scheduler.config.num_train_timesteps)
         if not timesteps or any(not 0 <= int(t) < steps for t in timesteps):
@@ -87,11 +89,11 @@ class DAAM(DiffSegmenter):
 
         return self._cached(("vocabulary", names), compute)
 
-    def class_maps(self, image: torch.Tensor, names: Sequence[str], rows: Sequence[int], caption: str = "") -> torch.Tensor:
+    def class_maps(self, image: torch.Tensor, names: Sequence[str], rows: Sequence[int]) -> torch.Tensor:
         """Summed cross-attention ``(len(rows), h, w)`` at the finest cross-attention resolution."""
         d = self.diffusion
         prompts, context = self._vocabulary_prompts(tuple(names[r] for r in rows))
-        latents = self.encode(image)
+        latents = self.encode(image, torch.Generator(device=self.device).manual_seed(self.seed))
         # The UNet runs on the joint prompt itself, so each layer's own attention is read:
         # one softmax per layer, each class taken from its tokens.
         store = AttentionStore(latents.shape[-2:], prompts.token_index, prompts.token_weight)

@@ -16,17 +16,18 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
+from ...config import check_config
 from ...diffusion import (
     AttentionStore,
     ClassPrompts,
     FrozenStableDiffusion,
+    TOKEN_SELECTIONS,
     available_factors,
     build_class_prompts,
     load_stable_diffusion,
     minmax_per_map,
     record_attention,
 )
-from ...config import check_config
 from ...vocabulary import background_index
 from .open_vocab import OpenVocabularySegmenter, vocabulary_from_config
 
@@ -52,11 +53,18 @@ class DiffSegmenter(OpenVocabularySegmenter):
         diffusion: FrozenStableDiffusion,
         vocabulary: Optional[Sequence[str]] = None,
         image_size: int = 512,
+        resize_antialias: bool = False,
+        vae_latent: str = "sample",
         noise_step: int = 100,
         seed: int = 0,
-        prompt_template: str = "a photograph of {}.",
-        conditioning: str = "shared",
-        carrier_template: str = "a photograph of {}.",
+        prompt_template: str = "a photograph of {}",
+        prompt_names: Optional[Dict[str, str]] = None,
+        class_token_weight: float = 1.21,
+        token_selection: str = "first",
+        ing_rule: bool = True,
+        conditioning: str = "per_class",
+        refinement: str = "own",
+        carrier_template: str = "a photograph of {}",
         class_chunk_size: int = 8,
         cross_attn_factors: Sequence[int] = (8, 4, 2, 1),
         cross_attn_weights: Sequence[float] = (0.3, 0.5, 0.1, 0.1),
@@ -65,21 +73,34 @@ class DiffSegmenter(OpenVocabularySegmenter):
         background_threshold: float = 0.4,
         category_filter: Optional[nn.Module] = None,
         captioner: Optional[nn.Module] = None,
+        caption_conditioned: bool = True,
         input_format: str = "RGB",
     ):
         """
+        The defaults compute what the reference code computes; each of our departures is an
+        argument (the config key in capitals under MODEL.DIFFSEG).
+
         Args:
             diffusion: the frozen SD substrate.
             vocabulary: class names, the channel order of ``sem_seg``; a class
                 named "background" gets the constant ``background_threshold``.
                 May be set later with ``set_vocabulary`` or per input.
             image_size: side of the square the image is resized to for the VAE.
+            resize_antialias: antialias that resize (the reference does not).
+            vae_latent: "sample" (a seeded posterior draw, the reference) or "mean".
             noise_step: timestep (of 1000) of the added noise.
-            seed: seed of the added noise.
-            prompt_template: class prompt, "{}" -> class name.
-            conditioning: "shared" (one UNet pass on a carrier prompt, class
-                prompts read out against its queries) or "per_class" (one batch
-                element per class prompt, chunked by ``class_chunk_size``).
+            seed: seed of the VAE sample and the added noise.
+            prompt_template: class prompt, "{}" -> the class's prompt name.
+            prompt_names: class name -> the word its prompts use instead (the reference's
+                single-token VOC names); the output keeps the class names.
+            class_token_weight: Compel-style weight of the class name's last word (1.21 = "++").
+            token_selection: which of the class name's tokens are read: "first", "last", "mean".
+            ing_rule: the reference's "-ing" rule (see ``build_class_prompts``).
+            conditioning: "per_class" (one batch element per class prompt, chunked by
+                ``class_chunk_size``; the reference) or "shared" (one UNet pass on a carrier
+                prompt, class prompts read out against its queries; ours).
+            refinement: with "per_class": "own" (each class refined by the self-attention of its
+                own pass, the reference) or "averaged" (by the mean over all passes; ours).
             carrier_template: carrier prompt for "shared", "{}" -> joined class names.
             class_chunk_size: class prompts per UNet call with "per_class".
             cross_attn_factors: latent downsampling factors of the cross-attention read.
@@ -88,12 +109,22 @@ class DiffSegmenter(OpenVocabularySegmenter):
             refine: apply the self-attention refinement.
             background_threshold: score of the background channel.
             category_filter: optional module ``(image, names) -> keep (K,) bool``.
-            captioner: optional module ``image -> caption`` appended to every prompt.
+            captioner: optional BLIP captioner; its text continues the class prompts.
+            caption_conditioned: True: one caption per class, generated FROM its prompt and
+                appended after the class word (the reference); False: one caption of the image
+                appended to every prompt (ours, one generation per image).
             input_format: "RGB" or "BGR", the channel order of input images.
         """
         super().__init__(input_format=input_format)
-        if conditioning not in ("shared", "per_class"):
-            raise ValueError(f"MODEL.DIFFSEG.CONDITIONING must be 'shared' or 'per_class', not {conditioning!r}.")
+        choices = {
+            "CONDITIONING": (conditioning, ("shared", "per_class")),
+            "REFINEMENT": (refinement, ("own", "averaged")),
+            "VAE_LATENT": (vae_latent, ("sample", "mean")),
+            "TOKEN_SELECTION": (token_selection, TOKEN_SELECTIONS),
+        }
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"MODEL.DIFFSEG.{key} must be one of {list(allowed)}, not {value!r}.")
         if len(cross_attn_factors) != len(cross_attn_weights) or not cross_attn_factors:
             raise ValueError(
                 "MODEL.DIFFSEG.CROSS_ATTN_FACTORS and CROSS_ATTN_WEIGHTS must be non-empty and of equal length, "
@@ -112,7 +143,6 @@ class DiffSegmenter(OpenVocabularySegmenter):
         multiple = diffusion.latent_factor * max(available_factors(unet, "self") + available_factors(unet, "cross"))
         if image_size <= 0 or image_size % multiple:
             raise ValueError(f"MODEL.DIFFSEG.IMAGE_SIZE = {image_size} must be a positive multiple of {multiple}.")
-
         diffusion.check_timestep(noise_step, "MODEL.DIFFSEG.NOISE_STEP")
         if class_chunk_size < 1:
             raise ValueError(f"MODEL.DIFFSEG.CLASS_CHUNK_SIZE = {class_chunk_size} must be >= 1.")
@@ -121,10 +151,17 @@ class DiffSegmenter(OpenVocabularySegmenter):
 
         self.diffusion = diffusion
         self.image_size = int(image_size)
+        self.resize_antialias = bool(resize_antialias)
+        self.vae_latent = vae_latent
         self.noise_step = int(noise_step)
         self.seed = int(seed)
         self.prompt_template = prompt_template
+        self.prompt_names = dict(prompt_names or {})
+        self.class_token_weight = float(class_token_weight)
+        self.token_selection = token_selection
+        self.ing_rule = bool(ing_rule)
         self.conditioning = conditioning
+        self.refinement = refinement
         self.carrier_template = carrier_template
         self.class_chunk_size = int(class_chunk_size)
         self.cross_attn_factors = [int(f) for f in cross_attn_factors]
@@ -134,6 +171,7 @@ class DiffSegmenter(OpenVocabularySegmenter):
         self.background_threshold = float(background_threshold)
         self.category_filter = category_filter
         self.captioner = captioner
+        self.caption_conditioned = bool(caption_conditioned)
         # SD's VAE takes RGB in [-1, 1]: (x - 127.5) / 127.5. Fixed by the model, not a config choice.
         self.register_buffer("pixel_mean", torch.full((3, 1, 1), 127.5), persistent=False)
         self.register_buffer("pixel_std", torch.full((3, 1, 1), 127.5), persistent=False)
@@ -165,10 +203,17 @@ class DiffSegmenter(OpenVocabularySegmenter):
             "diffusion": diffusion,
             "vocabulary": vocabulary,
             "image_size": d.IMAGE_SIZE,
+            "resize_antialias": d.RESIZE_ANTIALIAS,
+            "vae_latent": d.VAE_LATENT,
             "noise_step": d.NOISE_STEP,
             "seed": d.SEED,
             "prompt_template": d.PROMPT_TEMPLATE,
+            "prompt_names": parse_prompt_names(d.PROMPT_NAMES),
+            "class_token_weight": d.CLASS_TOKEN_WEIGHT,
+            "token_selection": d.TOKEN_SELECTION,
+            "ing_rule": d.ING_RULE,
             "conditioning": d.CONDITIONING,
+            "refinement": d.REFINEMENT,
             "carrier_template": d.CARRIER_TEMPLATE,
             "class_chunk_size": d.CLASS_CHUNK_SIZE,
             "cross_attn_factors": list(d.CROSS_ATTN_FACTORS),
@@ -178,6 +223,7 @@ class DiffSegmenter(OpenVocabularySegmenter):
             "background_threshold": d.BACKGROUND_THRESHOLD,
             "category_filter": category_filter,
             "captioner": captioner,
+            "caption_conditioned": d.CAPTION.CONDITIONED,
             "input_format": cfg.INPUT.FORMAT,
         }
 
@@ -189,14 +235,33 @@ class DiffSegmenter(OpenVocabularySegmenter):
         if prompted:
             self._vocabulary_prompts(tuple(prompted))
 
+    def prompt_name(self, name: str) -> str:
+        """The word the prompts use for class ``name`` (``PROMPT_NAMES``, else the name itself)."""
+        return self.prompt_names.get(name, name)
+
+    def _build_prompts(self, names: Sequence[str], *, suffix: str = "", continuations=None) -> Tuple[ClassPrompts, torch.Tensor]:
+        """Class prompts for ``names`` and their encoded text ``(K, L, D)`` (class words weighted)."""
+        prompts = build_class_prompts(
+            self.diffusion.tokenizer, [self.prompt_name(n) for n in names], self.prompt_template, suffix,
+            continuations=continuations, selection=self.token_selection, ing_rule=self.ing_rule,
+        )
+        context = self.diffusion.encode_text(prompts.input_ids, prompts.emphasis, self.class_token_weight)
+        return prompts, context
+
     def _vocabulary_prompts(self, names: Tuple[str, ...]) -> Tuple[ClassPrompts, torch.Tensor]:
         """Class prompts and their encoded text ``(K, L, D)``, cached per vocabulary."""
+        return self._cached(("vocabulary", names), lambda: self._build_prompts(names))
 
-        def compute():
-            prompts = build_class_prompts(self.diffusion.tokenizer, names, self.prompt_template)
-            return prompts, self.diffusion.encode_text(prompts.input_ids)
-
-        return self._cached(("vocabulary", names), compute)
+    def _image_prompts(self, image: torch.Tensor, names: Sequence[str]) -> Tuple[ClassPrompts, torch.Tensor]:
+        """The class prompts of one image: the cached ones, or continued by its captions."""
+        if self.captioner is None:
+            return self._vocabulary_prompts(tuple(names))
+        if self.caption_conditioned:
+            continuations = [
+                self.captioner.continue_prompt(image, self.prompt_template.format(self.prompt_name(n))) for n in names
+            ]
+            return self._build_prompts(names, continuations=continuations)
+        return self._build_prompts(names, suffix=self.captioner(image))
 
     def _carrier_context(self, carrier: str) -> torch.Tensor:
         """Encoded carrier prompt ``(1, L, D)``, cached (it repeats whenever the kept classes do)."""
@@ -221,8 +286,9 @@ class DiffSegmenter(OpenVocabularySegmenter):
         if self.category_filter is not None:
             keep = self.category_filter(image, [names[i] for i in prompted])
             kept = [i for i, k in zip(prompted, keep.tolist()) if k]
-        caption = self.captioner(image) if self.captioner is not None else ""
-        maps = self.class_maps(image, [names[i] for i in prompted], [prompted.index(i) for i in kept], caption)
+        if not kept:
+            return scores
+        maps = self.class_maps(image, [names[i] for i in prompted], [prompted.index(i) for i in kept])
         # One class at a time, straight into the output: peak memory stays near one (K, H, W)
         # tensor however large the image or the vocabulary.
         for row, channel in enumerate(kept):
@@ -230,52 +296,65 @@ class DiffSegmenter(OpenVocabularySegmenter):
             scores[channel] = minmax_per_map(up[0])[0]
         return scores
 
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
-        """VAE latents ``(1, C, h, w)`` of one RGB image ``(3, H, W)`` in [0, 255], resized to ``IMAGE_SIZE``²."""
-        x = F.interpolate(image[None], size=(self.image_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
-        return self.diffusion.encode_images((x - self.pixel_mean) / self.pixel_std)
+    def encode(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """VAE latents ``(1, C, h, w)`` of one RGB image ``(3, H, W)`` in [0, 255], resized to
+        ``IMAGE_SIZE``²; a posterior sample drawn from ``generator`` or the mean (``VAE_LATENT``)."""
+        x = F.interpolate(
+            image[None], size=(self.image_size,) * 2, mode="bilinear", antialias=self.resize_antialias, align_corners=False
+        )
+        sample = generator if self.vae_latent == "sample" else None
+        return self.diffusion.encode_images((x - self.pixel_mean) / self.pixel_std, sample)
 
-    def class_maps(
-        self, image: torch.Tensor, names: Sequence[str], rows: Sequence[int], caption: str = ""
-    ) -> torch.Tensor:
+    def noisy_latents(self, image: torch.Tensor) -> torch.Tensor:
+        """The latents ``(1, C, h, w)`` the UNet reads: encoded, then noised at ``NOISE_STEP``.
+        Both draws (VAE sample, noise) come from one generator seeded with ``SEED``, in that order."""
+        generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        latents = self.encode(image, generator)
+        return self.diffusion.add_noise(latents, self.noise_step, generator)
+
+    def class_maps(self, image: torch.Tensor, names: Sequence[str], rows: Sequence[int]) -> torch.Tensor:
         """Refined attention maps ``(len(rows), h, w)`` at latent resolution.
 
         Args:
             image: (3, H, W) RGB in [0, 255].
             names: the prompted classes of the vocabulary (prompts are cached per tuple of them).
             rows: which of ``names`` to compute maps for (those the filter kept).
-            caption: appended to every class prompt when not empty.
         """
         d = self.diffusion
-        if caption:
-            prompts = build_class_prompts(d.tokenizer, [names[r] for r in rows], self.prompt_template, caption)
-            context = d.encode_text(prompts.input_ids)
-            token_index, token_weight = prompts.token_index, prompts.token_weight
-        else:
+        if self.captioner is None:
             prompts, context = self._vocabulary_prompts(tuple(names))
             sel = torch.as_tensor(list(rows), dtype=torch.long)
             context = context[sel.to(context.device)]
             token_index, token_weight = prompts.token_index[sel], prompts.token_weight[sel]
-
-        latents = self.encode(image)
-        generator = torch.Generator(device=latents.device).manual_seed(self.seed)
-        noisy = d.add_noise(latents, self.noise_step, generator)
-
-        shared = self.conditioning == "shared"
-        store = AttentionStore(noisy.shape[-2:], token_index, token_weight, readout_context=context if shared else None)
+        else:  # captions depend on the image: prompts for the kept classes only
+            prompts, context = self._image_prompts(image, [names[r] for r in rows])
+            token_index, token_weight = prompts.token_index, prompts.token_weight
+        noisy = self.noisy_latents(image)
         self_factors = [self.self_attn_factor] if self.refine else []
-        with record_attention(d.unet, store, self.cross_attn_factors, self_factors):
-            if shared:
-                carrier = self.carrier_template.format(", ".join(names[r] for r in rows))
-                if caption:
-                    carrier = f"{carrier} {caption}"
+
+        if self.conditioning == "shared":
+            store = AttentionStore(noisy.shape[-2:], token_index, token_weight, readout_context=context)
+            carrier = self.carrier_template.format(", ".join(self.prompt_name(names[r]) for r in rows))
+            with record_attention(d.unet, store, self.cross_attn_factors, self_factors):
                 d.unet_forward(noisy, self.noise_step, self._carrier_context(carrier))
-            else:
-                for start in range(0, len(rows), self.class_chunk_size):
-                    chunk = slice(start, min(len(rows), start + self.class_chunk_size))
-                    store.batch_classes = chunk
-                    n = chunk.stop - chunk.start
-                    d.unet_forward(noisy.expand(n, -1, -1, -1), self.noise_step, context[chunk])
+            return self._combine(store)
+
+        chunks = [slice(s, min(len(rows), s + self.class_chunk_size)) for s in range(0, len(rows), self.class_chunk_size)]
+        if self.refine and self.refinement == "own":
+            # Classes are independent: each chunk is recorded, combined and refined with its own
+            # passes' self-attention, then its queries and keys are dropped.
+            maps = []
+            for chunk in chunks:
+                store = AttentionStore(noisy.shape[-2:], token_index[chunk], token_weight[chunk], own_self_attention=True)
+                with record_attention(d.unet, store, self.cross_attn_factors, self_factors):
+                    d.unet_forward(noisy.expand(chunk.stop - chunk.start, -1, -1, -1), self.noise_step, context[chunk])
+                maps.append(self._combine(store))
+            return torch.cat(maps)
+        store = AttentionStore(noisy.shape[-2:], token_index, token_weight)
+        with record_attention(d.unet, store, self.cross_attn_factors, self_factors):
+            for chunk in chunks:
+                store.batch_classes = chunk
+                d.unet_forward(noisy.expand(chunk.stop - chunk.start, -1, -1, -1), self.noise_step, context[chunk])
         return self._combine(store)
 
     def _combine(self, store: AttentionStore) -> torch.Tensor:
@@ -287,7 +366,22 @@ class DiffSegmenter(OpenVocabularySegmenter):
             if tuple(maps.shape[-2:]) != target:
                 maps = F.interpolate(maps[None], size=target, mode="bilinear", align_corners=False)[0]
             combined = combined + weight * minmax_per_map(maps)
-        if self.refine:
-            attn = store.self_map(self.self_attn_factor)  # (N, N), rows = queries
-            combined = (combined.flatten(1) @ attn.T).view_as(combined)
-        return combined
+        if not self.refine:
+            return combined
+        if store.own_self_attention:
+            return store.refine_own(self.self_attn_factor, combined.flatten(1)).view_as(combined)
+        attn = store.self_map(self.self_attn_factor)  # (N, N), rows = queries
+        return (combined.flatten(1) @ attn.T).view_as(combined)
+
+
+def parse_prompt_names(pairs: Sequence[str]) -> Dict[str, str]:
+    """``["dining table=table", ...]`` (MODEL.DIFFSEG.PROMPT_NAMES) -> {class name: prompt word}."""
+    out = {}
+    for pair in pairs:
+        name, sep, word = str(pair).partition("=")
+        if not sep or not name.strip() or not word.strip():
+            raise ValueError(
+                f"MODEL.DIFFSEG.PROMPT_NAMES entry {pair!r} is not 'class name=prompt word' (e.g. 'dining table=table')."
+            )
+        out[name.strip()] = word.strip()
+    return out
