@@ -45,19 +45,21 @@ def test_the_table_is_written_with_baselines_a_method_row_and_a_failed_row(monke
     rows = dict(benchmark_quality.main(
         ["--count", "6", "--rows", "cross-attention only", "do not exist", "--write", str(target)]))
 
-    assert list(rows) == ["all background", "random class per pixel", "DiffSegmenter, cross-attention only",
+    assert list(rows) == ["all background", "random class per pixel",
+                          "DiffSegmenter, reference mode, cross-attention only (no refinement)",
                           "DiffSegmenter, weights that do not exist"]
     shapes, colours = benchmark_quality.semseg_datasets("val")
     for dataset in (shapes, colours):
         assert abs(rows["all background"][dataset] - _all_background_miou(dataset)) < 1e-6
-    method = rows["DiffSegmenter, cross-attention only"]
+    method = rows["DiffSegmenter, reference mode, cross-attention only (no refinement)"]
     assert set(method) == {shapes, colours} and all(0 <= v <= 100 for v in method.values())
     assert "nowhere" in rows["DiffSegmenter, weights that do not exist"]["error"]
 
     text = target.read_text()
     assert text.startswith("# Benchmarks\n\nText that stays.\n")
     assert "6 val scenes per dataset" in text
-    assert f"| DiffSegmenter, cross-attention only | {method[shapes]:.1f} | {method[colours]:.1f} |" in text
+    label = "DiffSegmenter, reference mode, cross-attention only (no refinement)"
+    assert f"| {label} | {method[shapes]:.1f} | {method[colours]:.1f} |" in text
     assert "| DiffSegmenter, weights that do not exist | failed: " in text
 
 

@@ -40,7 +40,13 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 MICRO = os.path.join(ROOT, "configs", "micro")
 DIFFSEGMENTER = os.path.join(MICRO, "diffsegmenter.yaml")
 SECTION = "tools/benchmark_quality.py microworld"
-NO_FILTER = ["MODEL.DIFFSEG.CATEGORY_FILTER.ENABLED", "False"]
+# Every departure of ours from the reference at once: the package's default before reference mode.
+OURS_ALL = [
+    "MODEL.DIFFSEG.CONDITIONING", "shared", "MODEL.DIFFSEG.VAE_LATENT", "mean",
+    "MODEL.DIFFSEG.TOKEN_SELECTION", "mean", "MODEL.DIFFSEG.CLASS_TOKEN_WEIGHT", "1.0",
+    "MODEL.DIFFSEG.ING_RULE", "False", "MODEL.DIFFSEG.RESIZE_ANTIALIAS", "True",
+    "MODEL.DIFFSEG.CATEGORY_FILTER.ENABLED", "True",
+]
 PLAIN_WEIGHTS = os.path.join(ROOT, "diffseg_d2", "microworld", "weights", "diffusion_plain")
 # Built from train scenes when missing; the configs' own output folders, so that following a
 # config's comment and running this tool share them.
@@ -115,15 +121,24 @@ class Row(NamedTuple):
 # Rows whose weights are missing are reported as failed, not skipped silently.
 ROWS = [
     Row("DAAM baseline (DAAM's aggregation, same micro diffusion model)", os.path.join(MICRO, "daam.yaml"), []),
-    Row("DiffSegmenter, cross-attention only", DIFFSEGMENTER, ["MODEL.DIFFSEG.REFINE", "False", *NO_FILTER]),
-    Row("DiffSegmenter + self-attention refinement", DIFFSEGMENTER, NO_FILTER),
-    Row("DiffSegmenter + refinement + category filter (micro CLIP)", DIFFSEGMENTER, []),
-    Row("DiffSegmenter + refinement, per-class prompts", DIFFSEGMENTER,
-        ["MODEL.DIFFSEG.CONDITIONING", "per_class", *NO_FILTER]),
-    Row("DiffSegmenter + refinement, noise step 50", DIFFSEGMENTER, ["MODEL.DIFFSEG.NOISE_STEP", "50", *NO_FILTER]),
-    Row("DiffSegmenter + refinement, noise step 300", DIFFSEGMENTER, ["MODEL.DIFFSEG.NOISE_STEP", "300", *NO_FILTER]),
-    Row("DiffSegmenter + refinement, model trained WITHOUT the alignment loss", DIFFSEGMENTER,
-        ["MODEL.DIFFSEG.SD.WEIGHTS", PLAIN_WEIGHTS, *NO_FILTER]),
+    Row("DiffSegmenter, reference mode (the paper configs' computation, no captioner)", DIFFSEGMENTER, []),
+    Row("DiffSegmenter, reference mode, cross-attention only (no refinement)", DIFFSEGMENTER,
+        ["MODEL.DIFFSEG.REFINE", "False"]),
+    # Our departures, one at a time against reference mode.
+    Row("DiffSegmenter, ours: shared pass for all classes", DIFFSEGMENTER, ["MODEL.DIFFSEG.CONDITIONING", "shared"]),
+    Row("DiffSegmenter, ours: refinement averaged over the class passes", DIFFSEGMENTER,
+        ["MODEL.DIFFSEG.REFINEMENT", "averaged"]),
+    Row("DiffSegmenter, ours: VAE posterior mean", DIFFSEGMENTER, ["MODEL.DIFFSEG.VAE_LATENT", "mean"]),
+    Row("DiffSegmenter, ours: mean over the class name's tokens", DIFFSEGMENTER,
+        ["MODEL.DIFFSEG.TOKEN_SELECTION", "mean"]),
+    Row("DiffSegmenter, ours: no ++ weighting of the class word", DIFFSEGMENTER,
+        ["MODEL.DIFFSEG.CLASS_TOKEN_WEIGHT", "1.0"]),
+    Row("DiffSegmenter, ours: antialiased resize", DIFFSEGMENTER, ["MODEL.DIFFSEG.RESIZE_ANTIALIAS", "True"]),
+    Row("DiffSegmenter, ours: + category filter (micro CLIP)", DIFFSEGMENTER,
+        ["MODEL.DIFFSEG.CATEGORY_FILTER.ENABLED", "True"]),
+    Row("DiffSegmenter, ours: all of the above (the former default)", DIFFSEGMENTER, OURS_ALL),
+    Row("DiffSegmenter, reference mode, model trained WITHOUT the alignment loss", DIFFSEGMENTER,
+        ["MODEL.DIFFSEG.SD.WEIGHTS", PLAIN_WEIGHTS]),
     Row(f"FreeDA (bank: {FREEDA_CAPTIONS} train captions, micro diffusion + dense encoder + CLIP)",
         os.path.join(MICRO, "freeda.yaml"), [], prepare=freeda_bank),
     Row("ODISE (head trained on the panoptic train split; colour-shapes are open-vocabulary)",
