@@ -193,3 +193,31 @@ def build_tiny_dino(folder: Path) -> None:
     model = random_dino("tiny")
     # model_args go into config.json, so timm's "local-dir:" loading rebuilds the same sizes.
     timm_hub.save_for_hf(model, str(folder), model_args=args, safe_serialization=True)
+
+
+def random_blip_large(seed: int = TINY_SEED):
+    """BLIP large's captioning architecture (ViT-L/16 at 384 + BERT-base decoder, 470M parameters)
+    with random weights, and a processor with a synthetic vocabulary of BLIP's size, for
+    benchmarks: ``(BlipForConditionalGeneration, BlipProcessor)``, float32, CPU."""
+    import tempfile
+
+    transformers = require("transformers", "transformers", "A random BLIP model")
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    words = ["a", "photograph", "photography", "of"]
+    vocab = special + words + [f"w{i}" for i in range(30524 - len(special) - len(words))]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "vocab.txt"
+        path.write_text("\n".join(vocab) + "\n")
+        tokenizer = transformers.BertTokenizer(str(path))
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    processor = transformers.BlipProcessor(
+        image_processor=transformers.BlipImageProcessor(size={"height": 384, "width": 384}), tokenizer=tokenizer
+    )
+    config = transformers.BlipConfig(
+        text_config=dict(vocab_size=len(vocab), encoder_hidden_size=1024, bos_token_id=5, pad_token_id=0,
+                         sep_token_id=3, eos_token_id=3),
+        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                           image_size=384, patch_size=16),
+    )
+    torch.manual_seed(seed)
+    return transformers.BlipForConditionalGeneration(config).eval(), processor

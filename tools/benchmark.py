@@ -10,10 +10,12 @@ Per preset, in one run:
 * plain: one VAE encode and one UNet pass of the same model at the same
   resolution (batch 1, context: one encoded prompt), the least any method
   reading that UNet must pay;
-* ``DiffSegmenter.segment`` on one image with 1, 5 and 20 VOC classes and the
-  default "shared" conditioning (category filter and caption off), and with
-  the most classes under "per_class" conditioning (one UNet batch element per
-  class, as the reference does) for contrast.
+* ``DiffSegmenter.segment`` on one image with 1, 5 and 20 VOC classes, in
+  reference mode (one UNet batch element per class, each refined by its own
+  pass's self-attention) without captions, in reference mode with BLIP large
+  captions generated from each class prompt (``sd15`` only; random weights of
+  the real size), and with our "shared" conditioning (one pass for all classes);
+  category filter off.
 
 Every configuration runs in its own process (this script, with ``--worker``),
 so that its peak memory is its own: on CPU the increase of peak RSS
@@ -71,10 +73,12 @@ DEFAULT_REPEATS = {"tiny": 3, "sd15": 3, RETRIEVAL: 7, ODISE: 3}
 TINY_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "tiny", "diffsegmenter.yaml")
 RESULT_PREFIX = "BENCHMARK_RESULT "
 PLAIN_PROMPT = "a photograph of aeroplane."
-# Targets of the default ("shared") conditioning.
+# Targets of our "shared" conditioning ...
 TARGET_ONE_CLASS = 1.25  # 1 class <= this x plain
 TARGET_MANY_CLASSES = 3.0  # 20 classes <= this x 1 class
 TARGET_PEAK = 1.5  # peak memory increase <= this x plain's
+# ... and of reference mode, which pays one UNet batch element per class (that is the method).
+TARGET_REFERENCE_PEAK = 2.5  # peak memory increase with the most classes <= this x plain's
 # Guesses of a call's cost from plain's pieces, only for fitting the run into --budget-min.
 SHARED_OVERHEAD = 1.3
 PER_CLASS_OVERHEAD = 1.2
@@ -99,8 +103,8 @@ def _threads(requested: int) -> int:
     return requested if requested > 0 else len(os.sched_getaffinity(0))
 
 
-def build_tiny(device: str, dtype: str, conditioning: str):
-    """The tiny preset through the normal config path, category filter off."""
+def build_tiny(device: str, dtype: str, conditioning: str, captions: bool = False):
+    """The tiny preset through the normal config path, category filter and captions off."""
     from detectron2.modeling import build_model
 
     from diffseg_d2 import get_diffseg_cfg
@@ -118,8 +122,9 @@ def build_tiny(device: str, dtype: str, conditioning: str):
     return build_model(cfg).eval()
 
 
-def build_sd15(device: str, dtype: str, conditioning: str):
-    """DiffSegmenter on the Stable Diffusion 1.5 architecture with random weights, at 512x512."""
+def build_sd15(device: str, dtype: str, conditioning: str, captions: bool = False):
+    """DiffSegmenter on the Stable Diffusion 1.5 architecture with random weights, at 512x512;
+    with ``captions``, BLIP large's architecture (random weights) continues every class prompt."""
     import transformers
 
     from diffseg_d2.diffusion import FrozenStableDiffusion
@@ -131,10 +136,17 @@ def build_sd15(device: str, dtype: str, conditioning: str):
     folder = resolve_sd_weights("tiny").path
     tokenizer = transformers.CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
     diffusion = FrozenStableDiffusion(random_stable_diffusion("sd15", tokenizer), dtype=dtype)
+    captioner = None
+    if captions:
+        from diffseg_d2.modeling.blip_captioner import BlipCaptioner
+        from diffseg_d2.random_models import random_blip_large
+
+        captioner = BlipCaptioner(*random_blip_large(), max_new_tokens=0)
     model = DiffSegmenter(
         diffusion=diffusion,
         image_size=512,
         conditioning=conditioning,
+        captioner=captioner,
         cross_attn_factors=(8, 4, 2, 1),
         cross_attn_weights=(0.3, 0.5, 0.1, 0.1),
         self_attn_factor=1,
@@ -450,7 +462,7 @@ def run_worker(spec: dict) -> dict:
         return result
     start = time.perf_counter()
     build = build_tiny if spec["preset"] == "tiny" else build_sd15
-    model = build(device, spec["dtype"], spec.get("conditioning", "shared"))
+    model = build(device, spec["dtype"], spec.get("conditioning", "shared"), spec.get("captions", False))
     image = load_image(spec["preset"])
     build_s = time.perf_counter() - start
     logger.info("%s: model built in %.1f s, measuring", spec["name"], build_s)
@@ -674,7 +686,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, help="timed calls per configuration, after one warm-up "
                    f"(default: {', '.join(f'{k} {v}' for k, v in DEFAULT_REPEATS.items())})")
     p.add_argument("--classes", default="1,5,20", help="comma-separated numbers of VOC classes (at most 20)")
-    p.add_argument("--no-per-class", action="store_true", help="skip the per_class conditioning contrast")
+    p.add_argument("--no-per-class", action="store_true", help="skip the reference-mode (per_class) rows")
+    p.add_argument("--no-captions", action="store_true", help="skip the reference-mode rows with BLIP captions (sd15)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="MODEL.DIFFSEG.SD.DTYPE (half precision applies on CUDA only)")
@@ -762,15 +775,24 @@ def run_in_subprocess(spec: dict, wait_quiet_s: float = 0.0) -> dict:
     return result
 
 
-def configurations(args) -> list:
+def configurations(args, preset: str) -> list:
     specs = [{"name": "plain", "kind": "plain", "label": "plain: VAE encode + 1 UNet pass"}]
+
+    def classes(k: int) -> str:
+        return f"{k} class{'es' if k > 1 else ''}"
+
+    if not args.no_per_class:
+        for k in args.classes:
+            specs.append({"name": f"per_class-{k}", "kind": "segment", "classes": k, "conditioning": "per_class",
+                          "label": f"DiffSegmenter, {classes(k)}, reference mode, no captions"})
+        if preset == "sd15" and not args.no_captions:
+            for k in args.classes:
+                specs.append({"name": f"captions-{k}", "kind": "segment", "classes": k, "conditioning": "per_class",
+                              "captions": True,
+                              "label": f"DiffSegmenter, {classes(k)}, reference mode with BLIP large captions"})
     for k in args.classes:
         specs.append({"name": f"shared-{k}", "kind": "segment", "classes": k, "conditioning": "shared",
-                      "label": f"DiffSegmenter, {k} class{'es' if k > 1 else ''}, shared"})
-    if not args.no_per_class:
-        k = max(args.classes)
-        specs.append({"name": f"per_class-{k}", "kind": "segment", "classes": k, "conditioning": "per_class",
-                      "label": f"DiffSegmenter, {k} class{'es' if k > 1 else ''}, per_class"})
+                      "label": f"DiffSegmenter, {classes(k)}, ours: shared"})
     return specs
 
 
@@ -778,7 +800,9 @@ def _estimated_call_s(spec: dict, plain: dict) -> float:
     pieces = plain["pieces"]
     if spec["conditioning"] == "shared":
         return SHARED_OVERHEAD * (pieces["VAE encode"] + pieces["UNet pass"]) + pieces["text encoder (1 prompt)"]
-    return pieces["VAE encode"] + PER_CLASS_OVERHEAD * spec["classes"] * pieces["UNet pass"]
+    # A caption generation is guessed at one UNet pass (BLIP large: ViT-L/16 at 384, ~15 tokens).
+    per_class = PER_CLASS_OVERHEAD + (1.0 if spec.get("captions") else 0.0)
+    return pieces["VAE encode"] + per_class * spec["classes"] * pieces["UNet pass"]
 
 
 def fit_repeats(specs: list, plain: dict, budget_s: float) -> list:
@@ -814,7 +838,7 @@ def run_preset(preset: str, args, device: str) -> dict:
     start = time.perf_counter()
     repeats = args.repeats or DEFAULT_REPEATS[preset]
     base = {"preset": preset, "device": device, "dtype": args.dtype, "threads": args.threads, "repeats": repeats}
-    specs = [{**base, **s} for s in configurations(args)]
+    specs = [{**base, **s} for s in configurations(args, preset)]
     logger.info("%s: plain (%d repeats)", preset, repeats)
     results = {"plain": run_in_subprocess(specs[0], args.wait_quiet)}
     notes = []
@@ -959,6 +983,13 @@ def target_lines(specs: list, results: dict) -> list:
                      f"**{ratio:.2f}x**")
     else:
         lines.append(f"- not measured: peak memory <= {TARGET_PEAK}x plain")
+    reference = [s for s in specs if s.get("conditioning") == "per_class" and s["name"] in ok]
+    if plain and reference and plain["peak_mib"] > 0:
+        most = max(reference, key=lambda s: (s["classes"], ok[s["name"]]["peak_mib"]))
+        ratio = ok[most["name"]]["peak_mib"] / plain["peak_mib"]
+        lines.append(f"- **{_check(ratio <= TARGET_REFERENCE_PEAK)}** reference mode: peak memory <= "
+                     f"{TARGET_REFERENCE_PEAK}x plain ({most['name']}): {ok[most['name']]['peak_mib']:.0f} MB / "
+                     f"{plain['peak_mib']:.0f} MB = **{ratio:.2f}x**")
     return lines
 
 
@@ -1022,7 +1053,7 @@ def render_preset(run: dict, cmdline: str) -> str:
         out.append(f"Note: {note}.")
     if run["notes"]:
         out.append("")
-    out += ["Targets (default \"shared\" conditioning; ratios of medians of this run):", ""]
+    out += ["Targets (ratios of medians of this run):", ""]
     out += target_lines(specs, results)
     return "\n".join(out) + "\n"
 
