@@ -15,6 +15,12 @@ TINY_DIFFSEG = str(ROOT / "configs" / "tiny" / "diffsegmenter.yaml")
 TINY_ODISE = str(ROOT / "configs" / "tiny" / "odise.yaml")
 MICRO_DIFFSEG = str(ROOT / "configs" / "micro" / "diffsegmenter.yaml")
 PANOPTIC_FPN = str(ROOT / "projects" / "diffusion_panoptic_fpn" / "configs" / "tiny.yaml")
+TINY_FREEDA = str(ROOT / "configs" / "tiny" / "freeda.yaml")
+MICRO_DAAM = str(ROOT / "configs" / "micro" / "daam.yaml")
+# One config per model of the package that detectron2 can build: the meta-architectures, and the
+# diffusion backbone under a stock architecture.
+EVERY_MODEL = {"DiffSegmenter": TINY_DIFFSEG, "DAAM": MICRO_DAAM, "FreeDA": TINY_FREEDA, "ODISE": TINY_ODISE,
+               "DiffusionUNetBackbone": PANOPTIC_FPN, "build_diffusion_unet_fpn_backbone": PANOPTIC_FPN}
 
 
 class _Payload:
@@ -47,7 +53,18 @@ def crafted(tmp_path):
     return marker, pkl, pth
 
 
-@pytest.mark.parametrize("config", [TINY_DIFFSEG, TINY_ODISE, PANOPTIC_FPN], ids=["diffsegmenter", "odise", "panoptic_fpn"])
+def test_every_registered_model_of_the_package_is_covered_below():
+    """A model added to the package must be added to EVERY_MODEL, and so to the tests below."""
+    from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
+
+    import diffseg_d2  # noqa: F401  (registers the package's models)
+
+    ours = {name for registry in (META_ARCH_REGISTRY, BACKBONE_REGISTRY) for name, obj in registry
+            if obj.__module__.startswith("diffseg_d2")}
+    assert ours == set(EVERY_MODEL)
+
+
+@pytest.mark.parametrize("config", sorted(set(EVERY_MODEL.values())))
 def test_no_route_unpickles_a_crafted_checkpoint(config, crafted):
     """DefaultPredictor and a stock DetectionCheckpointer (the example project's route) both build
     the model before they open MODEL.WEIGHTS: the build refuses the file, its code never runs."""
