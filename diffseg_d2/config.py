@@ -124,22 +124,47 @@ def add_diffseg_config(cfg: CN) -> CN:
     # --- DINOv2 dense features (FreeDA) ------------------------------------------------
     _c.DINO = CN()
     # timm weights: a hub id (loaded as "hf-hub:<id>"), a local timm folder (config.json +
-    # model.safetensors), or "tiny" (small random weights built once into the cache).
-    _c.DINO.WEIGHTS = "timm/vit_base_patch14_dinov2.lvd142m"
+    # model.safetensors), or "tiny" (small random weights built once into the cache). FreeDA's
+    # reference uses DINOv2 ViT-L/14.
+    _c.DINO.WEIGHTS = "timm/vit_large_patch14_dinov2.lvd142m"
 
-    # --- FreeDA --------------------------------------------------------------------------
+    # --- FreeDA (defaults: the reference code's test time) --------------------------------
     _c.FREEDA = CN()
-    # Folder of the prototype bank written by tools/build_freeda_bank.py (read at test time).
+    # Folder of the prototype bank: one written by tools/build_freeda_bank.py, or the authors'
+    # released bank (a faiss knn.index and a folder of .npy prototypes, see README).
     _c.FREEDA.BANK = ""
     # Keys retrieved per class query; their prototypes are averaged into the class prototype.
     _c.FREEDA.TOP_K = 350
-    # A class whose nearest key has a lower cosine similarity has no prototype: it falls back
-    # to the global CLIP score alone (logged). A judgement call, not tuned on any dataset.
-    _c.FREEDA.MIN_KEY_SIMILARITY = 0.5
-    # Prompt templates of the class query (CLIP token embeddings of the class word, averaged).
-    _c.FREEDA.QUERY_TEMPLATES = ["a photo of a {}.", "a photo of the {}.", "there is a {} in the scene."]
+    # Ours: a class whose nearest key has a lower cosine similarity has no prototype and falls back
+    # to the global CLIP score alone (logged). -1 = never (the reference has no such fallback).
+    _c.FREEDA.MIN_KEY_SIMILARITY = -1.0
+    # Class query: "sentence" = CLIP sentence embeddings of QUERY_TEMPLATES, averaged (the reference;
+    # the same vector is the global score's text embedding); "token" (ours) = the contextual
+    # embedding of the class word's tokens in those prompts, like the bank's noun keys.
+    _c.FREEDA.QUERY = "sentence"
+    # Prompt templates of the class query and the global text embedding (the reference's
+    # "sub_imagenet_template").
+    _c.FREEDA.QUERY_TEMPLATES = [
+        "itap of a {}.", "a bad photo of a {}.", "a origami {}.", "a photo of the large {}.",
+        "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
+    ]
     # Weight of the local (superpixel-prototype) score; the global CLIP score gets 1 minus it.
     _c.FREEDA.LOCAL_WEIGHT = 0.8
+    # The local score is the sigmoid of the cosine similarity (the reference); False (ours) = the cosine.
+    _c.FREEDA.LOCAL_SIGMOID = True
+    # "window": superpixels, DINOv2, the CLIP global score and the scores computed per sliding window,
+    # window scores averaged per pixel, then bilinear to the image (the reference); "whole" (ours):
+    # superpixels and the global score on the whole image, DINOv2 features pooled across windows,
+    # each pixel takes its superpixel's score.
+    _c.FREEDA.PIPELINE = "window"
+    # Superpixel pooling with PIPELINE "window": "token_grid" = superpixel masks bilinearly
+    # downsampled (align_corners) to DINOv2's token grid, weighted mean of tokens, pixels of a
+    # superpixel that gets no weight take the per-token score (the reference); "exact" (ours) =
+    # the exact mean of the bilinearly upsampled features over each superpixel.
+    _c.FREEDA.POOLING = "token_grid"
+    # Side DINOv2 reads each window at with PIPELINE "window" (518 = 37 patches of 14 for a 448
+    # window, the reference); 0 = the window's own size.
+    _c.FREEDA.DINO_SIZE = 518
     # Felzenszwalb superpixels (skimage.segmentation.felzenszwalb), set per dataset in the configs.
     _c.FREEDA.SUPERPIXEL = CN()
     # Felzenszwalb scale: larger gives larger segments.
@@ -155,7 +180,8 @@ def add_diffseg_config(cfg: CN) -> CN:
     # ... every STRIDE pixels; features are averaged where crops overlap.
     _c.FREEDA.STRIDE = 224
     # HNSW search breadth (faiss efSearch); raised to at least TOP_K. Ignored by exact indexes.
-    _c.FREEDA.EF_SEARCH = 512
+    # The reference's 50000 makes the search effectively exhaustive.
+    _c.FREEDA.EF_SEARCH = 50000
     # IVF lists visited per query (faiss nprobe). Ignored by other indexes.
     _c.FREEDA.NPROBE = 16
 
@@ -342,6 +368,7 @@ _RANGES = {
     "FREEDA.SHORT_SIDE": _POSITIVE,
     "FREEDA.WINDOW": _POSITIVE,
     "FREEDA.STRIDE": _POSITIVE,
+    "FREEDA.DINO_SIZE": _NON_NEGATIVE,
     "FREEDA.EF_SEARCH": _POSITIVE,
     "FREEDA.NPROBE": _POSITIVE,
     "FREEDA.BUILD.IMAGE_SIZE": _POSITIVE,

@@ -54,8 +54,8 @@ def _image(rgb):
 
 
 def _global_scores(model, image, names):
-    """The CLIP image-text cosine of each name: FreeDA's global score."""
-    return (model.clip.encode_image(image.float()[None]) @ model.clip.encode_class_names(names).T)[0]
+    """The CLIP image-text cosine of each name over the whole image: the "whole" pipeline's global score."""
+    return (model.clip.encode_image(image.float()[None]) @ model.class_text(names).T)[0]
 
 
 @contextlib.contextmanager
@@ -76,8 +76,9 @@ def _records(logger_name):
 # ----------------------------------------------------------------------------- outputs
 @pytest.mark.parametrize("crop", [(slice(None), slice(None)), (slice(40, 101), slice(150, 293)),
                                   (slice(100, 250), slice(0, 40))], ids=["375x500", "61x143", "150x40"])
-def test_default_predictor_scores_every_class_at_the_input_size(freeda_cfg, sample_rgb, crop):
-    cfg = freeda_cfg("MODEL.DIFFSEG.VOCABULARY", str(VOCAB))
+def test_whole_image_pipeline_scores_every_class_at_the_input_size(freeda_cfg, sample_rgb, crop):
+    cfg = freeda_cfg("MODEL.DIFFSEG.VOCABULARY", str(VOCAB), "MODEL.DIFFSEG.FREEDA.PIPELINE", "whole",
+                     "MODEL.DIFFSEG.FREEDA.LOCAL_SIGMOID", "False", "MODEL.DIFFSEG.FREEDA.MIN_KEY_SIMILARITY", "0.5")
     predictor = DefaultPredictor(cfg)
     rgb = sample_rgb[crop]
     sem_seg = predictor(np.ascontiguousarray(rgb[:, :, ::-1]))["sem_seg"]  # BGR, like cv2.imread
@@ -99,6 +100,13 @@ def test_the_output_size_follows_height_and_width(model, sample_rgb):
     full = model([{"image": x}])[0]["sem_seg"]
     small = model([{"image": x, "height": 150, "width": 200}])[0]["sem_seg"]
     assert full.shape == (4, 375, 500) and small.shape == (4, 150, 200)
+    old = model.pipeline
+    model.pipeline = "whole"
+    try:
+        full = model([{"image": x}])[0]["sem_seg"]
+        small = model([{"image": x, "height": 150, "width": 200}])[0]["sem_seg"]
+    finally:
+        model.pipeline = old
     assert set(small.unique().tolist()) <= set(full.unique().tolist())  # the same superpixel scores, resampled
 
 
@@ -143,7 +151,8 @@ def test_class_prototypes_are_retrieved_once_per_vocabulary(model, sample_rgb, m
 
 
 def test_a_class_without_a_close_key_falls_back_to_the_global_clip_score(freeda_cfg, sample_rgb):
-    model = build_model(freeda_cfg("MODEL.DIFFSEG.FREEDA.MIN_KEY_SIMILARITY", 1.01)).eval()
+    model = build_model(freeda_cfg("MODEL.DIFFSEG.FREEDA.MIN_KEY_SIMILARITY", 1.01,
+                                   "MODEL.DIFFSEG.FREEDA.PIPELINE", "whole")).eval()
     x = _image(sample_rgb)
     names = ["background", "dog", "sofa"]
     with _records("diffseg_d2.modeling.meta_arch.freeda") as records:
@@ -163,17 +172,16 @@ def test_a_class_without_a_close_key_falls_back_to_the_global_clip_score(freeda_
 
 def test_only_the_classes_without_a_close_key_fall_back(model, sample_rgb):
     candidates = ["horse", "cow", "giraffe", "bottle", "train", "xylophone", "tv monitor", "kite"]
-    queries = model.clip.encode_class_queries(candidates, model.query_templates)
-    _, best = model.bank.class_prototypes(queries, model.top_k)
+    _, best = model.bank.class_prototypes(model.class_text(candidates), model.top_k)
     near, far = candidates[int(best.argmax())], candidates[int(best.argmin())]
     assert best.max() - best.min() > 1e-3
     x = _image(sample_rgb)
-    old = model.min_key_similarity
-    model.min_key_similarity = float(best.max() + best.min()) / 2
+    old = model.min_key_similarity, model.pipeline
+    model.min_key_similarity, model.pipeline = float(best.max() + best.min()) / 2, "whole"
     try:
         out = model([{"image": x, "vocabulary": [near, far]}])[0]["sem_seg"]
     finally:
-        model.min_key_similarity = old
+        model.min_key_similarity, model.pipeline = old
     assert out[0].unique().numel() > 1  # the close class gets local (superpixel) scores
     assert torch.all(out[1] == out[1, 0, 0])  # the other the global score alone
     torch.testing.assert_close(out[1, 0, 0], _global_scores(model, x, [far])[0])

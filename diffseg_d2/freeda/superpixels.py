@@ -86,6 +86,39 @@ def pool_features(features: torch.Tensor, labels: torch.Tensor, num_segments: in
     return sums, counts
 
 
+def token_grid_weights(labels: torch.Tensor, grid: Tuple[int, int], num_segments: int) -> torch.Tensor:
+    """Each segment's binary mask bilinearly resized (``align_corners=True``) to the feature grid,
+    as FreeDA's reference pools superpixels: ``(S, h*w)``, without building the ``(S, H, W)`` masks.
+
+    That resize samples, for each grid cell, the four pixels around ``i * (H - 1) / (h - 1)``, so
+    a cell's weight for segment ``s`` is the summed bilinear weight of those of its pixels in ``s``.
+    A segment none of whose pixels is sampled gets an all-zero row.
+    """
+    H, W = labels.shape
+    h, w = grid
+
+    def taps(out_size: int, in_size: int):
+        if out_size == 1:
+            src = torch.zeros(1, dtype=torch.float64)
+        else:
+            src = torch.arange(out_size, dtype=torch.float64) * ((in_size - 1) / (out_size - 1))
+        i0 = src.floor().long().clamp(0, in_size - 1)
+        i1 = (i0 + 1).clamp(max=in_size - 1)
+        return i0, i1, src - i0
+
+    y0, y1, wy = taps(h, H)
+    x0, x1, wx = taps(w, W)
+    flat = labels.reshape(-1).long().cpu()
+    cell = torch.arange(h * w)
+    m = torch.zeros(num_segments * h * w, dtype=torch.float64)
+    for ys, wy_ in ((y0, 1 - wy), (y1, wy)):
+        for xs, wx_ in ((x0, 1 - wx), (x1, wx)):
+            pixel = (ys[:, None] * W + xs[None, :]).reshape(-1)
+            weight = (wy_[:, None] * wx_[None, :]).reshape(-1)
+            m.index_add_(0, flat[pixel] * (h * w) + cell, weight)
+    return m.view(num_segments, h * w).float()
+
+
 def sliding_windows(height: int, width: int, window: int, stride: int) -> list:
     """Top-left corners ``(y, x)`` of square ``window`` crops covering an image, the last ones
     flush with the bottom/right border. ``window`` must not exceed either side."""

@@ -93,33 +93,43 @@ class OpenCLIP(nn.Module):
         self._text_cache.clear()
 
     @torch.no_grad()
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, images: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """L2-normalised image embeddings: (B, 3, H, W) RGB in [0, 255] -> (B, D).
 
         The whole image is resized to the model's input square (no crop), so
         nothing at the borders is missed by the filter.
+
+        Args:
+            clamp: clamp the bicubic resize's overshoot to [0, 255] (FreeDA's reference code does not).
         """
-        return F.normalize(self._finite(self.model.encode_image(self._preprocess(images))).float(), dim=-1)
+        return F.normalize(self._finite(self.model.encode_image(self._preprocess(images, clamp))).float(), dim=-1)
 
     @staticmethod
     def _finite(x: torch.Tensor) -> torch.Tensor:
         return require_finite(x, "CLIP (MODEL.DIFFSEG.CLIP.WEIGHTS)")
 
-    def _preprocess(self, images: torch.Tensor) -> torch.Tensor:
+    def _preprocess(self, images: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """(B, 3, H, W) RGB in [0, 255] -> the model's normalised input square (resized, no crop)."""
         x = F.interpolate(images.float().to(self.device), size=self.image_size, mode="bicubic", align_corners=False)
-        return (x.clamp(0, 255) - self.pixel_mean) / self.pixel_std
+        return ((x.clamp(0, 255) if clamp else x) - self.pixel_mean) / self.pixel_std
 
     @torch.no_grad()
-    def encode_class_names(self, names: Sequence[str]) -> torch.Tensor:
-        """L2-normalised template-averaged text embeddings: K names -> (K, D). Cached per vocabulary."""
+    def encode_class_names(self, names: Sequence[str], templates: Optional[Sequence[str]] = None) -> torch.Tensor:
+        """Sentence embeddings of every template filled with each name, each L2-normalised, averaged
+        over the templates and normalised again: K names -> (K, D). Cached per vocabulary.
+
+        Args:
+            templates: the templates; None = the ones this CLIP was built with (``CLIP.TEMPLATES``).
+        """
+        templates = tuple(self.templates if templates is None else templates)
+
         def compute():
-            prompts = [t.format(n) for n in names for t in self.templates]
+            prompts = [t.format(n) for n in names for t in templates]
             ids = self.tokenizer(prompts).to(self.device)
             emb = F.normalize(self._finite(self.model.encode_text(ids)).float(), dim=-1)
-            return F.normalize(emb.view(len(names), len(self.templates), -1).mean(1), dim=-1)
+            return F.normalize(emb.view(len(names), len(templates), -1).mean(1), dim=-1)
 
-        return self._text_cache.get_or_compute(tuple(names), compute)
+        return self._text_cache.get_or_compute((tuple(names), templates), compute)
 
     @torch.no_grad()
     def encode_dense(self, images: torch.Tensor) -> torch.Tensor:

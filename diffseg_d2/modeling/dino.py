@@ -70,6 +70,21 @@ class DenseDINO(nn.Module):
         return self.pixel_mean.device
 
     @torch.no_grad()
+    def tokens_at(self, images: torch.Tensor, size: int) -> torch.Tensor:
+        """Patch features of images squashed to ``size``² (bilinear, no antialias, as FreeDA's
+        reference code feeds DINOv2): (B, 3, H, W) RGB in [0, 255] -> (B, D, size/p, size/p)."""
+        x = images.float().to(self.device)
+        if tuple(x.shape[-2:]) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=False, align_corners=False)
+        return self._tokens((x - self.pixel_mean) / self.pixel_std)
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        gh, gw = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        tokens = self.model.forward_features(x)[:, self.num_prefix_tokens :]  # (B, gh*gw, D)
+        require_finite(tokens, "DINOv2 (MODEL.DIFFSEG.DINO.WEIGHTS)")
+        return tokens.transpose(1, 2).reshape(x.shape[0], -1, gh, gw).float()
+
+    @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Patch features: (B, 3, H, W) RGB in [0, 255] -> (B, D, H', W'), H' = round(H / patch).
 
@@ -81,7 +96,4 @@ class DenseDINO(nn.Module):
         x = images.float().to(self.device)
         if (gh * p, gw * p) != (h, w):
             x = F.interpolate(x, size=(gh * p, gw * p), mode="bilinear", antialias=True, align_corners=False)
-        x = (x - self.pixel_mean) / self.pixel_std
-        tokens = self.model.forward_features(x)[:, self.num_prefix_tokens :]  # (B, gh*gw, D)
-        require_finite(tokens, "DINOv2 (MODEL.DIFFSEG.DINO.WEIGHTS)")
-        return tokens.transpose(1, 2).reshape(x.shape[0], -1, gh, gw).float()
+        return self._tokens((x - self.pixel_mean) / self.pixel_std)

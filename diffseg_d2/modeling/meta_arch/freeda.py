@@ -21,7 +21,7 @@ from torch import nn
 
 from ...config import check_config
 from ...freeda.bank import PrototypeBank, check_bank_models, check_fingerprint, model_fingerprint
-from ...freeda.superpixels import felzenszwalb_superpixels, pool_features, sliding_windows
+from ...freeda.superpixels import felzenszwalb_superpixels, pool_features, sliding_windows, token_grid_weights
 from ...vocabulary import background_index
 from .open_vocab import OpenVocabularySegmenter, vocabulary_from_config
 
@@ -45,17 +45,25 @@ class FreeDA(OpenVocabularySegmenter):
         dino: nn.Module,
         vocabulary: Optional[Sequence[str]] = None,
         top_k: int = 350,
-        min_key_similarity: float = 0.5,
+        min_key_similarity: float = -1.0,
+        query: str = "sentence",
         query_templates: Sequence[str] = ("a photo of a {}.",),
         local_weight: float = 0.8,
+        local_sigmoid: bool = True,
         background_score: float = 0.4,
         superpixel: Tuple[float, float, int] = (100.0, 1.0, 20),
         short_side: int = 448,
         window: int = 448,
         stride: int = 224,
+        pipeline: str = "window",
+        pooling: str = "token_grid",
+        dino_size: int = 518,
         input_format: str = "RGB",
     ):
         """
+        The defaults compute what the reference code computes at test time; each of our
+        departures is an argument (the config key in capitals under MODEL.DIFFSEG.FREEDA).
+
         Args:
             bank: the loaded prototype bank.
             clip: ``OpenCLIP``, the model that made the bank's keys.
@@ -64,13 +72,20 @@ class FreeDA(OpenVocabularySegmenter):
                 named "background" gets the constant ``background_score``.
             top_k: keys retrieved per class.
             min_key_similarity: a class whose nearest key is less similar gets the
-                global score alone.
-            query_templates: templates of the class query, "{}" -> class name.
+                global score alone (ours; -1 = never).
+            query: "sentence" (CLIP sentence embeddings of the templates, the reference) or
+                "token" (the class word's contextual token embedding, ours).
+            query_templates: templates of the class query and of the global text embedding.
             local_weight: weight of the local score; the global one gets 1 - it.
+            local_sigmoid: the local score is sigmoid(cosine) (the reference), else the cosine.
             background_score: score of the background channel.
             superpixel: Felzenszwalb ``(scale, sigma, min_size)``.
             short_side: the image is resized to this short side.
-            window, stride: DINOv2 sliding window (square side) and step, in pixels.
+            window, stride: sliding window (square side) and step, in pixels.
+            pipeline: "window" (everything per window, window scores averaged, the reference) or
+                "whole" (superpixels and the global score on the whole image, ours).
+            pooling: with "window": "token_grid" (the reference) or "exact" (ours).
+            dino_size: with "window", the side DINOv2 reads each window at (0 = its own size).
             input_format: "RGB" or "BGR", the channel order of input images.
         """
         super().__init__(input_format=input_format)
@@ -80,6 +95,13 @@ class FreeDA(OpenVocabularySegmenter):
             raise ValueError(f"MODEL.DIFFSEG.FREEDA.LOCAL_WEIGHT must be in [0, 1], got {local_weight}.")
         if top_k < 1 or min(short_side, window, stride) < 1:
             raise ValueError("MODEL.DIFFSEG.FREEDA.TOP_K, SHORT_SIDE, WINDOW and STRIDE must be positive.")
+        for key, value, allowed in (("QUERY", query, ("sentence", "token")), ("PIPELINE", pipeline, ("window", "whole")),
+                                    ("POOLING", pooling, ("token_grid", "exact"))):
+            if value not in allowed:
+                raise ValueError(f"MODEL.DIFFSEG.FREEDA.{key} must be one of {list(allowed)}, not {value!r}.")
+        if dino_size and dino_size % dino.patch_size:
+            raise ValueError(f"MODEL.DIFFSEG.FREEDA.DINO_SIZE = {dino_size} must be a multiple of DINOv2's patch "
+                             f"size {dino.patch_size} (or 0).")
         if stride > window:
             raise ValueError(f"MODEL.DIFFSEG.FREEDA.STRIDE = {stride} exceeds WINDOW = {window}: the windows would "
                              "leave parts of the image unread.")
@@ -89,8 +111,13 @@ class FreeDA(OpenVocabularySegmenter):
         self.dino = dino
         self.top_k = int(top_k)
         self.min_key_similarity = float(min_key_similarity)
+        self.query = query
         self.query_templates = list(query_templates)
         self.local_weight = float(local_weight)
+        self.local_sigmoid = bool(local_sigmoid)
+        self.pipeline = pipeline
+        self.pooling = pooling
+        self.dino_size = int(dino_size)
         self.background_score = float(background_score)
         self.superpixel = (float(superpixel[0]), float(superpixel[1]), int(superpixel[2]))
         self.short_side = int(short_side)
@@ -122,8 +149,13 @@ class FreeDA(OpenVocabularySegmenter):
             "vocabulary": vocabulary,
             "top_k": f.TOP_K,
             "min_key_similarity": f.MIN_KEY_SIMILARITY,
+            "query": f.QUERY,
             "query_templates": list(f.QUERY_TEMPLATES),
             "local_weight": f.LOCAL_WEIGHT,
+            "local_sigmoid": f.LOCAL_SIGMOID,
+            "pipeline": f.PIPELINE,
+            "pooling": f.POOLING,
+            "dino_size": f.DINO_SIZE,
             "background_score": d.BACKGROUND_THRESHOLD,
             "superpixel": (f.SUPERPIXEL.SCALE, f.SUPERPIXEL.SIGMA, f.SUPERPIXEL.MIN_SIZE),
             "short_side": f.SHORT_SIDE,
@@ -144,7 +176,10 @@ class FreeDA(OpenVocabularySegmenter):
         """Class prototypes ``(K, Dp)`` and whether each class has one ``(K,)`` bool, cached per vocabulary."""
 
         def compute():
-            queries = self.clip.encode_class_queries(names, self.query_templates)
+            if self.query == "sentence":
+                queries = self.class_text(names)
+            else:
+                queries = self.clip.encode_class_queries(names, self.query_templates)
             prototypes, best = self.bank.class_prototypes(queries, self.top_k)
             found = best >= self.min_key_similarity
             for name, sim in zip(names, best.tolist()):
@@ -154,7 +189,12 @@ class FreeDA(OpenVocabularySegmenter):
                         "its score is the global CLIP score alone.", name, sim, self.min_key_similarity)
             return prototypes.to(self.device), found.to(self.device)
 
-        return self._cached(("prototypes", names, self.top_k, self.min_key_similarity), compute)
+        return self._cached(("prototypes", names, self.top_k, self.min_key_similarity, self.query), compute)
+
+    def class_text(self, names: Sequence[str]) -> torch.Tensor:
+        """The classes' text embeddings for the global score (and the "sentence" query): CLIP sentence
+        embeddings of ``query_templates``, averaged and normalised, ``(K, C)``."""
+        return self.clip.encode_class_names(list(names), self.query_templates).to(self.device)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -168,6 +208,8 @@ class FreeDA(OpenVocabularySegmenter):
         if not prompted:
             return torch.full((len(names), *out_size), self.background_score, device=self.device)
         prototypes, found = self.class_prototypes(tuple(names[i] for i in prompted))
+        if self.pipeline == "window":
+            return self._segment_by_windows(image, names, prompted, prototypes, found, out_size)
 
         start = time.perf_counter()
         h, w = image.shape[-2:]
@@ -182,12 +224,12 @@ class FreeDA(OpenVocabularySegmenter):
         timings["dino"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        text = self.clip.encode_class_names([names[i] for i in prompted])
+        text = self.class_text([names[i] for i in prompted])
         global_score = (self.clip.encode_image(image[None]) @ text.T)[0].to(self.device)  # (K',)
         timings["clip"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        local = features @ prototypes.T  # (S, K')
+        local = self._local(features @ prototypes.T)  # (S, K')
         combined = self.local_weight * local + (1 - self.local_weight) * global_score
         per_segment = torch.where(found, combined, global_score.expand_as(combined))
         table = torch.full((len(names), per_segment.shape[0]), self.background_score, device=self.device)
@@ -220,3 +262,91 @@ class FreeDA(OpenVocabularySegmenter):
                 sums += s
                 counts += c
         return F.normalize(sums / counts.clamp(min=1)[:, None], dim=-1)
+
+    # ------------------------------------------------------------------ the reference's per-window pipeline
+    def _segment_by_windows(
+        self, image: torch.Tensor, names: Sequence[str], prompted: Sequence[int], prototypes: torch.Tensor,
+        found: torch.Tensor, out_size: Tuple[int, int],
+    ) -> torch.Tensor:
+        """The reference's test time: resize to ``short_side``; per sliding window, superpixels,
+        DINOv2, the CLIP global score and the window's scores; scores averaged where windows
+        overlap, then bilinear to ``out_size``: ``(K, *out_size)``."""
+        timings = dict.fromkeys(("superpixels", "dino", "clip", "scoring"), 0.0)
+        h, w = image.shape[-2:]
+        scale = self.short_side / min(h, w)
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        # The reference reads 8-bit images resized without antialias.
+        x = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0].round().clamp(0, 255)
+        text = self.class_text([names[i] for i in prompted])  # (K', C)
+        protos = F.normalize(prototypes, dim=-1)
+        side = min(self.window, *size)
+        sums = torch.zeros(len(prompted), *size, device=self.device)
+        count = torch.zeros(size, device=self.device)
+        for y, x0 in sliding_windows(size[0], size[1], side, self.stride):
+            crop = x[:, y:y + side, x0:x0 + side]
+            sums[:, y:y + side, x0:x0 + side] += self.window_scores(crop, protos, text, found, timings)
+            count[y:y + side, x0:x0 + side] += 1
+        start = time.perf_counter()
+        averaged = (sums / count)[None]
+        if tuple(size) != tuple(out_size):
+            averaged = F.interpolate(averaged, size=out_size, mode="bilinear", align_corners=False)
+        scores = torch.full((len(names), *out_size), self.background_score, device=self.device)
+        scores[list(prompted)] = averaged[0]
+        timings["scoring"] += time.perf_counter() - start
+        self.last_timings = timings
+        return scores
+
+    def window_scores(
+        self, crop: torch.Tensor, prototypes: torch.Tensor, text: torch.Tensor, found: torch.Tensor,
+        timings: Optional[Dict[str, float]] = None,
+    ) -> torch.Tensor:
+        """One window's class scores ``(K, c, c)``: ``w * local + (1 - w) * global``.
+
+        Args:
+            crop: (3, c, c) RGB in [0, 255].
+            prototypes: (K, Dp) L2-normalised class prototypes.
+            text: (K, C) class text embeddings (L2-normalised).
+            found: (K,) bool, classes with a prototype (the others get the global score alone).
+        """
+        timings = {} if timings is None else timings
+        c = crop.shape[-1]
+        start = time.perf_counter()
+        labels = felzenszwalb_superpixels(crop, *self.superpixel).to(self.device)
+        num = int(labels.max()) + 1
+        timings["superpixels"] = timings.get("superpixels", 0.0) + time.perf_counter() - start
+
+        start = time.perf_counter()
+        tokens = self.dino.tokens_at(crop[None], self.dino_size or c)[0].to(self.device)  # (Dp, g, g)
+        timings["dino"] = timings.get("dino", 0.0) + time.perf_counter() - start
+
+        start = time.perf_counter()
+        global_score = (self.clip.encode_image(crop[None], clamp=False) @ text.T)[0].to(self.device)  # (K,)
+        timings["clip"] = timings.get("clip", 0.0) + time.perf_counter() - start
+
+        start = time.perf_counter()
+        d, g = tokens.shape[0], tokens.shape[-2:]
+        flat = tokens.reshape(d, -1).T  # (g*g, Dp)
+        if self.pooling == "token_grid":
+            weights = token_grid_weights(labels, tuple(g), num).to(self.device)  # (S, g*g)
+            pooled = weights @ flat / (weights.sum(1, keepdim=True) + torch.finfo(torch.float32).eps)
+            empty = pooled.norm(dim=-1) == 0  # no token weight: the reference's NaN superpixels
+        else:
+            sums, counts = pool_features(tokens, labels, num)
+            pooled = sums / counts.clamp(min=1)[:, None]
+            empty = torch.zeros(num, dtype=torch.bool, device=self.device)
+        similarity = F.normalize(pooled, dim=-1) @ prototypes.T  # (S, K)
+        local = self._local(similarity).T[:, labels]  # (K, c, c)
+        if bool(empty.any()):
+            # Pixels of such superpixels take the per-token score, upsampled (align_corners) to the window.
+            dense = self._local(F.normalize(flat, dim=-1) @ prototypes.T).T.reshape(-1, *g)
+            dense = F.interpolate(dense[None], size=(c, c), mode="bilinear", align_corners=True)[0]
+            where = empty[labels]
+            local[:, where] = dense[:, where]
+        glob = global_score[:, None, None]
+        combined = torch.where(found[:, None, None], self.local_weight * local + (1 - self.local_weight) * glob,
+                               glob.expand_as(local))
+        timings["scoring"] = timings.get("scoring", 0.0) + time.perf_counter() - start
+        return combined
+
+    def _local(self, cosine: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(cosine) if self.local_sigmoid else cosine
