@@ -40,6 +40,12 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 MICRO = os.path.join(ROOT, "configs", "micro")
 DIFFSEGMENTER = os.path.join(MICRO, "diffsegmenter.yaml")
 SECTION = "tools/benchmark_quality.py microworld"
+FREEDA = os.path.join(MICRO, "freeda.yaml")
+FREEDA_OURS_ALL = [
+    "MODEL.DIFFSEG.FREEDA.PIPELINE", "whole", "MODEL.DIFFSEG.FREEDA.QUERY", "token",
+    "MODEL.DIFFSEG.FREEDA.QUERY_TEMPLATES", "['a photo of a {}.', 'a photo of the {}.', 'there is a {} in the scene.']",
+    "MODEL.DIFFSEG.FREEDA.LOCAL_SIGMOID", "False", "MODEL.DIFFSEG.FREEDA.MIN_KEY_SIMILARITY", "0.5",
+]
 # Every departure of ours from the reference at once: the package's default before reference mode.
 OURS_ALL = [
     "MODEL.DIFFSEG.CONDITIONING", "shared", "MODEL.DIFFSEG.VAE_LATENT", "mean",
@@ -139,8 +145,18 @@ ROWS = [
     Row("DiffSegmenter, ours: all of the above (the former default)", DIFFSEGMENTER, OURS_ALL),
     Row("DiffSegmenter, reference mode, model trained WITHOUT the alignment loss", DIFFSEGMENTER,
         ["MODEL.DIFFSEG.SD.WEIGHTS", PLAIN_WEIGHTS]),
-    Row(f"FreeDA (bank: {FREEDA_CAPTIONS} train captions, micro diffusion + dense encoder + CLIP)",
-        os.path.join(MICRO, "freeda.yaml"), [], prepare=freeda_bank),
+    Row(f"FreeDA, reference mode (bank: {FREEDA_CAPTIONS} train captions, micro diffusion + dense encoder + CLIP)",
+        FREEDA, [], prepare=freeda_bank),
+    # Our departures, one at a time against reference mode.
+    Row("FreeDA, ours: whole-image pipeline", FREEDA, ["MODEL.DIFFSEG.FREEDA.PIPELINE", "whole"], prepare=freeda_bank),
+    Row("FreeDA, ours: exact superpixel pooling", FREEDA, ["MODEL.DIFFSEG.FREEDA.POOLING", "exact"],
+        prepare=freeda_bank),
+    Row("FreeDA, ours: class-word token queries", FREEDA, ["MODEL.DIFFSEG.FREEDA.QUERY", "token"], prepare=freeda_bank),
+    Row("FreeDA, ours: cosine local score (no sigmoid)", FREEDA, ["MODEL.DIFFSEG.FREEDA.LOCAL_SIGMOID", "False"],
+        prepare=freeda_bank),
+    Row("FreeDA, ours: global score alone for classes with no key above 0.5", FREEDA,
+        ["MODEL.DIFFSEG.FREEDA.MIN_KEY_SIMILARITY", "0.5"], prepare=freeda_bank),
+    Row("FreeDA, ours: all of the above (the former default)", FREEDA, FREEDA_OURS_ALL, prepare=freeda_bank),
     Row("ODISE (head trained on the panoptic train split; colour-shapes are open-vocabulary)",
         os.path.join(MICRO, "odise.yaml"), [], prepare=odise_checkpoint, panoptic=True),
 ]
