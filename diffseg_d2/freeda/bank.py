@@ -526,6 +526,10 @@ class PrototypeBank:
     def __len__(self) -> int:
         return len(self.prototypes)
 
+    def check_models(self, clip, dino) -> None:
+        """Refuse a CLIP or DINOv2 other than the ones that built this bank (their fingerprints)."""
+        check_fingerprint(self.manifest.get("fingerprint", {}), model_fingerprint(clip, dino), "this bank")
+
     @property
     def spec(self) -> dict:
         return self.manifest.get("spec", {})

@@ -20,7 +20,8 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
 from ...config import check_config
-from ...freeda.bank import PrototypeBank, check_bank_models, check_fingerprint, model_fingerprint
+from ...freeda.bank import PrototypeBank, check_bank_models, model_fingerprint
+from ...freeda.released import load_bank
 from ...freeda.superpixels import felzenszwalb_superpixels, pool_features, sliding_windows, token_grid_weights
 from ...vocabulary import background_index
 from .open_vocab import OpenVocabularySegmenter, vocabulary_from_config
@@ -65,7 +66,7 @@ class FreeDA(OpenVocabularySegmenter):
         departures is an argument (the config key in capitals under MODEL.DIFFSEG.FREEDA).
 
         Args:
-            bank: the loaded prototype bank.
+            bank: the loaded prototype bank (``PrototypeBank``, or ``ReleasedBank``: the authors' bank).
             clip: ``OpenCLIP``, the model that made the bank's keys.
             dino: ``DenseDINO``, the model that made the bank's prototypes.
             vocabulary: class names, the channel order of ``sem_seg``; a class
@@ -105,7 +106,7 @@ class FreeDA(OpenVocabularySegmenter):
         if stride > window:
             raise ValueError(f"MODEL.DIFFSEG.FREEDA.STRIDE = {stride} exceeds WINDOW = {window}: the windows would "
                              "leave parts of the image unread.")
-        check_fingerprint(bank.manifest.get("fingerprint", {}), model_fingerprint(clip, dino), "this bank")
+        bank.check_models(clip, dino)
         self.bank = bank
         self.clip = clip
         self.dino = dino
@@ -137,11 +138,12 @@ class FreeDA(OpenVocabularySegmenter):
         d, f = cfg.MODEL.DIFFSEG, cfg.MODEL.DIFFSEG.FREEDA
         vocabulary = vocabulary_from_config(cfg)
         # The bank is read (and checked) before the models load: a wrong folder fails fast.
-        bank = PrototypeBank.load(f.BANK, top_k=f.TOP_K, ef_search=f.EF_SEARCH, nprobe=f.NPROBE)
+        bank = load_bank(f.BANK, top_k=f.TOP_K, ef_search=f.EF_SEARCH, nprobe=f.NPROBE)
         clip = OpenCLIP.from_weights(d.CLIP.WEIGHTS, d.CLIP.TEMPLATES)
         dino = DenseDINO.from_weights(d.DINO.WEIGHTS)
-        check_bank_models(bank.manifest, {"clip": d.CLIP.WEIGHTS, "dino": d.DINO.WEIGHTS},
-                          model_fingerprint(clip, dino), f.BANK)
+        if isinstance(bank, PrototypeBank):  # ours records the models' config strings too
+            check_bank_models(bank.manifest, {"clip": d.CLIP.WEIGHTS, "dino": d.DINO.WEIGHTS},
+                              model_fingerprint(clip, dino), f.BANK)
         return {
             "bank": bank,
             "clip": clip,
