@@ -33,7 +33,10 @@ setup(
     ],
     extras_require={
         # FreeDA: the key index, superpixels, DINOv2 (timm's local-folder loading) and the POS tagger.
-        "freeda": ["faiss-cpu>=1.7.4", "scikit-image>=0.21", "timm>=1.0.15", "nltk>=3.8"],
+        # opencv-python-headless: the reference's 8-bit bilinear resize (FREEDA.RESIZE "cv2"); from 4.11
+        # on its wheels pull numpy 2, which detectron2's evaluator cannot use.
+        "freeda": ["faiss-cpu>=1.7.4", "scikit-image>=0.21", "timm>=1.0.15", "nltk>=3.8",
+                   "opencv-python-headless>=4.8,<4.11"],
         # Tools for running the test-suite and the benchmark.
         "test": ["pytest>=7"],
         "benchmark": ["psutil>=5.9"],

@@ -173,8 +173,14 @@ def add_diffseg_config(cfg: CN) -> CN:
     _c.FREEDA.SUPERPIXEL.SIGMA = 1.0
     # Smallest segment, in pixels of the resized image.
     _c.FREEDA.SUPERPIXEL.MIN_SIZE = 20
-    # The image is resized so that its short side is this many pixels before anything else.
+    # The image is resized so that its short side is this many pixels before anything else ...
     _c.FREEDA.SHORT_SIDE = 448
+    # ... unless its long side would exceed this (then the long side is this), with PIPELINE "window".
+    _c.FREEDA.LONG_SIDE_CAP = 2048
+    # How that resize is computed with PIPELINE "window": "cv2" = OpenCV's bilinear on 8-bit values
+    # (the reference's mmseg pipeline; needs opencv-python-headless, in the [freeda] extra);
+    # "torch" (ours) = torch's bilinear, rounded to 8-bit values.
+    _c.FREEDA.RESIZE = "cv2"
     # DINOv2 reads square crops of this side (sliding window) ...
     _c.FREEDA.WINDOW = 448
     # ... every STRIDE pixels; features are averaged where crops overlap.
@@ -366,6 +372,7 @@ _RANGES = {
     "FREEDA.SUPERPIXEL.SIGMA": (0.0, None, ">= 0"),
     "FREEDA.SUPERPIXEL.MIN_SIZE": _NON_NEGATIVE,
     "FREEDA.SHORT_SIDE": _POSITIVE,
+    "FREEDA.LONG_SIDE_CAP": _POSITIVE,
     "FREEDA.WINDOW": _POSITIVE,
     "FREEDA.STRIDE": _POSITIVE,
     "FREEDA.DINO_SIZE": _NON_NEGATIVE,

@@ -173,6 +173,7 @@ DINO_ARCHITECTURES = {
     "tiny": dict(architecture="vit_small_patch14_dinov2", img_size=56, embed_dim=32, depth=2, num_heads=2),
     # DINOv2 ViT-B/14 (86M parameters), the FreeDA reference encoder.
     "vitb14": dict(architecture="vit_base_patch14_dinov2"),
+    "vitl14": dict(architecture="vit_large_patch14_dinov2"),
 }
 
 

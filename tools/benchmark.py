@@ -26,7 +26,8 @@ warm-up uses another vocabulary of the same size, so the next call, reported
 as "first call", still encodes its class prompts (the text-embedding cache is
 cold); the repeats after it find them cached.
 
-Presets: ``tiny`` is the tiny random-weight preset built from
+Presets: ``freeda`` times FreeDA's test time per stage (reference mode and ours) with the
+reference models' architectures and random weights; ``tiny`` is the tiny random-weight preset built from
 configs/tiny/diffsegmenter.yaml; ``sd15`` is the Stable Diffusion 1.5
 architecture with random weights at 512x512, built in memory (speed does not
 depend on the weights, so nothing is downloaded).
@@ -68,8 +69,9 @@ logger = logging.getLogger("diffseg_d2.benchmark")
 
 RETRIEVAL = "retrieval"
 ODISE = "odise"
-PRESETS = ("tiny", "sd15", RETRIEVAL, ODISE)
-DEFAULT_REPEATS = {"tiny": 3, "sd15": 3, RETRIEVAL: 7, ODISE: 3}
+FREEDA = "freeda"
+PRESETS = ("tiny", "sd15", RETRIEVAL, ODISE, FREEDA)
+DEFAULT_REPEATS = {"tiny": 3, "sd15": 3, RETRIEVAL: 7, ODISE: 3, FREEDA: 3}
 TINY_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "tiny", "diffsegmenter.yaml")
 RESULT_PREFIX = "BENCHMARK_RESULT "
 PLAIN_PROMPT = "a photograph of aeroplane."
@@ -447,10 +449,10 @@ def run_worker(spec: dict) -> dict:
     torch.set_num_threads(threads)
     device = spec.get("device", "cpu")
     device_name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
-    if spec["preset"] == ODISE:
+    if spec["preset"] in (ODISE, FREEDA):
         load = OtherLoad()
         load.start()
-        result = measure_odise(spec)
+        result = (measure_odise if spec["preset"] == ODISE else measure_freeda)(spec)
         result.update(other_load=load.fraction(), threads=threads, torch=torch.__version__, device_name=device_name)
         return result
     if spec["preset"] == RETRIEVAL:
@@ -615,15 +617,106 @@ def measure_odise(spec: dict) -> dict:
     return result
 
 
-def run_odise(args, device: str) -> dict:
+def run_kinds(args, device: str, preset: str) -> dict:
+    """Each configuration of the ODISE or FreeDA preset in its own process."""
     start = time.perf_counter()
-    base = {"preset": ODISE, "device": device, "threads": args.threads, "repeats": args.repeats or DEFAULT_REPEATS[ODISE]}
-    specs = [{**base, "name": kind, "kind": kind, "label": label} for kind, label in ODISE_KINDS.items()]
+    kinds = ODISE_KINDS if preset == ODISE else FREEDA_KINDS
+    base = {"preset": preset, "device": device, "threads": args.threads, "repeats": args.repeats or DEFAULT_REPEATS[preset]}
+    specs = [{**base, "name": kind, "kind": kind, "label": label} for kind, label in kinds.items()]
     results = {}
     for s in specs:
-        logger.info("%s: %s (%d repeats)", ODISE, s["name"], s["repeats"])
+        logger.info("%s: %s (%d repeats)", preset, s["name"], s["repeats"])
         results[s["name"]] = run_in_subprocess(s, args.wait_quiet)
-    return {"preset": ODISE, "specs": specs, "results": results, "wall_s": time.perf_counter() - start}
+    return {"preset": preset, "specs": specs, "results": results, "wall_s": time.perf_counter() - start}
+
+
+# ====================================================================== FreeDA preset
+FREEDA_KINDS = {
+    "freeda-reference": "FreeDA, reference mode (per window), 1 image, 150 classes",
+    "freeda-whole": "FreeDA, ours: whole-image pipeline, 1 image, 150 classes",
+}
+FREEDA_BANK_SIZE = 100_000  # random keys (CLIP ViT-L/14 text, 768) and prototypes (DINOv2 ViT-L/14, 1024)
+
+
+def measure_freeda(spec: dict) -> dict:
+    """FreeDA's test time on the VOC sample with the reference models' architectures (DINOv2 ViT-L/14,
+    CLIP ViT-L/14), random weights and a random bank: the time of one image split into its stages,
+    and the retrieval of a new 150-class vocabulary."""
+    import numpy as np
+    import open_clip
+    import torch
+
+    from diffseg_d2.data.datasets.builtin_meta import ADE20K_150_CLASSES
+    from diffseg_d2.freeda.bank import PrototypeBank, build_index, model_fingerprint
+    from diffseg_d2.modeling.clip import OpenCLIP
+    from diffseg_d2.modeling.dino import DenseDINO
+    from diffseg_d2.modeling.meta_arch import FreeDA
+    from diffseg_d2.random_models import random_dino
+
+    start = time.perf_counter()
+    clip = OpenCLIP(open_clip.create_model("ViT-L-14"), open_clip.get_tokenizer("ViT-L-14"), ["a photo of a {}."])
+    dino = DenseDINO(random_dino("vitl14"))
+    keys = random_unit_rows(FREEDA_BANK_SIZE, clip.embed_dim, seed=0)
+    prototypes = random_unit_rows(FREEDA_BANK_SIZE, dino.embed_dim, seed=1)
+    bank = PrototypeBank(build_index(keys.numpy(), "flat")[0], prototypes, [""] * FREEDA_BANK_SIZE,
+                         {"fingerprint": model_fingerprint(clip, dino)})
+    model = FreeDA(bank=bank, clip=clip, dino=dino, pipeline="window" if spec["kind"] == "freeda-reference" else "whole",
+                   query_templates=get_default_query_templates()).to(spec["device"]).eval()
+    build_s = time.perf_counter() - start
+    image = load_image("tiny").to(spec["device"])
+    names = list(ADE20K_150_CLASSES)
+    meter = PeakMemory(spec["device"])
+    meter.start()
+    retrieval_s, _ = _timed(lambda: model.class_prototypes(tuple(names)), spec["device"])
+    times, stages = [], []
+    for i in range(1 + spec["repeats"]):
+        t, _ = _timed(lambda: model.segment(image, names, tuple(image.shape[-2:])), spec["device"])
+        if i:
+            times.append(t)
+            stages.append(dict(model.last_timings))
+    pieces = {k: statistics.median(s[k] for s in stages) for k in stages[0]}
+    pieces["retrieval (new vocabulary, once)"] = retrieval_s
+    return {"times": times, "peak_mib": meter.increase_mib(), "baseline_mib": meter.baseline_mib,
+            "peak_reset": meter.peak_reset, "build_s": build_s, "dtype": "float32", "pieces": pieces}
+
+
+def render_freeda(run: dict, cmdline: str) -> str:
+    results = run["results"]
+    ok = {k: r for k, r in results.items() if "error" not in r}
+    info = next(iter(ok.values()), {})
+    device = info.get("device_name", "?")
+    machine = f"{cpu_model()}, {info.get('threads', '?')} torch threads" if device == "CPU" else device
+    date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    out = [
+        f"### {FREEDA}: FreeDA test time, DINOv2 ViT-L/14 + CLIP ViT-L/14 architectures, random weights",
+        "",
+        f"- Machine: {machine}; torch {info.get('torch', '?')}, float32",
+        f"- Date: {date}; wall time of this preset: {run['wall_s'] / 60:.1f} min",
+        f"- Command: `{cmdline}`",
+        f"- The VOC sample (375x500, read at a short side of 448: two 448 windows), the 150 ADE20K classes, a random "
+        f"bank of {FREEDA_BANK_SIZE} keys (exact index); each row is its own process; times are medians of the "
+        "repeats after one warm-up call; the stages are those of `FreeDA.last_timings`.",
+        "",
+        "| configuration | median (s) | min-max (s) | peak (MB) | other load | stages (median s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in run["specs"]:
+        r = results[s["name"]]
+        if "error" in r:
+            out.append(f"| {s['label']} | failed: {r['error']} | | | | |")
+            continue
+        load = "?" if r.get("other_load") is None else f"{100 * r['other_load']:.0f}%"
+        stages = ", ".join(f"{k} {_fmt_s(v)}" for k, v in r["pieces"].items())
+        out.append(f"| {s['label']} | {_fmt_s(_median(r))} | {_fmt_s(min(r['times']))}-{_fmt_s(max(r['times']))} "
+                   f"| {r['peak_mib']:.0f} | {load} | {stages} |")
+    out += [""] + busy_note([(k, r.get("other_load")) for k, r in ok.items()])
+    return "\n".join(out).rstrip() + "\n"
+
+
+def get_default_query_templates() -> list:
+    from diffseg_d2 import get_diffseg_cfg
+
+    return list(get_diffseg_cfg().MODEL.DIFFSEG.FREEDA.QUERY_TEMPLATES)
 
 
 def render_odise(run: dict, cmdline: str) -> str:
@@ -1184,7 +1277,9 @@ def main(argv=None) -> None:
         if preset == RETRIEVAL:
             section = render_retrieval(run_retrieval(args), cmdline)
         elif preset == ODISE:
-            section = render_odise(run_odise(args, device), cmdline)
+            section = render_odise(run_kinds(args, device, ODISE), cmdline)
+        elif preset == FREEDA:
+            section = render_freeda(run_kinds(args, device, FREEDA), cmdline)
         else:
             section = render_preset(run_preset(preset, args, device), cmdline)
         print(section, flush=True)

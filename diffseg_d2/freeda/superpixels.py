@@ -119,6 +119,29 @@ def token_grid_weights(labels: torch.Tensor, grid: Tuple[int, int], num_segments
     return m.view(num_segments, h * w).float()
 
 
+def resize_short_side(image: torch.Tensor, short_side: int, long_cap: int, backend: str) -> torch.Tensor:
+    """Resize keeping the aspect ratio to a short side of ``short_side`` (the long side at most
+    ``long_cap``), sizes rounded as mmcv rounds them: (3, H, W) RGB in [0, 255] -> (3, h, w) with
+    8-bit values, as float.
+
+    Args:
+        backend: "cv2" (OpenCV's bilinear on 8-bit values, what the reference's mmseg pipeline runs)
+            or "torch" (torch's bilinear, then rounded).
+    """
+    h, w = image.shape[-2:]
+    scale = min(long_cap / max(h, w), short_side / min(h, w))
+    size = (int(h * scale + 0.5), int(w * scale + 0.5))
+    if backend == "cv2":
+        cv2 = require("cv2", "opencv-python-headless", "FreeDA's reference resize (FREEDA.RESIZE cv2)")
+        rgb = image.detach().round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        out = cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+        return torch.from_numpy(out).permute(2, 0, 1).float().to(image.device)
+    if backend != "torch":
+        raise ValueError(f"MODEL.DIFFSEG.FREEDA.RESIZE must be 'cv2' or 'torch', not {backend!r}.")
+    out = torch.nn.functional.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+    return out.round().clamp(0, 255)
+
+
 def sliding_windows(height: int, width: int, window: int, stride: int) -> list:
     """Top-left corners ``(y, x)`` of square ``window`` crops covering an image, the last ones
     flush with the bottom/right border. ``window`` must not exceed either side."""

@@ -114,22 +114,27 @@ class OpenCLIP(nn.Module):
         return ((x.clamp(0, 255) if clamp else x) - self.pixel_mean) / self.pixel_std
 
     @torch.no_grad()
-    def encode_class_names(self, names: Sequence[str], templates: Optional[Sequence[str]] = None) -> torch.Tensor:
-        """Sentence embeddings of every template filled with each name, each L2-normalised, averaged
-        over the templates and normalised again: K names -> (K, D). Cached per vocabulary.
+    def encode_class_names(
+        self, names: Sequence[str], templates: Optional[Sequence[str]] = None, normalize_each: bool = True
+    ) -> torch.Tensor:
+        """Sentence embeddings of every template filled with each name, averaged over the templates
+        and L2-normalised: K names -> (K, D). Cached per vocabulary.
 
         Args:
             templates: the templates; None = the ones this CLIP was built with (``CLIP.TEMPLATES``).
+            normalize_each: normalise each template's embedding before the mean (CLIP's usual prompt
+                ensembling); False averages them as they come (FreeDA's reference code).
         """
         templates = tuple(self.templates if templates is None else templates)
 
         def compute():
             prompts = [t.format(n) for n in names for t in templates]
             ids = self.tokenizer(prompts).to(self.device)
-            emb = F.normalize(self._finite(self.model.encode_text(ids)).float(), dim=-1)
+            emb = self._finite(self.model.encode_text(ids)).float()
+            emb = F.normalize(emb, dim=-1) if normalize_each else emb
             return F.normalize(emb.view(len(names), len(templates), -1).mean(1), dim=-1)
 
-        return self._text_cache.get_or_compute((tuple(names), templates), compute)
+        return self._text_cache.get_or_compute((tuple(names), templates, normalize_each), compute)
 
     @torch.no_grad()
     def encode_dense(self, images: torch.Tensor) -> torch.Tensor:

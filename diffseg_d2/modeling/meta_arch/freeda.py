@@ -22,7 +22,13 @@ from torch import nn
 from ...config import check_config
 from ...freeda.bank import PrototypeBank, check_bank_models, model_fingerprint
 from ...freeda.released import load_bank
-from ...freeda.superpixels import felzenszwalb_superpixels, pool_features, sliding_windows, token_grid_weights
+from ...freeda.superpixels import (
+    felzenszwalb_superpixels,
+    pool_features,
+    resize_short_side,
+    sliding_windows,
+    token_grid_weights,
+)
 from ...vocabulary import background_index
 from .open_vocab import OpenVocabularySegmenter, vocabulary_from_config
 
@@ -59,6 +65,8 @@ class FreeDA(OpenVocabularySegmenter):
         pipeline: str = "window",
         pooling: str = "token_grid",
         dino_size: int = 518,
+        long_side_cap: int = 2048,
+        resize: str = "cv2",
         input_format: str = "RGB",
     ):
         """
@@ -87,6 +95,8 @@ class FreeDA(OpenVocabularySegmenter):
                 "whole" (superpixels and the global score on the whole image, ours).
             pooling: with "window": "token_grid" (the reference) or "exact" (ours).
             dino_size: with "window", the side DINOv2 reads each window at (0 = its own size).
+            long_side_cap: with "window", the longest side after the resize.
+            resize: with "window", "cv2" (OpenCV on 8-bit values, the reference) or "torch" (ours).
             input_format: "RGB" or "BGR", the channel order of input images.
         """
         super().__init__(input_format=input_format)
@@ -97,7 +107,7 @@ class FreeDA(OpenVocabularySegmenter):
         if top_k < 1 or min(short_side, window, stride) < 1:
             raise ValueError("MODEL.DIFFSEG.FREEDA.TOP_K, SHORT_SIDE, WINDOW and STRIDE must be positive.")
         for key, value, allowed in (("QUERY", query, ("sentence", "token")), ("PIPELINE", pipeline, ("window", "whole")),
-                                    ("POOLING", pooling, ("token_grid", "exact"))):
+                                    ("POOLING", pooling, ("token_grid", "exact")), ("RESIZE", resize, ("cv2", "torch"))):
             if value not in allowed:
                 raise ValueError(f"MODEL.DIFFSEG.FREEDA.{key} must be one of {list(allowed)}, not {value!r}.")
         if dino_size and dino_size % dino.patch_size:
@@ -119,6 +129,8 @@ class FreeDA(OpenVocabularySegmenter):
         self.pipeline = pipeline
         self.pooling = pooling
         self.dino_size = int(dino_size)
+        self.long_side_cap = int(long_side_cap)
+        self.resize = resize
         self.background_score = float(background_score)
         self.superpixel = (float(superpixel[0]), float(superpixel[1]), int(superpixel[2]))
         self.short_side = int(short_side)
@@ -158,6 +170,8 @@ class FreeDA(OpenVocabularySegmenter):
             "pipeline": f.PIPELINE,
             "pooling": f.POOLING,
             "dino_size": f.DINO_SIZE,
+            "long_side_cap": f.LONG_SIDE_CAP,
+            "resize": f.RESIZE,
             "background_score": d.BACKGROUND_THRESHOLD,
             "superpixel": (f.SUPERPIXEL.SCALE, f.SUPERPIXEL.SIGMA, f.SUPERPIXEL.MIN_SIZE),
             "short_side": f.SHORT_SIDE,
@@ -195,8 +209,8 @@ class FreeDA(OpenVocabularySegmenter):
 
     def class_text(self, names: Sequence[str]) -> torch.Tensor:
         """The classes' text embeddings for the global score (and the "sentence" query): CLIP sentence
-        embeddings of ``query_templates``, averaged and normalised, ``(K, C)``."""
-        return self.clip.encode_class_names(list(names), self.query_templates).to(self.device)
+        embeddings of ``query_templates``, averaged as they come and normalised (as the reference), ``(K, C)``."""
+        return self.clip.encode_class_names(list(names), self.query_templates, normalize_each=False).to(self.device)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -274,11 +288,8 @@ class FreeDA(OpenVocabularySegmenter):
         DINOv2, the CLIP global score and the window's scores; scores averaged where windows
         overlap, then bilinear to ``out_size``: ``(K, *out_size)``."""
         timings = dict.fromkeys(("superpixels", "dino", "clip", "scoring"), 0.0)
-        h, w = image.shape[-2:]
-        scale = self.short_side / min(h, w)
-        size = (max(1, round(h * scale)), max(1, round(w * scale)))
-        # The reference reads 8-bit images resized without antialias.
-        x = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0].round().clamp(0, 255)
+        x = resize_short_side(image, self.short_side, self.long_side_cap, self.resize)
+        size = tuple(x.shape[-2:])
         text = self.class_text([names[i] for i in prompted])  # (K', C)
         protos = F.normalize(prototypes, dim=-1)
         side = min(self.window, *size)
