@@ -352,3 +352,26 @@ def test_clip_text_cache_is_bounded_and_reused(odise):
     recomputed = clip.encode_class_names(["cat", "dog"])
     torch.testing.assert_close(recomputed, first)
     assert clip.encode_class_names(["cat", "dog"]) is recomputed  # a hit returns the cached tensor
+
+
+def test_panoptic_overlap_ratio_is_the_whole_owned_area_over_the_mask(odise):
+    """Mask2Former keeps a query when |pixels it wins in the argmax| / |its mask >= 0.5| reaches the
+    overlap threshold; the pixels it wins below 0.5 count too (only the painted ones are masked)."""
+    h, w = 4, 10
+    # Query 0: its mask is >= 0.5 on columns 0-4 (20 px); query 1 wins 2 of those px, and query 0 wins
+    # column 5 (4 px) where its mask is below 0.5: it owns 22 px, 18 of them inside its mask.
+    masks = torch.full((2, h, w), -4.0)
+    masks[0, :, :5] = 4.0           # query 0 >= 0.5 on 20 px
+    masks[0, :, 5] = -0.5           # sigmoid 0.38: below 0.5, but query 0 still wins there
+    masks[1, :, 6:] = 4.0           # query 1 elsewhere
+    masks[1, :2, 0] = 6.0           # query 1 takes 2 px of query 0's mask
+    probs = torch.tensor([[0.9, 0.05, 0.05], [0.05, 0.9, 0.05]])  # 2 classes + no-object
+    old = odise.object_mask_threshold, odise.overlap_threshold
+    odise.object_mask_threshold, odise.overlap_threshold = 0.5, 0.95
+    try:
+        ids, segments = odise._panoptic(probs, masks, [True, True])
+    finally:
+        odise.object_mask_threshold, odise.overlap_threshold = old
+    # |own| / |mask| = 22 / 20 >= 0.95: kept (the intersection alone, 18 / 20 = 0.9, would drop it).
+    assert [s["category_id"] for s in segments] == [0, 1]
+    assert int((ids == 1).sum()) == 18  # only its pixels >= 0.5 are painted

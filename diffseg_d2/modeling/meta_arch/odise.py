@@ -449,8 +449,9 @@ class ODISE(nn.Module):
             isthing = bool(things[cls])
             own = owner == k
             full = soft[k] >= 0.5
-            area, original = int((own & full).sum()), int(full.sum())
-            if area == 0 or original == 0 or area / original < self.overlap_threshold:
+            # Mask2Former's overlap test: the query's whole share of the argmax over its own >= 0.5 mask.
+            area, original, kept = int(own.sum()), int(full.sum()), int((own & full).sum())
+            if area == 0 or original == 0 or kept == 0 or area / original < self.overlap_threshold:
                 continue
             if not isthing and cls in stuff_ids:  # one segment per stuff class
                 ids[own & full] = stuff_ids[cls]
