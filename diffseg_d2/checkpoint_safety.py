@@ -77,16 +77,12 @@ def _listing(title: str, keys: List[str], limit: int = 12) -> str:
     return f"{title} ({len(keys)}): {shown}"
 
 
-def state_dict_mismatch(
-    expected: Dict[str, Tuple[int, ...]], given: Dict[str, Optional[Tuple[int, ...]]]
-) -> Optional[str]:
-    """What keeps ``given`` (key -> shape, None when unknown) from fitting ``expected`` exactly, or None."""
+def state_dict_mismatch(expected: Dict[str, Tuple[int, ...]], given: Dict[str, Tuple[int, ...]]) -> Optional[str]:
+    """What keeps ``given`` (key -> shape) from fitting ``expected`` exactly, or None."""
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
     reshaped = sorted(
-        f"{k} {given[k]} vs {expected[k]}"
-        for k in set(expected) & set(given)
-        if given[k] is not None and tuple(given[k]) != tuple(expected[k])
+        f"{k} {given[k]} vs {expected[k]}" for k in set(expected) & set(given) if given[k] != expected[k]
     )
     parts = [
         _listing(title, keys)
@@ -100,16 +96,17 @@ def state_dict_mismatch(
     return "; ".join(parts) if parts else None
 
 
-def mismatch_error(model: nn.Module, problem: str) -> CheckpointMismatchError:
-    return CheckpointMismatchError(
-        f"The checkpoint does not fit {type(model).__name__}, so nothing was loaded. {problem}. Was it "
-        "written by another architecture or config (MODEL.META_ARCHITECTURE, head sizes, vocabulary)? "
-        "Pass the matching --config-file, or MODEL.WEIGHTS of this model."
-    )
-
-
-def _shapes(items: Iterable[Tuple[str, object]]) -> Dict[str, Optional[Tuple[int, ...]]]:
-    return {k: (tuple(v.shape) if hasattr(v, "shape") else None) for k, v in items}
+def require_fit(model: nn.Module, items: Iterable[Tuple[str, object]]) -> None:
+    """Raise ``CheckpointMismatchError`` unless the ``(key, value)`` pairs of a checkpoint are exactly
+    ``model.state_dict()``'s keys with the same shapes (a value without a shape counts as shape ())."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problem = state_dict_mismatch(expected, {k: tuple(getattr(v, "shape", ())) for k, v in items})
+    if problem:
+        raise CheckpointMismatchError(
+            f"The checkpoint does not fit {type(model).__name__}, so nothing was loaded. {problem}. Was it "
+            "written by another architecture or config (MODEL.META_ARCHITECTURE, head sizes, vocabulary)? "
+            "Pass the matching --config-file, or MODEL.WEIGHTS of this model."
+        )
 
 
 def refuse_partial_loads(module: nn.Module) -> None:
@@ -119,10 +116,6 @@ def refuse_partial_loads(module: nn.Module) -> None:
     relax this: a half-loaded model is never what a user of this package wants."""
 
     def check(mod, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        given = _shapes((k[len(prefix):], v) for k, v in state_dict.items() if k.startswith(prefix))
-        expected = {k: tuple(v.shape) for k, v in mod.state_dict().items()}
-        problem = state_dict_mismatch(expected, given)
-        if problem:
-            raise mismatch_error(mod, problem)
+        require_fit(mod, ((k[len(prefix):], v) for k, v in state_dict.items() if k.startswith(prefix)))
 
     module._register_load_state_dict_pre_hook(check, with_module=True)

@@ -1,8 +1,22 @@
 """Shared fixtures: one temporary cache for the whole session (tiny presets are built once)."""
+import contextlib
 import os
 from pathlib import Path
 
 import pytest
+
+
+@contextlib.contextmanager
+def patched(obj, **attrs):
+    """Set attributes for the block and restore them (monkeypatch loses nn.Module submodules)."""
+    old = {k: getattr(obj, k) for k in attrs}
+    for k, v in attrs.items():
+        setattr(obj, k, v)
+    try:
+        yield obj
+    finally:
+        for k, v in old.items():
+            setattr(obj, k, v)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,11 +1,10 @@
 """DiffSegmenter on the tiny preset: outputs, vocabularies, batching, refinement, predictor."""
-import contextlib
-
 import numpy as np
 import pytest
 import torch
 from detectron2.engine import DefaultPredictor
 
+from conftest import patched  # tests/conftest.py
 from diffseg_d2 import get_diffseg_cfg
 from diffseg_d2.data.datasets.register_sample import sample_image_path
 from diffseg_d2.data.image import read_image_rgb
@@ -18,19 +17,6 @@ VOCAB = ["background", "person", "chair", "bottle", "dining table"]
 @pytest.fixture(scope="module")
 def sample_rgb():
     return read_image_rgb(sample_image_path())  # (375, 500, 3) uint8, a real VOC photo
-
-
-@contextlib.contextmanager
-def patched(obj, **attrs):
-    """Set attributes for the block and restore them (monkeypatch loses nn.Module submodules)."""
-    old = {k: getattr(obj, k) for k in attrs}
-    for k, v in attrs.items():
-        setattr(obj, k, v)
-    try:
-        yield obj
-    finally:
-        for k, v in old.items():
-            setattr(obj, k, v)
 
 
 def _image(rgb):

@@ -1,25 +1,12 @@
 """DiffSegmenter's reference mode, tested against the published method's facts (not its code):
 own-pass refinement, the "++" weighting, token selection and the "-ing" rule, class independence,
 the VAE sample and the prompt names."""
-import contextlib
-
 import pytest
 import torch
 
+from conftest import patched  # tests/conftest.py
 from diffseg_d2.diffusion import AttentionStore, build_class_prompts
 from diffseg_d2.modeling.meta_arch.diffsegmenter import parse_prompt_names
-
-
-@contextlib.contextmanager
-def patched(obj, **attrs):
-    old = {k: getattr(obj, k) for k in attrs}
-    for k, v in attrs.items():
-        setattr(obj, k, v)
-    try:
-        yield obj
-    finally:
-        for k, v in old.items():
-            setattr(obj, k, v)
 
 
 def test_own_pass_refinement_uses_each_class_s_self_attention():

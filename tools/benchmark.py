@@ -681,34 +681,14 @@ def measure_freeda(spec: dict) -> dict:
 
 
 def render_freeda(run: dict, cmdline: str) -> str:
-    results = run["results"]
-    ok = {k: r for k, r in results.items() if "error" not in r}
-    info = next(iter(ok.values()), {})
-    device = info.get("device_name", "?")
-    machine = f"{cpu_model()}, {info.get('threads', '?')} torch threads" if device == "CPU" else device
-    date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    out = [
-        f"### {FREEDA}: FreeDA test time, DINOv2 ViT-L/14 + CLIP ViT-L/14 architectures, random weights",
-        "",
-        f"- Machine: {machine}; torch {info.get('torch', '?')}, float32",
-        f"- Date: {date}; wall time of this preset: {run['wall_s'] / 60:.1f} min",
-        f"- Command: `{cmdline}`",
+    about = [
         f"- The VOC sample (375x500, read at a short side of 448: two 448 windows), the 150 ADE20K classes, a random "
         f"bank of {FREEDA_BANK_SIZE} keys (exact index); each row is its own process; times are medians of the "
         "repeats after one warm-up call; the stages are those of `FreeDA.last_timings`.",
-        "",
-        "| configuration | median (s) | min-max (s) | peak (MB) | other load | stages (median s) |",
-        "|---|---|---|---|---|---|",
     ]
-    for s in run["specs"]:
-        r = results[s["name"]]
-        if "error" in r:
-            out.append(f"| {s['label']} | failed: {r['error']} | | | | |")
-            continue
-        load = "?" if r.get("other_load") is None else f"{100 * r['other_load']:.0f}%"
-        stages = ", ".join(f"{k} {_fmt_s(v)}" for k, v in r["pieces"].items())
-        out.append(f"| {s['label']} | {_fmt_s(_median(r))} | {_fmt_s(min(r['times']))}-{_fmt_s(max(r['times']))} "
-                   f"| {r['peak_mib']:.0f} | {load} | {stages} |")
+    out, ok = render_kinds_table(
+        run, cmdline, f"{FREEDA}: FreeDA test time, DINOv2 ViT-L/14 + CLIP ViT-L/14 architectures, random weights",
+        about, stages=True)
     out += [""] + busy_note([(k, r.get("other_load")) for k, r in ok.items()])
     return "\n".join(out).rstrip() + "\n"
 
@@ -719,34 +699,49 @@ def get_default_query_templates() -> list:
     return list(get_diffseg_cfg().MODEL.DIFFSEG.FREEDA.QUERY_TEMPLATES)
 
 
-def render_odise(run: dict, cmdline: str) -> str:
+def render_kinds_table(run: dict, cmdline: str, title: str, about: list, stages: bool = False):
+    """The heading, machine lines and per-configuration table of the ODISE or FreeDA preset, and the
+    configurations that ran (name -> result); ``stages`` adds a column with each result's pieces."""
     results = run["results"]
     ok = {k: r for k, r in results.items() if "error" not in r}
     info = next(iter(ok.values()), {})
     device = info.get("device_name", "?")
     machine = f"{cpu_model()}, {info.get('threads', '?')} torch threads" if device == "CPU" else device
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    extra = " stages (median s) |" if stages else ""
     out = [
-        f"### {ODISE}: ODISE at 512x512, SD 1.5 + CLIP ViT-L/14 architectures, random weights",
+        f"### {title}",
         "",
         f"- Machine: {machine}; torch {info.get('torch', '?')}, {info.get('dtype', '?')}",
         f"- Date: {date}; wall time of this preset: {run['wall_s'] / 60:.1f} min",
         f"- Command: `{cmdline}`",
-        "- Built by the normal config path (configs/odise/Base-ODISE.yaml) with the SD and CLIP loaders patched to",
-        "  random full-size models; each row is its own process; peak = increase of peak memory over the level",
-        "  before the first call; times are medians of the repeats after one warm-up call.",
+        *about,
         "",
-        "| configuration | median (s) | min-max (s) | peak (MB) | other load |",
-        "|---|---|---|---|---|",
+        "| configuration | median (s) | min-max (s) | peak (MB) | other load |" + extra,
+        "|---|---|---|---|---|" + ("---|" if stages else ""),
     ]
     for s in run["specs"]:
         r = results[s["name"]]
         if "error" in r:
-            out.append(f"| {s['label']} | failed: {r['error']} | | | |")
+            out.append(f"| {s['label']} | failed: {r['error']} | | | |" + (" |" if stages else ""))
             continue
         load = "?" if r.get("other_load") is None else f"{100 * r['other_load']:.0f}%"
-        out.append(f"| {s['label']} | {_fmt_s(_median(r))} | {_fmt_s(min(r['times']))}-{_fmt_s(max(r['times']))} "
-                   f"| {r['peak_mib']:.0f} | {load} |")
+        row = (f"| {s['label']} | {_fmt_s(_median(r))} | {_fmt_s(min(r['times']))}-{_fmt_s(max(r['times']))} "
+               f"| {r['peak_mib']:.0f} | {load} |")
+        if stages:
+            row += " " + ", ".join(f"{k} {_fmt_s(v)}" for k, v in r["pieces"].items()) + " |"
+        out.append(row)
+    return out, ok
+
+
+def render_odise(run: dict, cmdline: str) -> str:
+    about = [
+        "- Built by the normal config path (configs/odise/Base-ODISE.yaml) with the SD and CLIP loaders patched to",
+        "  random full-size models; each row is its own process; peak = increase of peak memory over the level",
+        "  before the first call; times are medians of the repeats after one warm-up call.",
+    ]
+    out, ok = render_kinds_table(
+        run, cmdline, f"{ODISE}: ODISE at 512x512, SD 1.5 + CLIP ViT-L/14 architectures, random weights", about)
     plain = ok.get("odise-plain")
     if plain and "pieces" in plain:
         out += ["", "Plain's pieces: " + ", ".join(f"{k} {_fmt_s(v)} s" for k, v in plain["pieces"].items())]

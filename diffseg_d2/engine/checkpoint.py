@@ -16,7 +16,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.file_io import PathManager
 from fvcore.common.checkpoint import _strip_prefix_if_present
 
-from ..checkpoint_safety import CheckpointMismatchError, check_checkpoint_file, mismatch_error, state_dict_mismatch
+from ..checkpoint_safety import CheckpointMismatchError, check_checkpoint_file, require_fit
 
 __all__ = ["CheckpointMismatchError", "StrictCheckpointer"]
 
@@ -35,8 +35,5 @@ class StrictCheckpointer(DetectionCheckpointer):
         # key has it), so the keys checked here are the keys that get loaded. Checked here, before
         # fvcore drops mis-shaped keys, so the error can name their shapes.
         _strip_prefix_if_present(checkpoint["model"], "module.")
-        expected = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
-        problem = state_dict_mismatch(expected, {k: tuple(getattr(v, "shape", ())) for k, v in checkpoint["model"].items()})
-        if problem:
-            raise mismatch_error(self.model, problem)
+        require_fit(self.model, checkpoint["model"].items())
         return super()._load_model(checkpoint)

@@ -505,6 +505,22 @@ def check_bank_models(manifest: dict, models: dict, fingerprint: dict, folder) -
     check_fingerprint(manifest.get("fingerprint", {}), fingerprint, f"the bank '{folder}'")
 
 
+def search_index(index, queries: torch.Tensor, k: int, other_clip: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Nearest keys of a bank's faiss index: (Q, Dk) L2-normalised queries -> similarities and ids,
+    each (Q, k') with ``k' = min(k, keys)``; id -1 (similarity -inf) where fewer were found.
+
+    Args:
+        other_clip: what the error says when the queries' dimension is not the keys'.
+    """
+    if queries.shape[-1] != index.d:
+        raise BankError(f"Queries have {queries.shape[-1]} dimensions, the bank's keys {index.d}: {other_clip}.")
+    k = max(1, min(int(k), index.ntotal))
+    sims, ids = index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), k)
+    sims, ids = torch.from_numpy(sims), torch.from_numpy(ids)
+    sims[ids < 0] = float("-inf")
+    return sims, ids
+
+
 class PrototypeBank:
     """A loaded bank: the faiss index over keys and the prototypes, row-aligned.
 
@@ -566,16 +582,7 @@ class PrototypeBank:
         ``k' = min(k, len(bank))``; an index may return id -1 (and similarity -inf) where
         it found fewer than k' neighbours.
         """
-        if queries.shape[-1] != self.key_dim:
-            raise BankError(f"Queries have {queries.shape[-1]} dimensions, the bank's keys {self.key_dim}: "
-                            "the bank was built with another CLIP model.")
-        k = max(1, min(int(k), len(self)))
-        q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
-        sims, ids = self.index.search(q, k)
-        sims = torch.from_numpy(sims)
-        ids = torch.from_numpy(ids)
-        sims[ids < 0] = float("-inf")
-        return sims, ids
+        return search_index(self.index, queries, k, "the bank was built with another CLIP model")
 
     def class_prototypes(self, queries: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Mean of the prototypes of each query's ``k`` nearest keys.

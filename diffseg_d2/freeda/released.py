@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..optional_imports import require
-from .bank import BankError, bank_path, set_search_breadth
+from .bank import BankError, bank_path, search_index, set_search_breadth
 
 logger = logging.getLogger(__name__)
 
@@ -135,14 +135,7 @@ class ReleasedBank:
 
     def search(self, queries: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Nearest keys: (Q, Dk) L2-normalised queries -> similarities and ids, each (Q, k')."""
-        if queries.shape[-1] != self.key_dim:
-            raise BankError(f"Queries have {queries.shape[-1]} dimensions, the released bank's keys {self.key_dim}: "
-                            "use the reference CLIP (configs/freeda/Base-FreeDA.yaml).")
-        k = max(1, min(int(k), len(self)))
-        sims, ids = self.index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), k)
-        sims, ids = torch.from_numpy(sims), torch.from_numpy(ids)
-        sims[ids < 0] = float("-inf")
-        return sims, ids
+        return search_index(self.index, queries, k, "use the reference CLIP (configs/freeda/Base-FreeDA.yaml)")
 
     def class_prototypes(self, queries: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """The plain mean of each query's retrieved prototypes (finite ones), L2-normalised ``(Q, Dp)``,
