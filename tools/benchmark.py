@@ -4,6 +4,7 @@
     python tools/benchmark.py                                # every preset, markdown on stdout
     python tools/benchmark.py --preset tiny --write BENCHMARKS.md
     python tools/benchmark.py --preset retrieval --write BENCHMARKS.md
+    python tools/benchmark.py --preset freeda-build --build-steps 3 --write BENCHMARKS.md
 
 Per preset, in one run:
 
@@ -27,7 +28,10 @@ as "first call", still encodes its class prompts (the text-embedding cache is
 cold); the repeats after it find them cached.
 
 Presets: ``freeda`` times FreeDA's test time per stage (reference mode and ours) with the
-reference models' architectures and random weights; ``tiny`` is the tiny random-weight preset built from
+reference models' architectures and random weights; ``freeda-build`` times FreeDA's offline
+stage, one caption of the bank build (``PrototypeBankBuilder.caption_prototypes``) per stage,
+with the same random full-size models and the reference build settings, and extrapolates a run
+at fewer DDIM steps (``--build-steps``) to the configured ones; ``tiny`` is the tiny random-weight preset built from
 configs/tiny/diffsegmenter.yaml; ``sd15`` is the Stable Diffusion 1.5
 architecture with random weights at 512x512, built in memory (speed does not
 depend on the weights, so nothing is downloaded).
@@ -70,8 +74,10 @@ logger = logging.getLogger("diffseg_d2.benchmark")
 RETRIEVAL = "retrieval"
 ODISE = "odise"
 FREEDA = "freeda"
-PRESETS = ("tiny", "sd15", RETRIEVAL, ODISE, FREEDA)
-DEFAULT_REPEATS = {"tiny": 3, "sd15": 3, RETRIEVAL: 7, ODISE: 3, FREEDA: 3}
+FREEDA_BUILD = "freeda-build"
+PRESETS = ("tiny", "sd15", RETRIEVAL, ODISE, FREEDA, FREEDA_BUILD)
+# freeda-build: captions timed (no warm-up: at full size one caption costs minutes on a CPU)
+DEFAULT_REPEATS = {"tiny": 3, "sd15": 3, RETRIEVAL: 7, ODISE: 3, FREEDA: 3, FREEDA_BUILD: 2}
 TINY_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "tiny", "diffsegmenter.yaml")
 RESULT_PREFIX = "BENCHMARK_RESULT "
 PLAIN_PROMPT = "a photograph of aeroplane."
@@ -449,10 +455,11 @@ def run_worker(spec: dict) -> dict:
     torch.set_num_threads(threads)
     device = spec.get("device", "cpu")
     device_name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
-    if spec["preset"] in (ODISE, FREEDA):
+    if spec["preset"] in (ODISE, FREEDA, FREEDA_BUILD):
         load = OtherLoad()
         load.start()
-        result = (measure_odise if spec["preset"] == ODISE else measure_freeda)(spec)
+        measure = {ODISE: measure_odise, FREEDA: measure_freeda, FREEDA_BUILD: measure_freeda_build}[spec["preset"]]
+        result = measure(spec)
         result.update(other_load=load.fraction(), threads=threads, torch=torch.__version__, device_name=device_name)
         return result
     if spec["preset"] == RETRIEVAL:
@@ -515,7 +522,8 @@ def build_odise_cfg(device: str, captioner: bool = True):
 
 
 def random_full_size_weights():
-    """Patches that make the config's SD 1.5 and CLIP ViT-L/14 load as random full-size models.
+    """Patches that make the config's SD 1.5, CLIP ViT-L/14 and DINOv2 ViT-L/14 load as random
+    full-size models (whatever weights the config names).
 
     Speed and memory do not depend on the weights, and nothing can be downloaded here;
     everything else is built by the normal config path.
@@ -528,18 +536,25 @@ def random_full_size_weights():
 
     from diffseg_d2.diffusion.frozen_sd import resolve_sd_weights
     from diffseg_d2.modeling.clip import OpenCLIP
-    from diffseg_d2.random_models import random_stable_diffusion
+    from diffseg_d2.modeling.dino import DenseDINO
+    from diffseg_d2.random_models import random_dino, random_stable_diffusion
 
     tokenizer = transformers.CLIPTokenizer.from_pretrained(resolve_sd_weights("tiny").path, subfolder="tokenizer")
 
     def clip_from_weights(weights, templates):
         return OpenCLIP(open_clip.create_model("ViT-L-14"), open_clip.get_tokenizer("ViT-L-14"), templates)
 
+    def random_sd(weights, revision=None):
+        return random_stable_diffusion("sd15", tokenizer)
+
     stack = ExitStack()
-    stack.enter_context(mock.patch(
-        "diffseg_d2.modeling.backbone.diffusion_unet.load_stable_diffusion",
-        lambda weights, revision=None: random_stable_diffusion("sd15", tokenizer)))
+    # Where each user looks the SD loader up: ODISE's backbone imports it by name, the bank builder
+    # from the diffusion package when it is built.
+    stack.enter_context(mock.patch("diffseg_d2.modeling.backbone.diffusion_unet.load_stable_diffusion", random_sd))
+    stack.enter_context(mock.patch("diffseg_d2.diffusion.load_stable_diffusion", random_sd))
     stack.enter_context(mock.patch.object(OpenCLIP, "from_weights", staticmethod(clip_from_weights)))
+    stack.enter_context(mock.patch.object(DenseDINO, "from_weights",
+                                          staticmethod(lambda weights: DenseDINO(random_dino("vitl14")))))
     return stack
 
 
@@ -734,6 +749,184 @@ def render_kinds_table(run: dict, cmdline: str, title: str, about: list, stages:
     return out, ok
 
 
+# ====================================================================== FreeDA bank build preset
+FREEDA_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "freeda", "Base-FreeDA.yaml")
+FREEDA_TINY_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "tiny", "freeda.yaml")
+BUILD_NOUN_LIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "tiny", "freeda_nouns.txt")
+# COCO-like captions with 2-3 nouns of BUILD_NOUN_LIST each; caption i is built with seed SEED + i.
+BUILD_CAPTIONS = (
+    "a cat sitting on a chair next to a potted plant",
+    "a horse and a cow in a field with sheep",
+    "a bus parked near a train on the street",
+)
+BUILD_MODELS = {"reference": FREEDA_CONFIG, "tiny": FREEDA_TINY_CONFIG}
+BUILD_STAGES = ("nouns", "text encoder", "generation", "masks", "dino", "clip keys")
+
+
+def freeda_build_cfg(models: str, steps=None, dtype: str = "float32"):
+    """The build settings of configs/freeda/Base-FreeDA.yaml (``reference``) or configs/tiny/freeda.yaml
+    (``tiny``), with ``steps`` DDIM steps (None: the config's) and the nouns of BUILD_NOUN_LIST
+    (the same nouns on every machine: the reference's NLTK tagger needs data that may be missing)."""
+    from diffseg_d2 import get_diffseg_cfg
+
+    opts = ["MODEL.DIFFSEG.FREEDA.BUILD.NOUNS", "list", "MODEL.DIFFSEG.FREEDA.BUILD.NOUN_LIST", BUILD_NOUN_LIST,
+            "MODEL.DIFFSEG.SD.DTYPE", dtype]
+    if steps is not None:
+        opts += ["MODEL.DIFFSEG.FREEDA.BUILD.STEPS", str(steps)]
+    return get_diffseg_cfg(BUILD_MODELS[models], opts)
+
+
+def measure_freeda_build(spec: dict) -> dict:
+    """``PrototypeBankBuilder.caption_prototypes`` on ``spec["repeats"]`` captions of BUILD_CAPTIONS, per stage.
+
+    The builder comes from the normal config path: with ``spec["models"]`` ``reference``, the loaders
+    give random full-size models (SD 1.5, DINOv2 ViT-L/14, CLIP ViT-L/14); ``tiny``, the tiny presets.
+    There is no warm-up call (at full size a caption costs minutes on a CPU): the first caption is
+    returned apart (``first_s``) and ``times`` are the later ones' (all, when there is one). The VAE
+    decode that ends every generation is timed apart once (``decode_s``): it does not grow with the
+    steps, which the extrapolation to the configured steps needs to know.
+    """
+    import contextlib
+
+    import torch
+
+    from diffseg_d2.freeda.builder import PrototypeBankBuilder
+
+    device = spec["device"]
+    start = time.perf_counter()
+    config_steps = int(freeda_build_cfg(spec["models"]).MODEL.DIFFSEG.FREEDA.BUILD.STEPS)
+    cfg = freeda_build_cfg(spec["models"], spec.get("steps"), spec.get("dtype", "float32"))
+    loaders = random_full_size_weights() if spec["models"] == "reference" else contextlib.nullcontext()
+    with loaders:
+        builder = PrototypeBankBuilder.from_config(cfg)
+    builder.to(device).eval()
+    build_s = time.perf_counter() - start
+    logger.info("%s: builder built in %.1f s, %d DDIM steps per caption", spec["name"], build_s, builder.steps)
+    meter = PeakMemory(device)
+    meter.start()
+    calls = []
+    for i in range(spec["repeats"]):
+        caption = BUILD_CAPTIONS[i % len(BUILD_CAPTIONS)]
+        t, result = _timed(lambda: builder.caption_prototypes(i, caption), device)
+        calls.append({"caption": caption, "seconds": t, "stages": dict(builder.last_timings),
+                      "rows": len(result.nouns) if result else 0})
+        logger.info("%s: caption %d in %.1f s (%s)", spec["name"], i, t,
+                    ", ".join(f"{k} {v:.2f} s" for k, v in builder.last_timings.items()))
+    peak_mib = meter.increase_mib()
+    d = builder.diffusion
+    side = builder.image_size // d.latent_factor
+    latents = torch.randn(1, d.unet.config.in_channels, side, side, generator=torch.Generator().manual_seed(0))
+    latents = latents.to(device)
+    with torch.no_grad():
+        decode_s, _ = _timed(lambda: d.decode_latents(latents), device)
+    timed = calls[1:] or calls
+    pieces = {k: statistics.median(c["stages"].get(k, 0.0) for c in timed) for k in BUILD_STAGES}
+    pieces["other"] = statistics.median(c["seconds"] - sum(c["stages"].values()) for c in timed)
+    return {
+        "times": [c["seconds"] for c in timed], "first_s": calls[0]["seconds"], "calls": calls, "pieces": pieces,
+        "decode_s": decode_s, "steps": builder.steps, "config_steps": config_steps,
+        "image_size": builder.image_size, "guidance_scale": builder.guidance_scale,
+        "latent_shape": list(latents.shape), "models": spec["models"],
+        "peak_mib": peak_mib, "baseline_mib": meter.baseline_mib, "peak_reset": meter.peak_reset,
+        "build_s": build_s, "dtype": str(d.dtype).replace("torch.", ""),
+    }
+
+
+def extrapolate_build(r: dict) -> dict:
+    """Seconds of one caption at the configured steps ``S`` from a run at ``N = r["steps"]``; medians over
+    the timed captions. A DDIM step is ``(generation - VAE decode) / N`` (the decode ends every
+    generation, whatever the steps), so a caption at ``S`` steps is estimated as
+    ``(caption - generation) + VAE decode + S x step``."""
+    n, s = r["steps"], r["config_steps"]
+    timed = r["calls"][1:] or r["calls"]
+    step_s = statistics.median(max(0.0, c["stages"]["generation"] - r["decode_s"]) / n for c in timed)
+    rest_s = statistics.median(c["seconds"] - c["stages"]["generation"] for c in timed)
+    measured_s = statistics.median(c["seconds"] for c in timed)
+    caption_s = measured_s if n == s else rest_s + r["decode_s"] + s * step_s
+    return {"steps": n, "config_steps": s, "step_s": step_s, "rest_s": rest_s, "measured_s": measured_s,
+            "caption_s": caption_s, "captions_per_hour": 3600.0 / caption_s,
+            "measured_captions_per_hour": 3600.0 / measured_s, "extrapolated": n != s}
+
+
+def _steps(n: int) -> str:
+    return f"{n} DDIM step" + ("" if n == 1 else "s")
+
+
+def run_freeda_build(args, device: str) -> dict:
+    """The bank-build configuration in its own process."""
+    start = time.perf_counter()
+    spec = {"preset": FREEDA_BUILD, "name": FREEDA_BUILD, "kind": FREEDA_BUILD, "device": device,
+            "dtype": args.dtype, "threads": args.threads, "models": args.build_models, "steps": args.build_steps,
+            "repeats": args.repeats or DEFAULT_REPEATS[FREEDA_BUILD],
+            "label": "one caption: `PrototypeBankBuilder.caption_prototypes`"}
+    logger.info("%s: %d captions, %s models", FREEDA_BUILD, spec["repeats"], spec["models"])
+    result = run_in_subprocess(spec, args.wait_quiet)
+    if "error" not in result:
+        spec["label"] += f", {_steps(result['steps'])}"
+    return {"preset": FREEDA_BUILD, "specs": [spec], "results": {FREEDA_BUILD: result},
+            "wall_s": time.perf_counter() - start}
+
+
+def render_freeda_build(run: dict, cmdline: str) -> str:
+    r = run["results"][FREEDA_BUILD]
+    spec = run["specs"][0]
+    models = ("SD 1.5 + DINOv2 ViT-L/14 + CLIP ViT-L/14 architectures, random weights"
+              if spec["models"] == "reference" else "the tiny random-weight presets")
+    config = os.path.relpath(BUILD_MODELS[spec["models"]], os.path.join(os.path.dirname(__file__), ".."))
+    title = f"{FREEDA_BUILD}: FreeDA bank build, one caption, {models}"
+    if "error" in r:
+        about = [f"- Build settings of {config}; the run failed."]
+        out, _ = render_kinds_table(run, cmdline, title, about, stages=True)
+        return "\n".join(out).rstrip() + "\n"
+    e = extrapolate_build(r)
+    n, s, size = r["steps"], r["config_steps"], r["image_size"]
+    lone = len(r["calls"]) == 1
+    about = [
+        f"- `PrototypeBankBuilder.caption_prototypes` with the build settings of {config}: a {size}x{size} image "
+        f"generated with DDIM and guidance {r['guidance_scale']:g} (a batch of 2 per step) while the "
+        f"cross-attention of every noun is recorded, DINOv2 on that image, CLIP keys of its nouns. "
+        f"**{_steps(n)}** here (`--build-steps`; the config's BUILD.STEPS: {s})"
+        + ("; random weights make random images, at the cost of real ones." if spec["models"] == "reference"
+           else "."),
+        f"- Captions: {len(r['calls'])} of BUILD_CAPTIONS in tools/benchmark.py (nouns from "
+        f"configs/tiny/freeda_nouns.txt; rows made: {', '.join(str(c['rows']) for c in r['calls'])}), one "
+        "process, no warm-up call: "
+        + (f"the only caption ({_fmt_s(r['first_s'])} s) includes one-time costs."
+           if lone else f"the first caption ({_fmt_s(r['first_s'])} s) pays one-time costs and is left out "
+                        "of the times below."),
+        "- Stages: the builder's `last_timings` (generation = the DDIM steps with attention recorded, and the "
+        "VAE decode); *other* is the caption's time less their sum.",
+    ]
+    out, _ = render_kinds_table(run, cmdline, title, about, stages=True)
+    latent = "x".join(str(v) for v in r["latent_shape"])
+    out += [
+        "",
+        (f"Extrapolation to BUILD.STEPS = {s} from this run at {n} steps (an estimate: step and decode times "
+         "assumed the same at any number of steps):" if e["extrapolated"] else
+         f"Throughput at BUILD.STEPS = {s} (measured; no extrapolation):"),
+        "",
+        "| quantity | value | how |",
+        "|---|---:|---|",
+        f"| one DDIM step (UNet on the guided batch of 2, attention recorded) | {_fmt_s(e['step_s'])} s | "
+        f"(generation - VAE decode) / {n} |",
+        f"| VAE decode, once per caption | {_fmt_s(r['decode_s'])} s | timed apart on a random ({latent}) latent |",
+        f"| rest of a caption (nouns, text encoder, masks, DINOv2, CLIP keys, other) | {_fmt_s(e['rest_s'])} s | "
+        "caption - generation |",
+        f"| one caption at {n} steps (measured) | {_fmt_s(e['measured_s'])} s | median above |",
+        f"| captions per hour at {n} steps (measured) | {_fmt_rate(e['measured_captions_per_hour'])} | "
+        "3600 / one caption |",
+    ]
+    if e["extrapolated"]:
+        out += [
+            f"| **one caption at {s} steps (extrapolated)** | **{_fmt_s(e['caption_s'])} s** | "
+            f"rest + VAE decode + {s} x step |",
+            f"| **captions per hour at {s} steps (extrapolated)** | **{_fmt_rate(e['captions_per_hour'])}** | "
+            f"3600 / one caption at {s} steps |",
+        ]
+    out += [""] + busy_note([(FREEDA_BUILD, r.get("other_load"))])
+    return "\n".join(out).rstrip() + "\n"
+
+
 def render_odise(run: dict, cmdline: str) -> str:
     about = [
         "- Built by the normal config path (configs/odise/Base-ODISE.yaml) with the SD and CLIP loaders patched to",
@@ -771,7 +964,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Benchmark DiffSegmenter against one VAE encode + one UNet pass, "
                                 "and FreeDA's retrieval (--preset retrieval).")
     p.add_argument("--preset", choices=PRESETS + ("all",), default="all")
-    p.add_argument("--repeats", type=int, help="timed calls per configuration, after one warm-up "
+    p.add_argument("--repeats", type=int, help="timed calls per configuration, after one warm-up; "
+                   f"{FREEDA_BUILD}: captions, no warm-up "
                    f"(default: {', '.join(f'{k} {v}' for k, v in DEFAULT_REPEATS.items())})")
     p.add_argument("--classes", default="1,5,20", help="comma-separated numbers of VOC classes (at most 20)")
     p.add_argument("--no-per-class", action="store_true", help="skip the reference-mode (per_class) rows")
@@ -793,10 +987,19 @@ def parse_args(argv=None):
     r.add_argument("--ef-search", default="512,1024", help=f"HNSW efSearch values (raised to at least k = "
                    f"{RETRIEVAL_TOP_K} by set_search_breadth)")
     r.add_argument("--nprobe", default="16,64,256", help="IVF nprobe values (nlist: build_index's default)")
+    b = p.add_argument_group(f"{FREEDA_BUILD} preset (FreeDA bank build, one caption per stage)")
+    b.add_argument("--build-steps", type=int, metavar="N",
+                   help="DDIM steps per caption (default: the config's BUILD.STEPS, 50 for the reference); "
+                   "fewer steps are extrapolated to the config's, and the table says so")
+    b.add_argument("--build-models", choices=tuple(BUILD_MODELS), default="reference",
+                   help="reference: SD 1.5, DINOv2 ViT-L/14 and CLIP ViT-L/14 architectures with random weights "
+                   "and configs/freeda/Base-FreeDA.yaml's build settings; tiny: configs/tiny/freeda.yaml (seconds)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: JSON spec of one configuration
     args = p.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         p.error("--repeats must be at least 1")
+    if args.build_steps is not None and args.build_steps < 1:
+        p.error("--build-steps must be at least 1")
 
     def int_list(option: str, low: int, high: float = float("inf")) -> list:
         text = getattr(args, option.lstrip("-").replace("-", "_"))
@@ -1024,6 +1227,10 @@ def _fmt_s(t: float) -> str:
 
 def _fmt_min(t: float) -> str:
     return f"{t / 60:.0f} min" if t >= 90 else f"{t:.0f} s"
+
+
+def _fmt_rate(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
 
 
 def _fmt_ms(t: float) -> str:
@@ -1275,6 +1482,8 @@ def main(argv=None) -> None:
             section = render_odise(run_kinds(args, device, ODISE), cmdline)
         elif preset == FREEDA:
             section = render_freeda(run_kinds(args, device, FREEDA), cmdline)
+        elif preset == FREEDA_BUILD:
+            section = render_freeda_build(run_freeda_build(args, device), cmdline)
         else:
             section = render_preset(run_preset(preset, args, device), cmdline)
         print(section, flush=True)

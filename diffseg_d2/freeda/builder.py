@@ -12,12 +12,14 @@ processes can split the shards (``build_bank(rank, world_size)``).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +123,11 @@ class PrototypeBankBuilder(nn.Module):
         self.mask_threshold = float(mask_threshold)
         self.shard_size = int(shard_size)
         self.keep_images = bool(keep_images)
+        #: seconds per stage of the last ``caption_prototypes`` call, for benchmarks: "nouns" (finding
+        #: them and their tokens), "text encoder" (SD's), "generation" (the DDIM steps with attention
+        #: recorded, and the VAE decode), "masks" (noun maps from the recorded attention), "dino"
+        #: (DINOv2 features and pooling), "clip keys"; only the stages the caption reached
+        self.last_timings: Dict[str, float] = {}
 
     @classmethod
     def from_config(cls, cfg) -> "PrototypeBankBuilder":
@@ -180,13 +187,28 @@ class PrototypeBankBuilder(nn.Module):
             positions.append(list(range(start, start + len(noun_ids))))
         return torch.tensor([ids]), kept, positions
 
+    @contextlib.contextmanager
+    def _stage(self, name: str):
+        """Time the block into ``last_timings[name]`` (s). CUDA work is waited for at both ends, so
+        that each stage is charged with its own kernels (two synchronisations per stage)."""
+        device = self.diffusion.device
+        wait = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+        wait()
+        start = time.perf_counter()
+        yield
+        wait()
+        self.last_timings[name] = self.last_timings.get(name, 0.0) + time.perf_counter() - start
+
     @torch.no_grad()
     def caption_prototypes(self, index: int, caption: str) -> Optional[CaptionPrototypes]:
-        """Bank rows of caption ``index``; None when it has no noun."""
-        nouns = self.nouns(caption)
-        if not nouns:
+        """Bank rows of caption ``index``; None when it has no noun. Stage times go to ``last_timings``."""
+        self.last_timings = {}
+        with self._stage("nouns"):
+            nouns = self.nouns(caption)
+            found = self._noun_tokens(caption, nouns) if nouns else None
+        if found is None:
             return None
-        ids, kept, positions = self._noun_tokens(caption, nouns)
+        ids, kept, positions = found
         skipped = len(nouns) - len(kept)
         d = self.diffusion
         side = self.image_size // d.latent_factor
@@ -195,23 +217,27 @@ class PrototypeBankBuilder(nn.Module):
             return CaptionPrototypes([], empty, empty, empty, skipped, torch.zeros(3, 0, 0), torch.zeros(0, side, side))
         k = len(kept)
         token_index, token_weight = token_mean_table(positions)
-        context = d.encode_text(ids)
+        with self._stage("text encoder"):
+            context = d.encode_text(ids)
         store = AttentionStore((side, side), token_index, token_weight, readout_context=context)
         # A CPU generator: the same caption gets the same image on any device.
         generator = torch.Generator().manual_seed(self.seed + index)
-        with record_attention(d.unet, store, self.cross_attn_factors, ()):
+        with self._stage("generation"), record_attention(d.unet, store, self.cross_attn_factors, ()):
             image = d.generate(context, image_size=self.image_size, steps=self.steps,
                                guidance_scale=self.guidance_scale, generator=generator)
-        heat = summed_cross_maps(store, self.cross_attn_factors, (side, side))
-        masks = minmax_per_map(heat) >= self.mask_threshold  # (K, side, side)
+        with self._stage("masks"):
+            heat = summed_cross_maps(store, self.cross_attn_factors, (side, side))
+            masks = minmax_per_map(heat) >= self.mask_threshold  # (K, side, side)
 
-        feats = self.dino(image)[0]  # (D, g, g)
-        grid = feats.shape[-2:]
-        weights = F.interpolate(masks.float()[None], size=grid, mode="area")[0].flatten(1).to(feats.device)
-        mass = weights.sum(1)
-        has_mask = mass > 0
-        pooled = (weights @ feats.flatten(1).T) / mass.clamp(min=1e-12)[:, None]
-        keys = self.clip.encode_words_in_context([caption] * k, kept)
+        with self._stage("dino"):
+            feats = self.dino(image)[0]  # (D, g, g)
+            grid = feats.shape[-2:]
+            weights = F.interpolate(masks.float()[None], size=grid, mode="area")[0].flatten(1).to(feats.device)
+            mass = weights.sum(1)
+            has_mask = mass > 0
+            pooled = (weights @ feats.flatten(1).T) / mass.clamp(min=1e-12)[:, None]
+        with self._stage("clip keys"):
+            keys = self.clip.encode_words_in_context([caption] * k, kept)
         sel = has_mask.nonzero().flatten().cpu()
         return CaptionPrototypes(
             nouns=[kept[i] for i in sel.tolist()],
