@@ -68,8 +68,10 @@ def add_diffseg_config(cfg: CN) -> CN:
     _c.REFINEMENT = "own"
     # Carrier prompt of "shared" conditioning; "{}" is replaced by the comma-joined class names.
     _c.CARRIER_TEMPLATE = "a photograph of {}."
-    # Most class prompts per batched UNet call with "per_class" conditioning (larger vocabularies are chunked).
-    _c.CLASS_CHUNK_SIZE = 8
+    # Most class prompts per batched UNet call with "per_class" conditioning (larger vocabularies are
+    # chunked). 4 keeps the peak memory of 20 classes on SD 1.5 within 1.5x a plain UNet pass at the
+    # same speed on CPU as 8 (BENCHMARKS.md, sd15); larger chunks can be faster on a GPU.
+    _c.CLASS_CHUNK_SIZE = 4
     # Latent downsampling factors whose cross-attention is read: 8, 4, 2, 1 are the 8/16/32/64 maps of SD 1.5 at 512.
     _c.CROSS_ATTN_FACTORS = [8, 4, 2, 1]
     # Weight of each factor's min-max normalised map in the sum (same order as CROSS_ATTN_FACTORS).
@@ -227,6 +229,13 @@ def add_diffseg_config(cfg: CN) -> CN:
     _c.FREEDA.BUILD.KEEP_IMAGES = False
 
     # --- ODISE (trained; see configs/odise/) ----------------------------------------------
+    # Large-scale jitter for the panoptic training mapper (replaces INPUT.MIN_SIZE_TRAIN/CROP when on):
+    # horizontal flip, resize to a random scale in [MIN_SCALE, MAX_SCALE] of a SIZE square, crop/pad to it.
+    cfg.INPUT.LSJ = CN()
+    cfg.INPUT.LSJ.ENABLED = False
+    cfg.INPUT.LSJ.MIN_SCALE = 0.1
+    cfg.INPUT.LSJ.MAX_SCALE = 2.0
+    cfg.INPUT.LSJ.SIZE = 1024
     _c.ODISE = CN()
     # Optimizer of tools/train_net.py for ODISE: "ADAMW" or "SGD" (detectron2's default), with SOLVER.* rates.
     _c.ODISE.OPTIMIZER = "ADAMW"
@@ -234,26 +243,40 @@ def add_diffseg_config(cfg: CN) -> CN:
     _c.ODISE.BACKBONE_LR_MULTIPLIER = 1.0
     # Diffusion backbone (MODEL.BACKBONE.NAME DiffusionUNetBackbone or build_diffusion_unet_fpn_backbone).
     _c.ODISE.BACKBONE = CN()
-    # UNet up blocks whose layer outputs are tapped; empty = all of them.
-    _c.ODISE.BACKBONE.UP_BLOCKS = []
-    # Output levels (strides 4, 8, 16, 32).
+    # Tapped layers, as the reference numbers them (each tap is the layer's INPUT). UNet: the layers
+    # of the up blocks in order (SD 1.5: 12, three per block; a layer's input is the previous
+    # output concatenated with the skip). 2, 5, 8, 11 = the last layer of each block, at strides
+    # 64 (2560 channels), 32 (1920), 16 (960) and 8 (640).
+    _c.ODISE.BACKBONE.UNET_BLOCKS = [2, 5, 8, 11]
+    # VAE encoder: its resnets in order (SD: 8, two per level); 5 and 7 sit at strides 4 and 8 (512 channels).
+    _c.ODISE.BACKBONE.VAE_ENCODER_BLOCKS = [5, 7]
+    # VAE decoder (run on the image's latent): its resnets in order (SD: 12, three per level);
+    # 2 and 5 sit at strides 8 and 4 (512 channels). The decoder runs only as far as the last tap.
+    _c.ODISE.BACKBONE.VAE_DECODER_BLOCKS = [2, 5]
+    # Output levels (strides 4, 8, 16, 32); a tap goes to the level of its stride, clamped to 4..32.
     _c.ODISE.BACKBONE.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    # Channels of every output level (each tap is projected to this by a 1x1 conv and GroupNorm).
+    # Channels of every output level: each tap is resized (nearest) to its level and projected by
+    # a ResNet bottleneck block (GroupNorm, OUT_CHANNELS / 4 inside); a level sums its taps.
     _c.ODISE.BACKBONE.OUT_CHANNELS = 512
-    # Side of the square windows the UNet reads, in pixels (512 for SD 1.5).
+    # Side of the square the UNet reads, in pixels (512 for SD 1.5). Inputs are cut into squares
+    # of side min(WINDOW, short side) that are resized to WINDOW (the reference's sliding window).
     _c.ODISE.BACKBONE.WINDOW = 512
-    # Step between windows over larger inputs; the last window is aligned with the border.
-    _c.ODISE.BACKBONE.WINDOW_STRIDE = 512
+    # Step between those squares; 0 = their side (the reference). The last is aligned with the border.
+    _c.ODISE.BACKBONE.WINDOW_STRIDE = 0
     # Most windows per UNet call.
     _c.ODISE.BACKBONE.WINDOW_BATCH = 4
     # Scheduler timestep of the noise added to the latent (0 = the least noise, as the reference).
     _c.ODISE.BACKBONE.NOISE_STEP = 0
-    # Seed of that fixed noise.
-    _c.ODISE.BACKBONE.SEED = 0
-    # Implicit captioner: CLIP image embedding -> UNet text conditioning, through a zero-initialised gate.
+    # Seed of that fixed noise (42 in the reference).
+    _c.ODISE.BACKBONE.SEED = 42
+    # Implicit captioner: the CLIP image embedding (not normalised) -> a linear layer + positional
+    # embedding -> added to the empty prompt's encoding through a per-element tanh gate that starts
+    # at zero; a second gated path adds it to the UNet's time embedding.
     _c.ODISE.CAPTIONER = CN()
     # False = the UNet is conditioned on the empty prompt.
     _c.ODISE.CAPTIONER.ENABLED = True
+    # The gated path into the UNet's time embedding (the reference's learnable_time_embed).
+    _c.ODISE.CAPTIONER.TIME_EMBEDDING = True
     # Mask2Former-style mask head.
     _c.ODISE.HEAD = CN()
     # Backbone levels read by the deformable-attention pixel decoder's encoder (the rest go through its FPN).
@@ -298,26 +321,37 @@ def add_diffseg_config(cfg: CN) -> CN:
     _c.ODISE.LOSS.GROUNDING_WEIGHT = 0.0
     # File of nouns and noun phrases (one per line) looked for in captions; empty = the training classes.
     _c.ODISE.LOSS.GROUNDING_NOUNS = ""
+    # Prompt of each noun for the grounding loss (CLIP embedding, then the classifier's text projection).
+    _c.ODISE.LOSS.GROUNDING_TEMPLATE = "a photo of a {}."
     # Inference.
     _c.ODISE.TEST = CN()
     # Return "sem_seg" (per-class scores).
     _c.ODISE.TEST.SEMANTIC_ON = True
     # Return "panoptic_seg".
     _c.ODISE.TEST.PANOPTIC_ON = True
-    # Return "instances" (thing classes only).
+    # Return "instances" (the top (query, class) pairs over all classes; with panoptic output on,
+    # those of stuff classes are then dropped).
     _c.ODISE.TEST.INSTANCE_ON = True
-    # A query becomes a panoptic segment when its best class probability is above this.
-    _c.ODISE.TEST.OBJECT_MASK_THRESHOLD = 0.8
+    # A query becomes a panoptic segment when its best class probability is above this (0.0 in the
+    # reference's config; Mask2Former's own default is 0.8).
+    _c.ODISE.TEST.OBJECT_MASK_THRESHOLD = 0.0
     # ... and it keeps at least this share of its own mask after overlaps are resolved.
     _c.ODISE.TEST.OVERLAP_THRESHOLD = 0.8
     # Instances kept per image.
     _c.ODISE.TEST.DETECTIONS_PER_IMAGE = 100
-    # Ensemble with CLIP's mask-pooled classifier (geometric mean of the two probabilities).
+    # Ensemble with CLIP's classifier of each mask (geometric mean of the two probabilities).
     _c.ODISE.TEST.ENSEMBLE = True
-    # CLIP's exponent for classes seen in training: p = p_head^(1 - ALPHA) * p_clip^ALPHA.
+    # CLIP's exponent for classes seen in training: p = p_head^(1 - ALPHA) * p_clip^ALPHA
+    # (0.3 for the reference's label-trained model, 0.35 for its caption-trained one).
     _c.ODISE.TEST.ENSEMBLE_ALPHA = 0.3
-    # CLIP's exponent for classes not seen in training.
+    # CLIP's exponent for classes not seen in training (0.7 label-trained, 0.65 caption-trained).
     _c.ODISE.TEST.ENSEMBLE_BETA = 0.7
+    # CLIP's view of a mask: "maskclip" (the reference: copies of the class token attending only
+    # to the mask's patches, at CLIP's input size) or "pooled_patches" (ours: final-layer patch
+    # tokens averaged under the soft mask).
+    _c.ODISE.TEST.ENSEMBLE_CLIP = "maskclip"
+    # CLIP's prompt for each class synonym on the ensemble's side.
+    _c.ODISE.TEST.ENSEMBLE_TEMPLATE = "a photo of a {}."
 
     if was_frozen:
         cfg.freeze()
@@ -391,7 +425,7 @@ _RANGES = {
     "ODISE.BACKBONE_LR_MULTIPLIER": (0.0, None, ">= 0"),
     "ODISE.BACKBONE.OUT_CHANNELS": _POSITIVE,
     "ODISE.BACKBONE.WINDOW": _POSITIVE,
-    "ODISE.BACKBONE.WINDOW_STRIDE": _POSITIVE,
+    "ODISE.BACKBONE.WINDOW_STRIDE": _NON_NEGATIVE,
     "ODISE.BACKBONE.WINDOW_BATCH": _POSITIVE,
     "ODISE.BACKBONE.NOISE_STEP": _NON_NEGATIVE,
     "ODISE.HEAD.CONV_DIM": _POSITIVE,

@@ -461,12 +461,17 @@ def grounding_batch(seed=0, batch=4, queries=5, dim=16):
 
 
 def manual_grounding(embeds, nouns, scale):
+    """ODISE's score, written out: for each noun, the queries' scaled similarities weighted by their
+    softmax over the queries, summed; averaged over the caption's nouns."""
     size = len(nouns)
-    g = torch.zeros(size, size)
+    logits = torch.zeros(size, size)
     for i in range(size):
         for j in range(size):
-            g[i, j] = torch.stack([(embeds[i] @ n).max() for n in nouns[j]]).mean()
-    logits = scale * g
+            per_noun = []
+            for n in nouns[j]:
+                s = scale * (embeds[i] @ n)  # (Q,)
+                per_noun.append((s.softmax(0) * s).sum())
+            logits[i, j] = torch.stack(per_noun).mean()
     own = torch.arange(size)
     return 0.5 * (F.cross_entropy(logits, own) + F.cross_entropy(logits.T, own))
 
@@ -478,6 +483,13 @@ def test_grounding_loss_prefers_own_captions_and_is_symmetric():
     shuffled = caption_grounding_loss(embeds, nouns[1:] + nouns[:1], scale)
     assert matched < shuffled
     assert torch.allclose(matched, manual_grounding(embeds, nouns, scale), atol=1e-5)
+    # A soft maximum over the queries, not the hard one: the two differ at a small scale.
+    low = torch.tensor(2.0)
+    hard = torch.stack([torch.stack([torch.stack([(low * embeds[i] @ n).max() for n in nouns[j]]).mean()
+                                     for j in range(4)]) for i in range(4)])
+    own = torch.arange(4)
+    hard_loss = 0.5 * (F.cross_entropy(hard, own) + F.cross_entropy(hard.T, own))
+    assert abs(float(caption_grounding_loss(embeds, nouns, low) - hard_loss)) > 1e-2
     # Both directions count equally: reordering the batch changes nothing.
     order = [2, 0, 3, 1]
     assert torch.allclose(caption_grounding_loss(embeds[order], [nouns[i] for i in order], scale), matched, atol=1e-5)

@@ -157,17 +157,19 @@ def test_concurrent_calls_give_the_sequential_results(conditioning):
 
 
 def test_concurrent_feature_recordings_stay_apart(tiny_sd):
-    from diffseg_d2.diffusion import record_features, unet_feature_taps
+    from diffseg_d2.diffusion import feature_taps, record_inputs, tap_modules
 
-    taps = unet_feature_taps(tiny_sd.unet, tiny_sd.latent_factor)
+    taps = feature_taps(tiny_sd, {"unet": range(6)})
+    modules = tap_modules(tiny_sd, taps)
+    names = [t.name for t in taps]
     context = tiny_sd.empty_prompt_context()
     latents = [torch.randn(1, tiny_sd.unet.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(s))
                for s in range(6)]
 
     def features(x):
-        with record_features(tiny_sd.unet, taps) as rec:
+        with record_inputs(modules) as rec:
             tiny_sd.unet_forward(x, 10, context)
-        return rec.collected()
+        return rec.collected(names)
 
     expected = [features(x) for x in latents]
     results = [None] * len(latents)

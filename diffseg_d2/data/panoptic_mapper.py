@@ -76,7 +76,17 @@ class MaskFormerPanopticMapper:
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True) -> Dict[str, Any]:
-        augs: List[T.Augmentation] = utils.build_augmentation(cfg, is_train)  # resize [, flip]
+        lsj = cfg.INPUT.get("LSJ", None)
+        if is_train and lsj is not None and lsj.ENABLED:
+            # Large-scale jitter (ODISE's COCO recipe): flip, rescale the image to a random share of
+            # a SIZE square, then crop (or pad) it to exactly that square.
+            augs: List[T.Augmentation] = [
+                T.RandomFlip(horizontal=True),
+                T.ResizeScale(min_scale=lsj.MIN_SCALE, max_scale=lsj.MAX_SCALE, target_height=lsj.SIZE, target_width=lsj.SIZE),
+                T.FixedSizeCrop(crop_size=(lsj.SIZE, lsj.SIZE)),
+            ]
+            return {"is_train": is_train, "augmentations": augs, "image_format": cfg.INPUT.FORMAT}
+        augs = utils.build_augmentation(cfg, is_train)  # resize [, flip]
         if is_train and cfg.INPUT.CROP.ENABLED:
             augs.insert(1, T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE))
         return {"is_train": is_train, "augmentations": augs, "image_format": cfg.INPUT.FORMAT}

@@ -11,7 +11,7 @@ from .attention import (
     record_attention,
     summed_cross_maps,
 )
-from .features import FeatureTap, record_features, unet_feature_taps
+from .features import FeatureTap, decoder_inputs, feature_taps, record_inputs, tap_modules
 from .frozen_sd import FrozenStableDiffusion, StableDiffusionParts, load_stable_diffusion
 from .prompts import TOKEN_SELECTIONS, ClassPrompts, build_class_prompts, build_joint_prompt
 
@@ -30,7 +30,9 @@ __all__ = [
     "load_stable_diffusion",
     "minmax_per_map",
     "record_attention",
-    "record_features",
+    "record_inputs",
+    "decoder_inputs",
+    "feature_taps",
+    "tap_modules",
     "summed_cross_maps",
-    "unet_feature_taps",
 ]

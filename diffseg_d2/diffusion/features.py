@@ -1,134 +1,189 @@
-"""Intermediate UNet features: what ODISE's backbone reads out of the frozen UNet.
+"""Intermediate features of the frozen SD parts: what ODISE's backbone reads.
 
-``unet_feature_taps(unet, latent_factor)`` lists the layers of the UNet's up
-blocks whose outputs are read (every resnet, or the attention that follows it),
-with their channels and their stride in image pixels. ``record_features`` installs
-forward hooks on those layers for the duration of a ``with`` block and collects
-their outputs, in the order of the list, on every UNet call inside the block that
-runs in the same thread (concurrent calls each get their own recording).
+ODISE taps the INPUTS of chosen layers of three networks, numbered as the
+reference numbers them:
 
-The hooks only read: the UNet computes exactly what it computes without them.
+* ``"unet"``: the resnets of the UNet's up blocks, in order (SD 1.5: 12, three
+  per block); a layer's input is the previous output concatenated with the skip;
+* ``"vae_encoder"``: the resnets of the VAE encoder's levels, in order (SD: 8);
+* ``"vae_decoder"``: the resnets of the VAE decoder's levels, in order (SD: 12),
+  run on the image's own latent.
+
+``feature_taps`` lists them with channels and strides (image pixels per cell).
+``record_inputs`` collects the inputs of modules during the calls of one thread
+inside a ``with`` block (concurrent calls each get their own recording);
+``decoder_inputs`` runs the VAE decoder only as far as its last tapped layer.
+
+The hooks only read: the networks compute exactly what they compute without them.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .instrumentation import SharedInstrumentation, shared_instrumentation
+from .instrumentation import shared_instrumentation
+
+PARTS = ("unet", "vae_encoder", "vae_decoder")
 
 
 @dataclass(frozen=True)
 class FeatureTap:
-    """One tapped layer: up block ``block``, layer ``layer`` inside it.
+    """One tapped layer input.
 
     Attributes:
-        name: ``"up{block}.{layer}"``.
-        channels: channels of its output.
-        stride: image pixels per feature cell along each side (latent factor times
-            the UNet's downsampling at that block).
+        name: ``"{part}.{index}"``.
+        part: ``"unet"``, ``"vae_encoder"`` or ``"vae_decoder"``.
+        index: the layer's number within its part (see the module docstring).
+        channels: channels of the layer's input.
+        stride: image pixels per feature cell along each side.
     """
 
     name: str
-    block: int
-    layer: int
+    part: str
+    index: int
     channels: int
     stride: int
 
 
-def _tap_module(block: nn.Module, layer: int) -> nn.Module:
-    # In a cross-attention up block a resnet is followed by its transformer; the tap is
-    # the layer's last module, so it sees the text conditioning.
-    attentions = getattr(block, "attentions", None)
-    return attentions[layer] if attentions is not None else block.resnets[layer]
-
-
-def unet_feature_taps(unet, latent_factor: int, blocks: Optional[Sequence[int]] = None) -> List[FeatureTap]:
-    """The tappable layers of ``unet.up_blocks`` (diffusers ``UNet2DConditionModel``).
-
-    Args:
-        unet: the UNet.
-        latent_factor: image pixels per latent cell (8 for SD 1.5's VAE).
-        blocks: indices of the up blocks to tap; None or empty = all.
-
-    Returns:
-        Taps ordered by block, then layer. For SD 1.5 at 512 px: 12 taps, 3 per
-        block, at strides 64, 32, 16 and 8 with 1280, 1280, 640 and 320 channels.
-    """
+def _unet_layers(unet, latent_factor: int) -> List[Tuple[nn.Module, int]]:
     up = list(unet.up_blocks)
-    chosen = list(range(len(up))) if not blocks else sorted(set(int(b) for b in blocks))
-    bad = [b for b in chosen if not 0 <= b < len(up)]
-    if bad:
-        raise ValueError(f"UNet up blocks {bad} do not exist: this UNet has {len(up)} (0..{len(up) - 1}).")
     # The last up block works at the latent resolution; each earlier one that ends in an
     # upsampler works at half the resolution of the next.
-    strides = [0] * len(up)
-    stride = int(latent_factor)
+    strides, stride = [0] * len(up), int(latent_factor)
     for i in reversed(range(len(up))):
         if i < len(up) - 1 and up[i].upsamplers is not None:
             stride *= 2
         strides[i] = stride
+    return [(resnet, strides[i]) for i, block in enumerate(up) for resnet in block.resnets]
+
+
+def _encoder_layers(vae) -> List[Tuple[nn.Module, int]]:
+    out, stride = [], 1
+    for block in vae.encoder.down_blocks:
+        out += [(resnet, stride) for resnet in block.resnets]
+        if block.downsamplers is not None:
+            stride *= 2
+    return out
+
+
+def _decoder_layers(vae, latent_factor: int) -> List[Tuple[nn.Module, int]]:
+    out, stride = [], int(latent_factor)
+    for block in vae.decoder.up_blocks:
+        out += [(resnet, stride) for resnet in block.resnets]
+        if block.upsamplers is not None:
+            stride //= 2
+    return out
+
+
+def tappable_layers(diffusion) -> Dict[str, List[Tuple[nn.Module, int]]]:
+    """Every tappable layer of each part, in the reference's order: ``{part: [(module, stride)]}``."""
+    f = diffusion.latent_factor
+    return {
+        "unet": _unet_layers(diffusion.unet, f),
+        "vae_encoder": _encoder_layers(diffusion.vae),
+        "vae_decoder": _decoder_layers(diffusion.vae, f),
+    }
+
+
+def feature_taps(diffusion, chosen: Dict[str, Sequence[int]]) -> List[FeatureTap]:
+    """The taps ``{part: [indices]}`` of ``diffusion`` (a ``FrozenStableDiffusion``), in the
+    reference's order: VAE encoder, UNet, VAE decoder.
+
+    Raises:
+        ValueError: an unknown part, or an index the network does not have (the message says how
+            many layers it has).
+    """
+    unknown = set(chosen) - set(PARTS)
+    if unknown:
+        raise ValueError(f"Unknown tapped parts {sorted(unknown)}: choose among {list(PARTS)}.")
+    layers = tappable_layers(diffusion)
     taps = []
-    for i in chosen:
-        for j, resnet in enumerate(up[i].resnets):
-            taps.append(FeatureTap(f"up{i}.{j}", i, j, int(resnet.out_channels), strides[i]))
+    for part in ("vae_encoder", "unet", "vae_decoder"):
+        available = layers[part]
+        for index in chosen.get(part, ()):
+            if not 0 <= int(index) < len(available):
+                raise ValueError(
+                    f"The {part.replace('_', ' ')} has {len(available)} tappable layers (0..{len(available) - 1}); "
+                    f"layer {index} does not exist."
+                )
+            module, stride = available[int(index)]
+            taps.append(FeatureTap(f"{part}.{index}", part, int(index), int(module.in_channels), int(stride)))
     return taps
 
 
-class FeatureRecording:
-    """The outputs of the tapped layers, one list entry per tap, for the latest UNet call."""
+def tap_modules(diffusion, taps: Sequence[FeatureTap]) -> List[nn.Module]:
+    """The module of each tap (whose input it reads)."""
+    layers = tappable_layers(diffusion)
+    return [layers[t.part][t.index][0] for t in taps]
 
-    def __init__(self, taps: Sequence[FeatureTap]):
-        self.taps = list(taps)
-        self.features: List[Optional[torch.Tensor]] = [None] * len(self.taps)
-        self.index: Dict[Tuple[int, int], int] = {(t.block, t.layer): i for i, t in enumerate(self.taps)}
 
-    def collected(self) -> List[torch.Tensor]:
-        """Tapped outputs (B, C_i, H / stride_i, W / stride_i) of the last call, in tap order."""
-        missing = [t.name for t, f in zip(self.taps, self.features) if f is None]
+class InputRecording:
+    """The inputs of recorded modules in this thread's latest calls, by position in ``modules``."""
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        self.index = {id(m): i for i, m in enumerate(modules)}
+        self.inputs: List = [None] * len(modules)
+
+    def collected(self, names: Sequence[str]) -> List[torch.Tensor]:
+        missing = [n for n, x in zip(names, self.inputs) if x is None]
         if missing:
-            raise RuntimeError(f"The UNet call did not reach the tapped layers {missing}.")
-        return list(self.features)
+            raise RuntimeError(f"The forward pass did not reach the tapped layers {missing}.")
+        return list(self.inputs)
 
 
-def _install_tap_hooks(unet) -> Callable[[SharedInstrumentation], Callable[[], None]]:
-    def install(instrumentation: SharedInstrumentation) -> Callable[[], None]:
-        handles = []
+def _install_input_hook(module: nn.Module):
+    def install(instrumentation):
+        def hook(mod, args):
+            recording = instrumentation.current()
+            index = None if recording is None else recording.index.get(id(mod))
+            if index is not None:
+                recording.inputs[index] = args[0]
 
-        def hook_for(position: Tuple[int, int]):
-            def hook(module, args, output):
-                recording = instrumentation.current()
-                index = None if recording is None else recording.index.get(position)
-                if index is not None:
-                    # Transformer2DModel returns a tuple or an output object; a resnet a tensor.
-                    recording.features[index] = output if isinstance(output, torch.Tensor) else output[0]
-
-            return hook
-
-        for b, block in enumerate(unet.up_blocks):
-            for j in range(len(block.resnets)):
-                handles.append(_tap_module(block, j).register_forward_hook(hook_for((b, j))))
-
-        def uninstall() -> None:
-            for h in handles:
-                h.remove()
-
-        return uninstall
+        handle = module.register_forward_pre_hook(hook)
+        return handle.remove
 
     return install
 
 
-@contextmanager
-def record_features(unet, taps: Sequence[FeatureTap]) -> Iterator[FeatureRecording]:
-    """Collect the outputs of ``taps`` during this thread's UNet calls inside the ``with`` block.
-
-    Calls of the same UNet from other threads are not seen (one model may serve concurrent
-    calls). The hooks are removed once no call records any more, also after an exception.
-    """
-    recording = FeatureRecording(taps)
-    instrumentation = shared_instrumentation(unet, "feature-recording", _install_tap_hooks(unet))
-    with instrumentation.active(recording):
+@contextlib.contextmanager
+def record_inputs(modules: Sequence[nn.Module]) -> Iterator[InputRecording]:
+    """Collect the first positional input of each of ``modules`` during this thread's calls inside
+    the ``with`` block. Calls from other threads are not seen; the hooks are removed once no call
+    records any more, also after an exception."""
+    recording = InputRecording(modules)
+    with contextlib.ExitStack() as stack:
+        for m in modules:
+            stack.enter_context(shared_instrumentation(m, "input-recording", _install_input_hook(m)).active(recording))
         yield recording
+
+
+def decoder_inputs(vae, latents: torch.Tensor, indices: Sequence[int]) -> List[torch.Tensor]:
+    """Inputs of the VAE decoder's resnets ``indices`` (the reference's numbering) when it decodes
+    ``latents`` (unscaled: the posterior's own scale). The decoder stops after the last of them."""
+    wanted = {int(i): k for k, i in enumerate(indices)}
+    out: List = [None] * len(indices)
+    if not wanted:
+        return out
+    last = max(wanted)
+    d = vae.decoder
+    z = latents.to(next(d.parameters()).dtype)
+    if getattr(vae, "post_quant_conv", None) is not None:
+        z = vae.post_quant_conv(z)
+    h = d.conv_in(z)
+    h = d.mid_block(h, None)
+    position = 0
+    for block in d.up_blocks:
+        for resnet in block.resnets:
+            if position in wanted:
+                out[wanted[position]] = h
+            if position == last:
+                return out
+            h = resnet(h, temb=None)
+            position += 1
+        for upsampler in block.upsamplers or ():
+            h = upsampler(h)
+    raise ValueError(f"The VAE decoder has {position} tappable layers; layer {last} does not exist.")

@@ -8,6 +8,8 @@ Its parameters never train and it stays in eval mode.
 """
 from __future__ import annotations
 
+import contextlib
+
 import logging
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -212,17 +214,22 @@ class FrozenStableDiffusion(nn.Module):
         return out.to(self.dtype)
 
     def unet_forward(
-        self, latents: torch.Tensor, step: int, context: torch.Tensor, *, grad: bool = False
+        self, latents: torch.Tensor, step: int, context: torch.Tensor, *, grad: bool = False,
+        time_offset: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """One UNet call: latents (B, C, h, w), context (B, L, D) -> noise prediction (B, C, h, w).
 
         Args:
             grad: keep the autograd graph from the output (and any features tapped
-                during the call) back to ``context``, for a trainable conditioning
-                such as ODISE's implicit captioner. The UNet's own weights stay frozen.
+                during the call) back to ``context`` (and ``time_offset``), for a trainable
+                conditioning such as ODISE's implicit captioner. The UNet's own weights stay frozen.
+            time_offset: (B, T) added to the UNet's time embedding (the output of its
+                ``time_embedding`` MLP), as ODISE's captioner does; None = nothing added.
         """
         t = torch.full((latents.shape[0],), int(step), device=latents.device, dtype=torch.long)
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        with contextlib.ExitStack() as stack, torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            if time_offset is not None:
+                stack.enter_context(_time_offsets(self.unet).active(time_offset.to(self.dtype)))
             out = self.unet(latents.to(self.dtype), t, encoder_hidden_states=context.to(self.dtype)).sample
         return require_finite(out, f"the UNet ({SD_WEIGHTS_KEY})")
 
@@ -285,3 +292,17 @@ class FrozenStableDiffusion(nn.Module):
             cached = self.encode_text(self.tokenize([""]))
             self._empty_context = cached
         return cached
+
+
+def _time_offsets(unet):
+    """The shared hook that adds this thread's offset to ``unet.time_embedding``'s output."""
+    from .instrumentation import shared_instrumentation
+
+    def install(instrumentation):
+        def hook(module, args, output):
+            offset = instrumentation.current()
+            return output if offset is None else output + offset
+
+        return unet.time_embedding.register_forward_hook(hook).remove
+
+    return shared_instrumentation(unet.time_embedding, "time-offset", install)

@@ -93,16 +93,19 @@ class OpenCLIP(nn.Module):
         self._text_cache.clear()
 
     @torch.no_grad()
-    def encode_image(self, images: torch.Tensor, clamp: bool = True) -> torch.Tensor:
-        """L2-normalised image embeddings: (B, 3, H, W) RGB in [0, 255] -> (B, D).
+    def encode_image(self, images: torch.Tensor, clamp: bool = True, normalize: bool = True) -> torch.Tensor:
+        """Image embeddings: (B, 3, H, W) RGB in [0, 255] -> (B, D), L2-normalised by default.
 
         The whole image is resized to the model's input square (no crop), so
         nothing at the borders is missed by the filter.
 
         Args:
-            clamp: clamp the bicubic resize's overshoot to [0, 255] (FreeDA's reference code does not).
+            clamp: clamp the bicubic resize's overshoot to [0, 255] (FreeDA's and ODISE's reference
+                code do not).
+            normalize: False returns the projected embedding as it comes (ODISE's implicit captioner).
         """
-        return F.normalize(self._finite(self.model.encode_image(self._preprocess(images, clamp))).float(), dim=-1)
+        emb = self._finite(self.model.encode_image(self._preprocess(images, clamp))).float()
+        return F.normalize(emb, dim=-1) if normalize else emb
 
     @staticmethod
     def _finite(x: torch.Tensor) -> torch.Tensor:
@@ -135,6 +138,64 @@ class OpenCLIP(nn.Module):
             return F.normalize(emb.view(len(names), len(templates), -1).mean(1), dim=-1)
 
         return self._text_cache.get_or_compute((tuple(names), templates, normalize_each), compute)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Sentence embeddings of ``texts`` as they come (no template, not normalised): N -> (N, D).
+
+        ODISE's classifier projects these through a trainable linear layer, so their norm matters.
+        Cached per list of texts.
+        """
+        def compute():
+            return self._finite(self.model.encode_text(self.tokenizer(list(texts)).to(self.device))).float()
+
+        return self._text_cache.get_or_compute(("raw", tuple(texts)), compute)
+
+    @torch.no_grad()
+    def encode_masked(self, images: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+        """MaskCLIP region embeddings (ODISE's CLIP classifier): one embedding per mask, not normalised.
+
+        The image and the masks are resized (bilinear) to the model's input square. For each mask
+        a copy of the class token joins the token sequence after ``ln_pre``; in every block it may
+        attend to the class token and to the patches where the sigmoid of the mask reaches 0.5
+        somewhere inside the patch, nothing else, and no token attends to the copies, so the image
+        and class tokens compute exactly CLIP's own forward. The copies' outputs go through the
+        final norm and projection like CLIP's pooled token.
+
+        Args:
+            images: (B, 3, H, W) RGB in [0, 255].
+            mask_logits: (B, Q, h, w) mask logits over the same extent as ``images``.
+
+        Returns:
+            (B, Q, D).
+        """
+        visual = self.model.visual
+        needed = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer", "ln_post", "proj")
+        if any(getattr(visual, n, None) is None for n in needed) or getattr(visual, "attn_pool", None) is not None:
+            raise ValueError(
+                f"MaskCLIP needs an open_clip ViT image tower with a class token and a projection; "
+                f"{type(visual).__name__} here is not one. Use a ViT CLIP in MODEL.DIFFSEG.CLIP.WEIGHTS, or set "
+                "MODEL.DIFFSEG.ODISE.TEST.ENSEMBLE False."
+            )
+        B, Q = mask_logits.shape[:2]
+        x = F.interpolate(images.float().to(self.device), size=self.image_size, mode="bilinear", align_corners=False)
+        x = (x - self.pixel_mean) / self.pixel_std
+        masks = F.interpolate(mask_logits.float().to(self.device), size=self.image_size, mode="bilinear",
+                              align_corners=False).sigmoid()
+        patch = visual.conv1.kernel_size
+        outside = F.max_pool2d(masks, kernel_size=patch, stride=visual.conv1.stride).flatten(2) < 0.5  # (B, Q, P)
+        tokens = visual._embeds(x.to(visual.conv1.weight.dtype))  # (B, 1 + P, W): class token, patches
+        L = tokens.shape[1]
+        seq = torch.cat([tokens[:, :1].expand(-1, Q, -1), tokens], dim=1)  # (B, Q + 1 + P, W)
+        blocked = torch.zeros(B, Q + L, Q + L, dtype=torch.bool, device=seq.device)
+        blocked[:, :, :Q] = True  # nothing attends to the mask tokens
+        blocked[:, :Q, Q + 1:] = outside  # a mask token sees only its own patches (and the class token)
+        heads = visual.transformer.resblocks[0].attn.num_heads
+        bias = torch.zeros(blocked.shape, dtype=seq.dtype, device=seq.device).masked_fill(blocked, float("-inf"))
+        bias = bias.repeat_interleave(heads, dim=0)  # (B * heads, L', L'), MultiheadAttention's layout
+        out = visual.transformer(seq, attn_mask=bias)  # (B, L', W) in and out, whatever its internal layout
+        pooled = visual.ln_post(out[:, :Q]) @ visual.proj
+        return self._finite(pooled.float())
 
     @torch.no_grad()
     def encode_dense(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Open-vocabulary classification of mask embeddings against CLIP text embeddings."""
+"""Open-vocabulary classification of mask embeddings against projected CLIP text embeddings."""
 from __future__ import annotations
 
 import math
@@ -15,27 +15,38 @@ def max_over_synonyms(scores: torch.Tensor, owner: torch.Tensor, num_classes: in
 
 
 class OpenVocabClassifier(nn.Module):
-    """Cosine similarity of mask embeddings with class text embeddings, plus a learned "no object".
+    """ODISE's category head: cosine similarity of mask embeddings with class text embeddings that a
+    trainable linear layer maps from CLIP's space into the mask-embedding space, plus "no object".
 
     Args:
-        embed_dim: dimension of the mask embeddings and of CLIP's joint space.
+        text_dim: dimension of CLIP's text embeddings (768 for ViT-L/14).
+        embed_dim: dimension of the mask embeddings (the head's ``MASK_DIM``, 256).
+        null_text: (text_dim,) CLIP's embedding of the empty text, where the learned "no object"
+            embedding starts (as in the reference).
         init_temperature: initial softmax temperature (the logit scale is learned as its log inverse).
     """
 
-    def __init__(self, embed_dim: int, init_temperature: float = 0.07):
+    def __init__(self, text_dim: int, embed_dim: int, null_text: torch.Tensor, init_temperature: float = 0.07):
         super().__init__()
+        if null_text.shape != (text_dim,):
+            raise ValueError(f"null_text must have shape ({text_dim},), got {tuple(null_text.shape)}.")
+        self.text_proj = nn.Linear(text_dim, embed_dim)
+        self.null_embed = nn.Parameter(null_text.detach().clone().float())
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
-        self.no_object = nn.Parameter(torch.randn(embed_dim) * embed_dim**-0.5)
 
     def scale(self) -> torch.Tensor:
         # Capped at 100 as CLIP's own scale, so logits cannot blow up early in training.
         return self.logit_scale.exp().clamp(max=100.0)
 
+    def project_text(self, text: torch.Tensor) -> torch.Tensor:
+        """(S, text_dim) CLIP text embeddings as they come -> (S, embed_dim) L2-normalised."""
+        return F.normalize(self.text_proj(text.to(self.text_proj.weight.dtype)), dim=-1)
+
     def forward(self, embeds: torch.Tensor, text: torch.Tensor, owner: torch.Tensor, num_classes: int) -> torch.Tensor:
         """
         Args:
             embeds: (B, Q, E) mask embeddings (any norm).
-            text: (S, E) L2-normalised synonym embeddings.
+            text: (S, text_dim) CLIP text embeddings of the synonyms, not normalised.
             owner: (S,) class index of each synonym.
             num_classes: K.
 
@@ -44,6 +55,6 @@ class OpenVocabClassifier(nn.Module):
         """
         e = F.normalize(embeds.float(), dim=-1)
         scale = self.scale()
-        per_class = max_over_synonyms(scale * e @ text.float().T, owner, num_classes)
-        void = scale * e @ F.normalize(self.no_object.float(), dim=0)
+        per_class = max_over_synonyms(scale * e @ self.project_text(text).float().T, owner, num_classes)
+        void = scale * e @ self.project_text(self.null_embed[None])[0].float()
         return torch.cat([per_class, void[..., None]], dim=-1)

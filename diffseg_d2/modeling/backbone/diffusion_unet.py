@@ -1,15 +1,19 @@
-"""The frozen Stable Diffusion UNet as a detectron2 backbone (ODISE's feature extractor).
+"""The frozen Stable Diffusion parts as a detectron2 backbone (ODISE's feature extractor).
 
-Per square window of the (padded) input batch: the VAE posterior mean, a fixed
-noise at ``NOISE_STEP``, one UNet pass conditioned on the implicit captioner (or
-the empty prompt), and the outputs of the UNet's up-block layers (see
-``diffseg_d2.diffusion.features``). Each tapped layer has its own 1x1 projection
-with GroupNorm to ``OUT_CHANNELS``; projections of the same output level are
-resized to its stride and summed. A tap goes to the output level of the nearest
-stride; an output level no tap is near (res2 at stride 4: SD's finest UNet
-features are at stride 8) gets its own projections of the nearest taps,
-bilinearly upsampled. Windows slide over inputs larger than one window; where
-windows overlap their features are averaged.
+Per square window of the (padded) input: the VAE posterior mean, a fixed noise
+at ``NOISE_STEP`` (seeded), one UNet pass conditioned on the implicit captioner
+(or the empty prompt), and the VAE decoder run on the latent as far as needed.
+The INPUTS of chosen layers are tapped (``diffseg_d2.diffusion.features``; by
+default the reference's: UNet layers 2, 5, 8, 11, VAE encoder 5, 7, VAE decoder
+2, 5). A tap goes to the output level of its stride clamped to 4..32; each tap is
+resized (nearest) to its level and projected by its own ResNet bottleneck block
+with GroupNorm; a level sums its taps. A level no tap reaches (only in small
+models, never in SD 1.5) takes the taps of the nearest stride.
+
+Windows, as the reference's sliding window: the input is cut into squares of
+side ``min(WINDOW, short side)`` every ``WINDOW_STRIDE`` pixels (0 = the side;
+the last square aligned with the border), each resized (bicubic) to ``WINDOW``;
+where squares overlap their features are averaged.
 
 Registered in ``BACKBONE_REGISTRY`` twice:
 
@@ -22,8 +26,8 @@ The input is what detectron2's meta-architectures pass to a backbone, ``(images
 - PIXEL_MEAN) / PIXEL_STD``, and must be RGB in [-1, 1]: set ``INPUT.FORMAT RGB``,
 ``MODEL.PIXEL_MEAN [127.5, 127.5, 127.5]`` and ``MODEL.PIXEL_STD [127.5, 127.5, 127.5]``.
 
-Only the projections and the captioner's projection train. The SD parts and CLIP
-stay in eval mode, get no gradient, and are left out of checkpoints.
+Only the projections and the captioner train. The SD parts and CLIP stay in eval
+mode, get no gradient, and are left out of checkpoints.
 """
 from __future__ import annotations
 
@@ -37,11 +41,12 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, FPN, Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+from detectron2.modeling.backbone.resnet import BottleneckBlock
 from torch import nn
 
 from ...checkpoint_safety import refuse_partial_loads
 from ...config import check_config
-from ...diffusion import FrozenStableDiffusion, load_stable_diffusion, record_features, unet_feature_taps
+from ...diffusion import FrozenStableDiffusion, decoder_inputs, feature_taps, load_stable_diffusion, record_inputs, tap_modules
 from ..captioner import ImplicitCaptioner
 from ..clip import OpenCLIP
 from ..frozen import exclude_from_checkpoints
@@ -50,6 +55,8 @@ logger = logging.getLogger(__name__)
 
 #: Output levels and their strides in input pixels.
 LEVEL_STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
+#: Input sides must be multiples of this (the reference pads to 64 too).
+SIZE_DIVISIBILITY = 64
 _KEY = "MODEL.DIFFSEG.ODISE.BACKBONE"
 
 
@@ -69,22 +76,25 @@ def window_starts(length: int, window: int, stride: int) -> List[int]:
 
 def _assign_taps(tap_strides: Sequence[int], levels: Sequence[str]) -> Dict[str, List[int]]:
     """Which taps feed which output level: {level: [tap indices]} (see the module docstring)."""
-    log = math.log2
-    out = {name: [] for name in levels}
-    for i, s in enumerate(tap_strides):
-        nearest = min(levels, key=lambda name: (abs(log(LEVEL_STRIDES[name]) - log(s)), LEVEL_STRIDES[name]))
-        out[nearest].append(i)
+    lo, hi = min(LEVEL_STRIDES.values()), max(LEVEL_STRIDES.values())
+    clamped = [min(max(s, lo), hi) for s in tap_strides]
+    out = {name: [i for i, s in enumerate(clamped) if s == LEVEL_STRIDES[name]] for name in levels}
     for name in levels:
         if not out[name]:
-            target = LEVEL_STRIDES[name]
-            best = min(abs(log(target) - log(s)) for s in tap_strides)
-            out[name] = [i for i, s in enumerate(tap_strides) if abs(log(target) - log(s)) == best]
+            target = math.log2(LEVEL_STRIDES[name])
+            best = min(abs(target - math.log2(s)) for s in clamped)
+            out[name] = [i for i, s in enumerate(clamped) if abs(target - math.log2(s)) == best]
     return out
 
 
 def _projection_name(level: str, tap) -> str:
     """Key of a tap's projection onto a level in ``projections`` (and so in checkpoints)."""
     return f"{level}_{tap.name.replace('.', '_')}"
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    # detectron2's "GN" (32 groups) where the width allows it, as in the reference for SD's widths.
+    return nn.GroupNorm(math.gcd(32, channels), channels)
 
 
 @BACKBONE_REGISTRY.register()
@@ -94,11 +104,11 @@ class DiffusionUNetBackbone(Backbone):
     Args:
         diffusion: the frozen SD parts.
         captioner: the implicit captioner, or None to condition on the empty prompt.
-        up_blocks: UNet up blocks to tap; empty = all.
+        taps: ``{"unet" | "vae_encoder" | "vae_decoder": [layer indices]}`` (the reference's numbering).
         out_features: subset of ``res2..res5`` to return.
         out_channels: channels of every output level.
-        window: side of the square windows the UNet reads (pixels).
-        window_stride: step between windows over larger inputs (pixels).
+        window: side of the square the UNet reads (pixels).
+        window_stride: step between windows (pixels); 0 = the window's side.
         window_batch: most windows per UNet call.
         noise_step: scheduler timestep of the added noise (0 = the least noise).
         seed: seed of the fixed noise.
@@ -110,14 +120,14 @@ class DiffusionUNetBackbone(Backbone):
         *,
         diffusion: FrozenStableDiffusion,
         captioner: Optional[ImplicitCaptioner],
-        up_blocks: Sequence[int] = (),
+        taps: Dict[str, Sequence[int]],
         out_features: Sequence[str] = ("res2", "res3", "res4", "res5"),
         out_channels: int = 512,
         window: int = 512,
-        window_stride: int = 512,
+        window_stride: int = 0,
         window_batch: int = 4,
         noise_step: int = 0,
-        seed: int = 0,
+        seed: int = 42,
     ):
         super().__init__()
         unknown = [f for f in out_features if f not in LEVEL_STRIDES]
@@ -125,13 +135,18 @@ class DiffusionUNetBackbone(Backbone):
             raise ValueError(f"{_KEY}.OUT_FEATURES {list(out_features)}: choose among {list(LEVEL_STRIDES)}.")
         self.diffusion = diffusion
         self.captioner = captioner
-        self.taps = unet_feature_taps(diffusion.unet, diffusion.latent_factor, up_blocks)
+        self.taps = feature_taps(diffusion, taps)
+        if not self.taps:
+            raise ValueError(f"No layer is tapped: set {_KEY}.UNET_BLOCKS (or the VAE blocks).")
         unet_multiple = diffusion.latent_factor * 2 ** (len(diffusion.unet.down_blocks) - 1)
-        multiple = max(unet_multiple, max(LEVEL_STRIDES.values()))
+        multiple = max(unet_multiple, SIZE_DIVISIBILITY)
         if window <= 0 or window % multiple:
             raise ValueError(f"{_KEY}.WINDOW = {window} must be a positive multiple of {multiple} for this UNet.")
-        if not 0 < window_stride <= window or window_stride % 32:
-            raise ValueError(f"{_KEY}.WINDOW_STRIDE = {window_stride} must be a multiple of 32 in (0, WINDOW].")
+        if window_stride < 0 or window_stride > window or window_stride % SIZE_DIVISIBILITY:
+            raise ValueError(
+                f"{_KEY}.WINDOW_STRIDE = {window_stride} must be 0 (the window's side) or a multiple of "
+                f"{SIZE_DIVISIBILITY} in (0, WINDOW]."
+            )
         if window_batch < 1:
             raise ValueError(f"{_KEY}.WINDOW_BATCH must be >= 1, got {window_batch}.")
         self.window, self.window_stride, self.window_batch = int(window), int(window_stride), int(window_batch)
@@ -141,21 +156,20 @@ class DiffusionUNetBackbone(Backbone):
         self._out_feature_strides = {f: LEVEL_STRIDES[f] for f in self._out_features}
         self._out_feature_channels = {f: int(out_channels) for f in self._out_features}
         self.level_taps = _assign_taps([t.stride for t in self.taps], self._out_features)
-        groups = math.gcd(32, int(out_channels))
         self.projections = nn.ModuleDict()
         for level, indices in self.level_taps.items():
             for i in indices:
-                tap = self.taps[i]
-                self.projections[_projection_name(level, tap)] = nn.Sequential(
-                    nn.Conv2d(tap.channels, out_channels, kernel_size=1, bias=False),
-                    nn.GroupNorm(groups, out_channels),
+                self.projections[_projection_name(level, self.taps[i])] = BottleneckBlock(
+                    self.taps[i].channels, int(out_channels), bottleneck_channels=max(1, int(out_channels) // 4),
+                    norm=_group_norm,
                 )
+        self._tapped = {part: [k for k, t in enumerate(self.taps) if t.part == part] for part in ("unet", "vae_encoder", "vae_decoder")}
         frozen = ["diffusion"] + (["captioner.clip"] if captioner is not None else [])
         exclude_from_checkpoints(self, frozen)
         refuse_partial_loads(self)
         logger.info(
-            "DiffusionUNetBackbone: %d taps (%s) -> %s",
-            len(self.taps), ", ".join(f"{t.name}@{t.stride}" for t in self.taps),
+            "DiffusionUNetBackbone: taps %s -> %s",
+            ", ".join(f"{t.name}@{t.stride}" for t in self.taps),
             {k: [self.taps[i].name for i in v] for k, v in self.level_taps.items()},
         )
 
@@ -174,13 +188,15 @@ class DiffusionUNetBackbone(Backbone):
         captioner = None
         if c.ODISE.CAPTIONER.ENABLED:
             clip = OpenCLIP.from_weights(c.CLIP.WEIGHTS, c.CLIP.TEMPLATES)
+            time_dim = int(diffusion.unet.time_embedding.linear_2.out_features) if c.ODISE.CAPTIONER.TIME_EMBEDDING else None
             captioner = ImplicitCaptioner(
-                clip, diffusion.context_length, int(diffusion.unet.config.cross_attention_dim)
+                clip, diffusion.context_length, int(diffusion.unet.config.cross_attention_dim), time_dim
             )
         return dict(
             diffusion=diffusion,
             captioner=captioner,
-            up_blocks=list(o.UP_BLOCKS),
+            taps={"unet": list(o.UNET_BLOCKS), "vae_encoder": list(o.VAE_ENCODER_BLOCKS),
+                  "vae_decoder": list(o.VAE_DECODER_BLOCKS)},
             out_features=list(o.OUT_FEATURES),
             out_channels=o.OUT_CHANNELS,
             window=o.WINDOW,
@@ -193,7 +209,7 @@ class DiffusionUNetBackbone(Backbone):
     # ------------------------------------------------------------------ detectron2 Backbone
     @property
     def size_divisibility(self) -> int:
-        return max(self._out_feature_strides.values())
+        return SIZE_DIVISIBILITY
 
     @property
     def clip(self) -> Optional[OpenCLIP]:
@@ -209,8 +225,7 @@ class DiffusionUNetBackbone(Backbone):
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """
         Args:
-            x: (B, 3, H, W) RGB in [-1, 1]; H and W multiples of ``size_divisibility``
-                and at least ``window``.
+            x: (B, 3, H, W) RGB in [-1, 1]; H and W multiples of ``size_divisibility``.
 
         Returns:
             {level: (B, OUT_CHANNELS, H / stride, W / stride)} for each of ``out_features``.
@@ -218,19 +233,15 @@ class DiffusionUNetBackbone(Backbone):
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"DiffusionUNetBackbone expects (B, 3, H, W) RGB input, got {tuple(x.shape)}.")
         B, _, H, W = x.shape
-        if H < self.window or W < self.window:
-            raise ValueError(
-                f"The input is {H}x{W} pixels, smaller than one backbone window of {self.window}x{self.window}. "
-                f"Resize images so both sides are at least {self.window} (INPUT.MIN_SIZE_TEST / crops), pad "
-                f"them, or use a smaller {_KEY}.WINDOW."
-            )
         if H % self.size_divisibility or W % self.size_divisibility:
             raise ValueError(f"Input sides {H}x{W} must be multiples of {self.size_divisibility} (pad them).")
+        side = min(self.window, H, W)
+        stride = self.window_stride or side
         boxes = [
             (b, y, x0)
             for b in range(B)
-            for y in window_starts(H, self.window, self.window_stride)
-            for x0 in window_starts(W, self.window, self.window_stride)
+            for y in window_starts(H, side, min(stride, side))
+            for x0 in window_starts(W, side, min(stride, side))
         ]
         if len(boxes) == B:  # one window per image: no stitching
             return self._window_features(x)
@@ -238,12 +249,12 @@ class DiffusionUNetBackbone(Backbone):
         count = {f: x.new_zeros(1, 1, H // s, W // s) for f, s in self._out_feature_strides.items()}
         for start in range(0, len(boxes), self.window_batch):
             chunk = boxes[start:start + self.window_batch]
-            crops = torch.stack([x[b, :, y:y + self.window, x0:x0 + self.window] for b, y, x0 in chunk])
+            crops = torch.stack([x[b, :, y:y + side, x0:x0 + side] for b, y, x0 in chunk])
             feats = self._window_features(crops)
             for f, s in self._out_feature_strides.items():
                 if out[f] is None:
                     out[f] = feats[f].new_zeros(B, feats[f].shape[1], H // s, W // s)
-                n = self.window // s
+                n = side // s
                 for k, (b, y, x0) in enumerate(chunk):
                     out[f][b, :, y // s:y // s + n, x0 // s:x0 // s + n] += feats[f][k]
                     if b == 0:
@@ -251,29 +262,49 @@ class DiffusionUNetBackbone(Backbone):
         return {f: out[f] / count[f] for f in self._out_features}
 
     def _window_features(self, windows: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Features of square windows: (n, 3, w, w) in [-1, 1] -> {level: (n, C, w / stride, w / stride)}."""
+        """Features of square windows: (n, 3, s, s) in [-1, 1] -> {level: (n, C, s / stride, s / stride)}."""
         d = self.diffusion
         n, side = windows.shape[0], windows.shape[-1]
-        latents = d.encode_images(windows)
+        if side != self.window:
+            windows = F.interpolate(windows, size=(self.window, self.window), mode="bicubic", align_corners=False)
+        encoder_modules = tap_modules(d, [self.taps[k] for k in self._tapped["vae_encoder"]])
+        with record_inputs(encoder_modules) as encoder_recording:
+            latents = d.encode_images(windows)
+        tapped: List[Optional[torch.Tensor]] = [None] * len(self.taps)
+        names = [self.taps[k].name for k in self._tapped["vae_encoder"]]
+        for k, feature in zip(self._tapped["vae_encoder"], encoder_recording.collected(names)):
+            tapped[k] = feature
         # The same noise for every window, however windows are batched: features are a function
         # of the window's pixels alone.
         generator = torch.Generator().manual_seed(self.seed)
         noisy = d.add_noise(latents, self.noise_step, generator, same_for_batch=True)
         context = d.empty_prompt_context().expand(n, -1, -1)
+        time_offset = None
         if self.captioner is not None:
-            context = self.captioner(((windows.float() + 1.0) * 127.5).clamp(0, 255), context[:1])
-        with record_features(d.unet, self.taps) as recording:
-            d.unet_forward(noisy, self.noise_step, context, grad=self.captioner is not None)
-        tapped = recording.collected()
+            context, time_offset = self.captioner((windows.float() + 1.0) * 127.5, context[:1])
+        unet_modules = tap_modules(d, [self.taps[k] for k in self._tapped["unet"]])
+        with record_inputs(unet_modules) as unet_recording:
+            d.unet_forward(noisy, self.noise_step, context, grad=self.captioner is not None, time_offset=time_offset)
+        names = [self.taps[k].name for k in self._tapped["unet"]]
+        for k, feature in zip(self._tapped["unet"], unet_recording.collected(names)):
+            tapped[k] = feature
+        if self._tapped["vae_decoder"]:
+            with torch.no_grad():
+                decoded = decoder_inputs(
+                    d.vae, latents / d.vae.config.scaling_factor, [self.taps[k].index for k in self._tapped["vae_decoder"]]
+                )
+            for k, feature in zip(self._tapped["vae_decoder"], decoded):
+                tapped[k] = feature
         out = {}
         for level, indices in self.level_taps.items():
             size = (side // LEVEL_STRIDES[level],) * 2
             total = None
             for i in indices:
                 proj = self.projections[_projection_name(level, self.taps[i])]
-                y = proj(tapped[i].to(proj[0].weight.dtype))
+                y = tapped[i].to(proj.conv1.weight.dtype)
                 if y.shape[-2:] != size:
-                    y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+                    y = F.interpolate(y, size=size, mode="nearest")
+                y = proj(y)
                 total = y if total is None else total + y
             out[level] = total
         return out

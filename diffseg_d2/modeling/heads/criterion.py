@@ -206,13 +206,12 @@ class SetCriterion(nn.Module):
 def caption_grounding_loss(
     query_embeds: torch.Tensor, noun_embeds: List[torch.Tensor], logit_scale: torch.Tensor
 ) -> torch.Tensor:
-    """Symmetric image-caption contrastive loss on a query-to-noun grounding score.
+    """Symmetric image-caption contrastive loss on a query-to-noun grounding score (ODISE's).
 
-    The grounding score of image i and caption j is the mean, over the nouns
-    of caption j, of the best cosine similarity any query of image i reaches
-    with that noun. Cross-entropy pulls each image to its own caption
-    (rows: image -> caption) and each caption to its own image (columns),
-    averaged.
+    With ``s_qn`` the scaled cosine similarity of query q of image i and noun n of caption j,
+    the grounding score of (i, j) is the mean over the nouns of ``sum_q softmax_q(s_qn) s_qn``
+    (a soft maximum over the queries). Cross-entropy pulls each image to its own caption
+    (rows: image -> caption) and each caption to its own image (columns), averaged.
 
     Args:
         query_embeds: (B, Q, E) L2-normalised mask embeddings.
@@ -232,9 +231,8 @@ def caption_grounding_loss(
     queries = query_embeds[kept]  # (M, Q, E)
     columns = []
     for i in kept:
-        nouns = noun_embeds[i].to(queries.dtype)
-        best = torch.einsum("mqe,ne->mqn", queries, nouns).max(dim=1).values  # (M, N_i): best query per noun
-        columns.append(best.mean(dim=1))
-    logits = logit_scale * torch.stack(columns, dim=1)  # (M images, M captions)
+        sims = logit_scale * torch.einsum("mqe,ne->mqn", queries, noun_embeds[i].to(queries.dtype))
+        columns.append((sims.softmax(dim=1) * sims).sum(dim=1).mean(dim=1))  # (M,)
+    logits = torch.stack(columns, dim=1)  # (M images, M captions)
     own = torch.arange(len(kept), device=logits.device)
     return 0.5 * (F.cross_entropy(logits, own) + F.cross_entropy(logits.T, own))

@@ -114,6 +114,17 @@ class _FeedForwardBlock(nn.Module):
         return self.norm(queries + self.dropout(self.ffn(queries)))
 
 
+def masked_average(features: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+    """Mean of ``features`` (B, C, H, W) over each mask where its sigmoid exceeds 0.5: (B, Q, C).
+
+    The masks are binarised without gradient; an empty mask gives zeros.
+    """
+    with torch.no_grad():
+        hard = (mask_logits.sigmoid() > 0.5).to(features.dtype)
+        hard = hard / (hard.sum(dim=(-2, -1), keepdim=True) + 1e-8)
+    return torch.einsum("bchw,bqhw->bqc", features, hard)
+
+
 class MaskedAttentionDecoder(nn.Module):
     """Query decoder with masked cross-attention; predicts mask logits and open-vocabulary embeddings."""
 
@@ -132,7 +143,6 @@ class MaskedAttentionDecoder(nn.Module):
         enforce_input_project: bool = False,
         num_feature_levels: int = 3,
         dropout: float = 0.0,
-        embed_head_layers: int = 1,
     ):
         """
         Args:
@@ -144,13 +154,12 @@ class MaskedAttentionDecoder(nn.Module):
             num_layers: decoder layers (each: masked cross-attention, self-attention, FFN).
             pre_norm: layer norm before (True) or after (False) each block.
             mask_dim: channels of ``mask_features``; the mask embedding size.
-            embed_dim: size of ``pred_embeds``, the CLIP embedding size the
-                classifier compares with.
+            embed_dim: size of ``pred_embeds``, the space where the classifier compares
+                them with (projected) text embeddings; ODISE uses ``mask_dim``.
             enforce_input_project: project the maps with a 1x1 conv even when
                 ``in_channels == hidden_dim``.
             num_feature_levels: multi-scale maps visited in round robin.
             dropout: dropout in attention and FFN blocks.
-            embed_head_layers: layers of the MLP giving ``pred_embeds`` (1 = linear).
         """
         super().__init__()
         if hidden_dim % num_heads != 0:
@@ -184,7 +193,12 @@ class MaskedAttentionDecoder(nn.Module):
             else:
                 self.input_proj.append(nn.Identity())
         self.mask_embed = MLP(in_dim=hidden_dim, hidden_dim=hidden_dim, out_dim=mask_dim, num_layers=3)
-        self.embed_head = MLP(in_dim=hidden_dim, hidden_dim=hidden_dim, out_dim=embed_dim, num_layers=embed_head_layers)
+        # ODISE's mask embedding: the per-pixel embeddings averaged under each query's binarised
+        # mask, projected, added to the query state, then an MLP (ODISE's PooledMaskEmbed).
+        self.pool_proj = nn.Sequential(nn.LayerNorm(mask_dim), nn.Linear(mask_dim, hidden_dim))
+        self.embed_head = nn.Sequential(
+            nn.LayerNorm(hidden_dim), MLP(in_dim=hidden_dim, hidden_dim=hidden_dim, out_dim=embed_dim, num_layers=3)
+        )
 
     def predict(
         self, queries: torch.Tensor, mask_features: torch.Tensor, attn_size: Tuple[int, int]
@@ -203,8 +217,8 @@ class MaskedAttentionDecoder(nn.Module):
                 mask (sigmoid < 0.5 after resizing to ``attn_size``); no gradient.
         """
         normed = self.decoder_norm(queries)
-        embeds = self.embed_head(normed)
         masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(normed), mask_features)
+        embeds = self.embed_head(self.pool_proj(masked_average(mask_features, masks)) + normed)
         with torch.no_grad():
             resized = F.interpolate(masks, size=attn_size, mode="bilinear", align_corners=False)
             blocked = resized.sigmoid().flatten(2) < 0.5  # (B, Q, h*w)

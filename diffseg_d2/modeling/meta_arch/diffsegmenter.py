@@ -65,7 +65,7 @@ class DiffSegmenter(OpenVocabularySegmenter):
         conditioning: str = "per_class",
         refinement: str = "own",
         carrier_template: str = "a photograph of {}",
-        class_chunk_size: int = 8,
+        class_chunk_size: int = 4,
         cross_attn_factors: Sequence[int] = (8, 4, 2, 1),
         cross_attn_weights: Sequence[float] = (0.3, 0.5, 0.1, 0.1),
         self_attn_factor: int = 1,

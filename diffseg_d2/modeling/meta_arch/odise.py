@@ -5,11 +5,17 @@ Data flow of one batch::
     images ─► DiffusionUNetBackbone (frozen SD + implicit captioner, trainable projections)
            ─► DeformablePixelDecoder ─► mask features + 3 scales
            ─► MaskedAttentionDecoder ─► per query: mask logits, mask embedding
-           ─► OpenVocabClassifier vs CLIP text embeddings of the vocabulary (+ "no object")
+               (pixel embeddings pooled under the mask + query state)
+           ─► OpenVocabClassifier vs projected CLIP text embeddings of the
+               vocabulary's synonyms (+ "no object", learned from CLIP(""))
     training:  Hungarian matching, class CE + point-sampled mask BCE and dice
-               (+ caption grounding), weighted as DESIGN.md §4
-    inference: geometric ensemble with CLIP's mask-pooled classifier, then
-               Mask2Former-style semantic / panoptic / instance outputs
+               (+ caption grounding on every decoder layer)
+    inference: geometric ensemble with MaskCLIP (CLIP's class token attending
+               to each mask's patches), then Mask2Former's semantic / panoptic /
+               instance outputs
+
+Every default is the released ODISE's computation; ``MODEL.DIFFSEG.ODISE.TEST.ENSEMBLE_CLIP
+pooled_patches`` is ours (mask-pooled final-layer patch tokens instead of MaskCLIP).
 
 Training classes come from ``DATASETS.TRAIN[0]``'s metadata; at test time the
 vocabulary is the evaluated dataset's (``set_vocabulary_from_dataset``), one given
@@ -80,15 +86,17 @@ class ODISE(nn.Module):
         clip: frozen CLIP for text embeddings and the inference ensemble.
         pixel_mean, pixel_std: input normalisation (the backbone reads RGB in [-1, 1]).
         input_format: "RGB" or "BGR".
-        min_input_size: inputs are padded up to at least this (the backbone's window).
         train_classes: the training vocabulary (classes of ``DATASETS.TRAIN[0]``).
         vocabulary, thing_classes: the test vocabulary at build time (or None).
         semantic_on, panoptic_on, instance_on: which outputs inference returns.
         object_mask_threshold, overlap_threshold: panoptic segment filters.
         detections_per_image: instances kept per image.
-        ensemble: ensemble with CLIP's mask-pooled classifier at inference.
+        ensemble: ensemble with CLIP's classifier at inference.
         ensemble_alpha, ensemble_beta: CLIP's exponent for seen / novel classes.
+        ensemble_clip: "maskclip" (the reference) or "pooled_patches" (ours).
+        ensemble_template: CLIP's prompt for the class synonyms on the ensemble's side.
         nouns: callable caption -> nouns for the grounding loss, or None (no grounding).
+        grounding_template: prompt of each noun for the grounding loss.
     """
 
     # Read by tools/train_net.py: ODISE trains ...
@@ -110,20 +118,22 @@ class ODISE(nn.Module):
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
         input_format: str = "RGB",
-        min_input_size: int = 0,
         train_classes: Sequence[str] = (),
         vocabulary: Optional[Sequence[str]] = None,
         thing_classes: Optional[Sequence[str]] = None,
         semantic_on: bool = True,
         panoptic_on: bool = True,
         instance_on: bool = True,
-        object_mask_threshold: float = 0.8,
+        object_mask_threshold: float = 0.0,
         overlap_threshold: float = 0.8,
         detections_per_image: int = 100,
         ensemble: bool = True,
         ensemble_alpha: float = 0.3,
         ensemble_beta: float = 0.7,
+        ensemble_clip: str = "maskclip",
+        ensemble_template: str = "a photo of a {}.",
         nouns=None,
+        grounding_template: str = "a photo of a {}.",
     ):
         super().__init__()
         if input_format not in ("RGB", "BGR"):
@@ -131,6 +141,11 @@ class ODISE(nn.Module):
         for name, value in (("ENSEMBLE_ALPHA", ensemble_alpha), ("ENSEMBLE_BETA", ensemble_beta)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{_KEY}.TEST.{name} must be in [0, 1], got {value}.")
+        if ensemble_clip not in ("maskclip", "pooled_patches"):
+            raise ValueError(f"{_KEY}.TEST.ENSEMBLE_CLIP must be 'maskclip' or 'pooled_patches', not {ensemble_clip!r}.")
+        for name, template in (("TEST.ENSEMBLE_TEMPLATE", ensemble_template), ("LOSS.GROUNDING_TEMPLATE", grounding_template)):
+            if "{}" not in template:
+                raise ValueError(f"{_KEY}.{name} must contain '{{}}', got {template!r}.")
         self.backbone = backbone
         self.pixel_decoder = pixel_decoder
         self.decoder = decoder
@@ -144,7 +159,6 @@ class ODISE(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
         self.input_format = input_format
-        self.min_input_size = int(min_input_size)
         self.train_classes = parse_vocabulary(list(train_classes)) if train_classes else []
         self._seen = {s for name in self.train_classes for s in _synonyms(name)}
         self.semantic_on, self.panoptic_on, self.instance_on = semantic_on, panoptic_on, instance_on
@@ -152,7 +166,8 @@ class ODISE(nn.Module):
         self.overlap_threshold = float(overlap_threshold)
         self.detections_per_image = int(detections_per_image)
         self.ensemble, self.ensemble_alpha, self.ensemble_beta = ensemble, float(ensemble_alpha), float(ensemble_beta)
-        self.nouns = nouns
+        self.ensemble_clip, self.ensemble_template = ensemble_clip, ensemble_template
+        self.nouns, self.grounding_template = nouns, grounding_template
         self._vocabulary: Optional[List[str]] = None
         self._things: List[bool] = []
         if vocabulary:
@@ -184,7 +199,7 @@ class ODISE(nn.Module):
             ffn_dim=h.DECODER_FFN_DIM,
             num_layers=h.DECODER_LAYERS,
             mask_dim=h.MASK_DIM,
-            embed_dim=clip.embed_dim,
+            embed_dim=h.MASK_DIM,
         )
         matcher = HungarianMatcher(
             cost_class=loss.CLASS_WEIGHT, cost_mask=loss.MASK_WEIGHT, cost_dice=loss.DICE_WEIGHT,
@@ -214,19 +229,17 @@ class ODISE(nn.Module):
             nouns = ListNouns.from_file(loss.GROUNDING_NOUNS) if loss.GROUNDING_NOUNS else ListNouns(
                 [s for name in train_classes for s in _synonyms(name)]
             )
-        window = getattr(backbone, "window", 0)
         return dict(
             backbone=backbone,
             pixel_decoder=pixel_decoder,
             decoder=decoder,
-            classifier=OpenVocabClassifier(clip.embed_dim),
+            classifier=OpenVocabClassifier(clip.embed_dim, h.MASK_DIM, clip.encode_texts([""])[0].cpu()),
             criterion=criterion,
             grounding_weight=loss.GROUNDING_WEIGHT,
             clip=clip,
             pixel_mean=cfg.MODEL.PIXEL_MEAN,
             pixel_std=cfg.MODEL.PIXEL_STD,
             input_format=cfg.INPUT.FORMAT,
-            min_input_size=window,
             train_classes=train_classes,
             vocabulary=vocabulary,
             thing_classes=things,
@@ -239,7 +252,10 @@ class ODISE(nn.Module):
             ensemble=o.TEST.ENSEMBLE,
             ensemble_alpha=o.TEST.ENSEMBLE_ALPHA,
             ensemble_beta=o.TEST.ENSEMBLE_BETA,
+            ensemble_clip=o.TEST.ENSEMBLE_CLIP,
+            ensemble_template=o.TEST.ENSEMBLE_TEMPLATE,
             nouns=nouns,
+            grounding_template=loss.GROUNDING_TEMPLATE,
         )
 
     # ------------------------------------------------------------------ vocabulary
@@ -271,9 +287,15 @@ class ODISE(nn.Module):
         """Use a registered dataset's classes and thing classes (the one being evaluated)."""
         self.set_vocabulary(*classes_from_metadata(dataset_name))
 
-    def _text(self, names: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(S, E) synonym embeddings and (S,) owners of ``names`` (CLIP caches them per vocabulary)."""
-        return self.clip.encode_class_synonyms(list(names))
+    def _text(self, names: Sequence[str], template: str = "{}") -> Tuple[torch.Tensor, torch.Tensor]:
+        """CLIP embeddings (S, D), not normalised, of every synonym of ``names`` written into
+        ``template`` (the head's are bare, as in the reference), and (S,) the class of each."""
+        synonyms, owner = [], []
+        for k, name in enumerate(names):
+            parts = split_synonyms(name) or [name]
+            synonyms += [template.format(p) for p in parts]
+            owner += [k] * len(parts)
+        return self.clip.encode_texts(synonyms), torch.tensor(owner, dtype=torch.long, device=self.device)
 
     # ------------------------------------------------------------------ forward
     def _images(self, batched_inputs: List[Dict]) -> Tuple[ImageList, List[torch.Tensor]]:
@@ -285,14 +307,13 @@ class ODISE(nn.Module):
                 raise ValueError(f"ODISE expects (3, H, W) images in INPUT.FORMAT, got {tuple(image.shape)}.")
             image = image.to(self.device, dtype=torch.float32)
             raw.append(image.flip(0) if self.input_format == "BGR" else image)
-        normed = [(r - self.pixel_mean) / self.pixel_std for r in raw]
         div = int(self.backbone.size_divisibility) or 1
-        H = max(max(t.shape[-2] for t in normed), self.min_input_size)
-        W = max(max(t.shape[-1] for t in normed), self.min_input_size)
-        H, W = -(-H // div) * div, -(-W // div) * div
-        # Smaller images are padded up to one backbone window (0 = mid-grey after normalisation).
-        batch = torch.stack([F.pad(t, (0, W - t.shape[-1], 0, H - t.shape[-2])) for t in normed])
-        return ImageList(batch, [tuple(t.shape[-2:]) for t in normed]), raw
+        H = -(-max(r.shape[-2] for r in raw) // div) * div
+        W = -(-max(r.shape[-1] for r in raw) // div) * div
+        # Padded with black (0 before normalisation), as the reference pads.
+        padded = [F.pad(r, (0, W - r.shape[-1], 0, H - r.shape[-2])) for r in raw]
+        batch = torch.stack([(p - self.pixel_mean) / self.pixel_std for p in padded])
+        return ImageList(batch, [tuple(r.shape[-2:]) for r in raw]), raw
 
     def _predict(self, images: ImageList) -> Dict:
         features = self.backbone(images.tensor)
@@ -351,21 +372,25 @@ class ODISE(nn.Module):
             targets.append({"labels": labels, "masks": padded})
         losses = self.criterion.weighted(self.criterion(scored, targets))
         if self.nouns is not None and self.grounding_weight > 0:
-            grounding = self._grounding_loss(batched_inputs, outputs["pred_embeds"])
-            losses["loss_grounding"] = self.grounding_weight * grounding
+            # On every decoder layer, as the class and mask losses (the reference).
+            layers = [outputs["pred_embeds"]] + [a["pred_embeds"] for a in outputs.get("aux_outputs", [])]
+            nouns = self._caption_nouns(batched_inputs, layers[0])
+            for i, embeds in enumerate(layers):
+                name = "loss_grounding" if i == 0 else f"loss_grounding_{i - 1}"
+                grounding = caption_grounding_loss(F.normalize(embeds, dim=-1), nouns, self.classifier.scale())
+                losses[name] = self.grounding_weight * grounding
         return losses
 
-    def _grounding_loss(self, batched_inputs: List[Dict], embeds: torch.Tensor) -> torch.Tensor:
-        """Caption grounding (symmetric contrastive over the batch) between queries and caption nouns."""
+    def _caption_nouns(self, batched_inputs: List[Dict], embeds: torch.Tensor) -> List[torch.Tensor]:
+        """Per image, the projected, L2-normalised embeddings (N_i, E) of the nouns of its captions."""
         per_image = [sorted({n for c in x.get("captions", []) for n in self.nouns(c)}) for x in batched_inputs]
         # One text-encoder call for the batch's nouns; each image takes its rows.
         batch_nouns = sorted({n for nouns in per_image for n in nouns})
-        table = self.clip.encode_class_names(batch_nouns) if batch_nouns else None
+        if not batch_nouns:
+            return [embeds.new_zeros(0, embeds.shape[-1]) for _ in per_image]
+        table = self.classifier.project_text(self.clip.encode_texts([self.grounding_template.format(n) for n in batch_nouns]))
         row = {n: i for i, n in enumerate(batch_nouns)}
-        noun_embeds = [
-            table[[row[n] for n in nouns]] if nouns else embeds.new_zeros(0, embeds.shape[-1]) for nouns in per_image
-        ]
-        return caption_grounding_loss(F.normalize(embeds, dim=-1), noun_embeds, self.classifier.scale())
+        return [table[[row[n] for n in nouns]] if nouns else embeds.new_zeros(0, embeds.shape[-1]) for nouns in per_image]
 
     # ------------------------------------------------------------------ inference
     def _inference(self, batched_inputs: List[Dict], images: ImageList, raw: List[torch.Tensor]) -> List[Dict]:
@@ -390,8 +415,12 @@ class ODISE(nn.Module):
             )[0]
             valid = masks[:, :h, :w]  # (Q, h, w) logits on the input image
             require_finite(valid, "ODISE's mask head (MODEL.WEIGHTS)")
+            low = outputs["pred_masks"][i]  # (Q, H / 4, W / 4): the resolution CLIP's side reads
+            fh = round(h * low.shape[-2] / images.tensor.shape[-2])
+            fw = round(w * low.shape[-1] / images.tensor.shape[-1])
             probs = require_finite(
-                self._class_probabilities(outputs["pred_embeds"][i], valid, raw[i], names), "ODISE's classifier"
+                self._class_probabilities(outputs["pred_embeds"][i], low[:, :fh, :fw], raw[i], names),
+                "ODISE's classifier",
             )
             masks = sem_seg_postprocess(masks, (h, w), out_h, out_w)  # (Q, out_h, out_w) logits
             result = {}
@@ -409,27 +438,36 @@ class ODISE(nn.Module):
     ) -> torch.Tensor:
         """(Q, K + 1) class probabilities of the queries, the last column "no object".
 
+        With the ensemble (the reference's): ``p = p_head^(1 - a) p_clip^a`` renormalised over the
+        K classes, times the head's foreground probability ``1 - p_void``; ``a`` is ENSEMBLE_ALPHA
+        for classes seen in training and ENSEMBLE_BETA for the others. Computed in log space.
+
         Args:
             embeds: (Q, E) the decoder's embeddings of one image.
-            masks: (Q, h, w) mask logits over the unpadded image.
+            masks: (Q, h', w') mask logits over the unpadded image (any resolution).
             image: (3, h, w) RGB in [0, 255].
         """
         K = len(names)
         text, owner = self._text(names)
-        probs = self.classifier(embeds[None], text, owner, K)[0].softmax(-1)
+        logits = self.classifier(embeds[None], text, owner, K)[0]
+        probs = logits.softmax(-1)
         if not self.ensemble:
             return probs
-        head, void = probs[:, :K], probs[:, K:]
-        dense = self.clip.encode_dense(image[None])[0]  # (D, gh, gw)
-        weights = F.interpolate(masks[None].sigmoid(), size=dense.shape[-2:], mode="bilinear", align_corners=False)[0]
-        pooled = torch.einsum("qhw,dhw->qd", weights, dense) / weights.sum((1, 2)).clamp(min=1e-6)[:, None]
-        scale = self.clip.model.logit_scale.exp().float() if hasattr(self.clip.model, "logit_scale") else 100.0
-        p_clip = max_over_synonyms(scale * F.normalize(pooled, dim=-1) @ text.T, owner, K).softmax(-1)
+        void = probs[:, K:]
+        log_head = logits[:, :K].log_softmax(-1)
+        clip_text, clip_owner = self._text(names, self.ensemble_template)
+        clip_text = F.normalize(clip_text, dim=-1)
+        if self.ensemble_clip == "maskclip":
+            regions = self.clip.encode_masked(image[None], masks[None])[0]  # (Q, D)
+        else:  # ours: final-layer patch tokens averaged under the soft mask
+            dense = self.clip.encode_dense(image[None])[0]  # (D, gh, gw)
+            weights = F.interpolate(masks[None].sigmoid(), size=dense.shape[-2:], mode="bilinear", align_corners=False)[0]
+            regions = torch.einsum("qhw,dhw->qd", weights, dense) / weights.sum((1, 2)).clamp(min=1e-6)[:, None]
+        scale = self.clip.model.logit_scale.exp().float().clamp(max=100.0) if hasattr(self.clip.model, "logit_scale") else 100.0
+        log_clip = max_over_synonyms(scale * F.normalize(regions, dim=-1) @ clip_text.T, clip_owner, K).log_softmax(-1)
         seen = torch.tensor([any(s in self._seen for s in _synonyms(n)) for n in names], device=probs.device)
         alpha = torch.where(seen, self.ensemble_alpha, self.ensemble_beta)
-        head = head / head.sum(-1, keepdim=True).clamp(min=1e-12)
-        mixed = head.clamp(min=1e-12) ** (1 - alpha) * p_clip.clamp(min=1e-12) ** alpha
-        mixed = mixed / mixed.sum(-1, keepdim=True) * (1 - void)
+        mixed = ((1 - alpha) * log_head + alpha * log_clip).softmax(-1) * (1 - void)
         return torch.cat([mixed, void], dim=-1)
 
     def _panoptic(self, probs: torch.Tensor, masks: torch.Tensor, things: Sequence[bool]):
@@ -464,18 +502,20 @@ class ODISE(nn.Module):
         return ids, segments
 
     def _instances(self, probs: torch.Tensor, masks: torch.Tensor, things: Sequence[bool]) -> Instances:
-        """Instance output over thing classes: the top (query, class) pairs, scored by class and mask quality."""
+        """Instance output (Mask2Former's): the top ``detections_per_image`` (query, class) pairs over
+        all classes, then, when panoptic output is on, the pairs of stuff classes dropped; scored by
+        class probability times mean mask probability inside the mask."""
         K = probs.shape[-1] - 1
-        Q = probs.shape[0]
-        scores = probs[:, :K] * torch.tensor(list(things), dtype=probs.dtype, device=probs.device)
-        k = min(self.detections_per_image, Q * K)
+        scores = probs[:, :K]
+        k = min(self.detections_per_image, scores.numel())
         top, flat = scores.flatten().topk(k)
         queries, classes = flat // K, flat % K
-        keep = top > 0
-        top, queries, classes = top[keep], queries[keep], classes[keep]
+        if self.panoptic_on:
+            keep = torch.tensor(list(things), dtype=torch.bool, device=probs.device)[classes]
+            top, queries, classes = top[keep], queries[keep], classes[keep]
         m = masks[queries]
         binary = m > 0
-        quality = (m.sigmoid() * binary).flatten(1).sum(1) / binary.flatten(1).sum(1).clamp(min=1)
+        quality = (m.sigmoid() * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
         out = Instances(masks.shape[-2:])
         out.pred_masks = binary
         out.pred_boxes = BitMasks(binary).get_bounding_boxes() if len(binary) else Boxes(masks.new_zeros(0, 4))
