@@ -11,7 +11,7 @@ from .attention import (
     record_attention,
     summed_cross_maps,
 )
-from .features import FeatureTap, decoder_inputs, feature_taps, record_inputs, tap_modules
+from .features import FeatureTap, decoder_inputs, feature_taps, record_inputs, tap_modules, tappable_layers
 from .frozen_sd import FrozenStableDiffusion, StableDiffusionParts, load_stable_diffusion
 from .prompts import TOKEN_SELECTIONS, ClassPrompts, build_class_prompts, build_joint_prompt
 
@@ -34,5 +34,6 @@ __all__ = [
     "decoder_inputs",
     "feature_taps",
     "tap_modules",
+    "tappable_layers",
     "summed_cross_maps",
 ]
