@@ -499,10 +499,11 @@ ODISE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "c
 TARGET_BACKBONE = 1.15  # backbone features of one 512 window <= this x (VAE encode + plain UNet pass)
 ODISE_KINDS = {
     "odise-plain": "plain: VAE encode + 1 UNet pass (empty prompt)",
-    "odise-backbone": "DiffusionUNetBackbone, captioner off",
-    "odise-backbone-captioner": "DiffusionUNetBackbone with the implicit captioner (CLIP ViT-L/14)",
-    "odise-inference": "ODISE inference, 1 image, 150 classes, CLIP ensemble",
-    "odise-train-step": "ODISE training step, batch 1, 512 crop (forward, backward, AdamW)",
+    "odise-backbone": "DiffusionUNetBackbone (reference taps: UNet + VAE encoder + VAE decoder), captioner off",
+    "odise-backbone-captioner": "DiffusionUNetBackbone with the implicit captioner (CLIP ViT-L/14-336)",
+    "odise-inference": "ODISE inference, 1 image 512x512, 150 classes, MaskCLIP ensemble",
+    "odise-inference-1024": "ODISE inference at the reference test size, 1 image 1024x1024 (4 windows), 150 classes",
+    "odise-train-step": "ODISE training step, batch 1, 512 LSJ crop (forward, backward, AdamW)",
 }
 
 
@@ -515,7 +516,7 @@ def build_odise_cfg(device: str, captioner: bool = True):
         "MODEL.DEVICE", device, "MODEL.DIFFSEG.SD.DTYPE", "float32",
         "MODEL.DIFFSEG.ODISE.CAPTIONER.ENABLED", str(captioner),
         "DATASETS.TRAIN", "('diffseg_sample_voc_panoptic',)", "DATASETS.TEST", "()",
-        "INPUT.MIN_SIZE_TRAIN", "(512,)",
+        "INPUT.LSJ.SIZE", "512",
     ])
     cfg.MODEL.DIFFSEG.VOCABULARY = list(ADE20K_150_CLASSES)
     return cfg
@@ -542,7 +543,8 @@ def random_full_size_weights():
     tokenizer = transformers.CLIPTokenizer.from_pretrained(resolve_sd_weights("tiny").path, subfolder="tokenizer")
 
     def clip_from_weights(weights, templates):
-        return OpenCLIP(open_clip.create_model("ViT-L-14"), open_clip.get_tokenizer("ViT-L-14"), templates)
+        name = "ViT-L-14-336" if "336" in weights else "ViT-L-14"  # ODISE's CLIP is the 336 px one
+        return OpenCLIP(open_clip.create_model(name), open_clip.get_tokenizer(name), templates)
 
     def random_sd(weights, revision=None):
         return random_stable_diffusion("sd15", tokenizer)
@@ -567,7 +569,7 @@ def odise_input(size: int = 512) -> dict:
 
 
 def measure_odise(spec: dict) -> dict:
-    """One ODISE configuration at 512x512 (SD 1.5 and CLIP ViT-L/14 architectures, random weights)."""
+    """One ODISE configuration (SD 1.5 and CLIP ViT-L/14-336 architectures, random weights)."""
     import torch
     from detectron2.modeling import build_backbone, build_model
 
@@ -576,7 +578,7 @@ def measure_odise(spec: dict) -> dict:
     cfg = build_odise_cfg(device, captioner=kind != "odise-backbone")
     pieces = {}
     with random_full_size_weights():
-        if kind in ("odise-inference", "odise-train-step"):
+        if kind in ("odise-inference", "odise-inference-1024", "odise-train-step"):
             model = build_model(cfg)
             backbone = model.backbone
         else:
@@ -597,9 +599,9 @@ def measure_odise(spec: dict) -> dict:
         def step():
             with torch.no_grad():
                 backbone(x)
-    elif kind == "odise-inference":
+    elif kind in ("odise-inference", "odise-inference-1024"):
         model.eval()
-        inputs = [odise_input()]
+        inputs = [odise_input(1024 if kind.endswith("1024") else 512)]
 
         def step():
             with torch.no_grad():
@@ -934,7 +936,7 @@ def render_odise(run: dict, cmdline: str) -> str:
         "  before the first call; times are medians of the repeats after one warm-up call.",
     ]
     out, ok = render_kinds_table(
-        run, cmdline, f"{ODISE}: ODISE at 512x512, SD 1.5 + CLIP ViT-L/14 architectures, random weights", about)
+        run, cmdline, f"{ODISE}: ODISE (reference mode), SD 1.5 + CLIP ViT-L/14-336 architectures, random weights", about)
     plain = ok.get("odise-plain")
     if plain and "pieces" in plain:
         out += ["", "Plain's pieces: " + ", ".join(f"{k} {_fmt_s(v)} s" for k, v in plain["pieces"].items())]

@@ -157,8 +157,13 @@ ROWS = [
     Row("FreeDA, ours: global score alone for classes with no key above 0.5", FREEDA,
         ["MODEL.DIFFSEG.FREEDA.MIN_KEY_SIMILARITY", "0.5"], prepare=freeda_bank),
     Row("FreeDA, ours: all of the above (the former default)", FREEDA, FREEDA_OURS_ALL, prepare=freeda_bank),
-    Row("ODISE (head trained on the panoptic train split; colour-shapes are open-vocabulary)",
+    Row("ODISE, reference mode (head trained on the panoptic train split; colour-shapes are open-vocabulary)",
         os.path.join(MICRO, "odise.yaml"), [], prepare=odise_checkpoint, panoptic=True),
+    # Our departures at inference, on the same trained head.
+    Row("ODISE, ours: ensemble with mask-pooled CLIP patch tokens instead of MaskCLIP", os.path.join(MICRO, "odise.yaml"),
+        ["MODEL.DIFFSEG.ODISE.TEST.ENSEMBLE_CLIP", "pooled_patches"], prepare=odise_checkpoint, panoptic=True),
+    Row("ODISE, the head alone (no CLIP ensemble)", os.path.join(MICRO, "odise.yaml"),
+        ["MODEL.DIFFSEG.ODISE.TEST.ENSEMBLE", "False"], prepare=odise_checkpoint, panoptic=True),
 ]
 
 logger = logging.getLogger("diffseg_d2.benchmark_quality")
