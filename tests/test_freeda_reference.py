@@ -83,3 +83,25 @@ def test_window_scores_are_averaged_where_windows_overlap(model, monkeypatch):
         expected[x] = np.mean(covering)
     torch.testing.assert_close(row, torch.tensor(expected, dtype=torch.float32))
     assert torch.all(out[0] == model.background_score)
+
+
+def test_very_elongated_images_get_windows_as_tall_as_the_image(model, monkeypatch):
+    """After the long side's cap, a strip keeps a short side under WINDOW: windows are then the whole
+    short side by WINDOW along the long side (mmseg's sliding inference), and every pixel is read."""
+    shapes = []
+
+    def numbered(crop, prototypes, text, found, timings=None):
+        shapes.append(tuple(crop.shape[-2:]))
+        return torch.full((len(text), *crop.shape[-2:]), 1.0)
+
+    monkeypatch.setattr(model, "window_scores", numbered)
+    old = model.long_side_cap
+    model.long_side_cap = 2 * model.short_side  # the resize stops at the cap: the short side stays under WINDOW
+    try:
+        image = torch.rand(3, 20, 400) * 255
+        out = model.segment(image, ["background", "person"], (20, 400))
+    finally:
+        model.long_side_cap = old
+    h = shapes[0][0]
+    assert h < model.window and all(s == (h, model.window) for s in shapes)
+    assert torch.isfinite(out).all() and torch.all(out[1] == 1.0)

@@ -27,6 +27,7 @@ from ...freeda.superpixels import (
     pool_features,
     resize_short_side,
     sliding_windows,
+    window_shape,
     token_grid_weights,
 )
 from ...vocabulary import background_index
@@ -265,16 +266,16 @@ class FreeDA(OpenVocabularySegmenter):
         """
         h, w = image.shape[-2:]
         num = int(labels.max()) + 1
-        side = min(self.window, h, w)
-        corners = sliding_windows(h, w, side, self.stride)
+        wh, ww = window_shape(h, w, self.window)
+        corners = sliding_windows(h, w, (wh, ww), self.stride)
         sums = torch.zeros(num, self.dino.embed_dim, device=self.device)
         counts = torch.zeros(num, device=self.device)
         for b in range(0, len(corners), _WINDOW_BATCH):
             batch = corners[b : b + _WINDOW_BATCH]
-            crops = torch.stack([image[:, y : y + side, x : x + side] for y, x in batch])
+            crops = torch.stack([image[:, y : y + wh, x : x + ww] for y, x in batch])
             feats = self.dino(crops).to(self.device)  # (n, Dp, g, g)
             for (y, x), f in zip(batch, feats):
-                s, c = pool_features(f, labels[y : y + side, x : x + side], num)
+                s, c = pool_features(f, labels[y : y + wh, x : x + ww], num)
                 sums += s
                 counts += c
         return F.normalize(sums / counts.clamp(min=1)[:, None], dim=-1)
@@ -292,13 +293,15 @@ class FreeDA(OpenVocabularySegmenter):
         size = tuple(x.shape[-2:])
         text = self.class_text([names[i] for i in prompted])  # (K', C)
         protos = F.normalize(prototypes, dim=-1)
-        side = min(self.window, *size)
+        # Windows of WINDOW along each side, or the whole side where it is shorter (after the long
+        # side's cap a very elongated image keeps a short side under WINDOW): mmseg's sliding inference.
+        wh, ww = window_shape(size[0], size[1], self.window)
         sums = torch.zeros(len(prompted), *size, device=self.device)
         count = torch.zeros(size, device=self.device)
-        for y, x0 in sliding_windows(size[0], size[1], side, self.stride):
-            crop = x[:, y:y + side, x0:x0 + side]
-            sums[:, y:y + side, x0:x0 + side] += self.window_scores(crop, protos, text, found, timings)
-            count[y:y + side, x0:x0 + side] += 1
+        for y, x0 in sliding_windows(size[0], size[1], (wh, ww), self.stride):
+            crop = x[:, y:y + wh, x0:x0 + ww]
+            sums[:, y:y + wh, x0:x0 + ww] += self.window_scores(crop, protos, text, found, timings)
+            count[y:y + wh, x0:x0 + ww] += 1
         start = time.perf_counter()
         averaged = (sums / count)[None]
         if tuple(size) != tuple(out_size):
@@ -313,10 +316,10 @@ class FreeDA(OpenVocabularySegmenter):
         self, crop: torch.Tensor, prototypes: torch.Tensor, text: torch.Tensor, found: torch.Tensor,
         timings: Optional[Dict[str, float]] = None,
     ) -> torch.Tensor:
-        """One window's class scores ``(K, c, c)``: ``w * local + (1 - w) * global``.
+        """One window's class scores ``(K, h, w)``: ``w * local + (1 - w) * global``.
 
         Args:
-            crop: (3, c, c) RGB in [0, 255].
+            crop: (3, h, w) RGB in [0, 255] (square except along a side shorter than WINDOW).
             prototypes: (K, Dp) L2-normalised class prototypes.
             text: (K, C) class text embeddings (L2-normalised).
             found: (K,) bool, classes with a prototype (the others get the global score alone).
@@ -348,11 +351,11 @@ class FreeDA(OpenVocabularySegmenter):
             pooled = sums / counts.clamp(min=1)[:, None]
             empty = torch.zeros(num, dtype=torch.bool, device=self.device)
         similarity = F.normalize(pooled, dim=-1) @ prototypes.T  # (S, K)
-        local = self._local(similarity).T[:, labels]  # (K, c, c)
+        local = self._local(similarity).T[:, labels]  # (K, h, w)
         if bool(empty.any()):
             # Pixels of such superpixels take the per-token score, upsampled (align_corners) to the window.
             dense = self._local(F.normalize(flat, dim=-1) @ prototypes.T).T.reshape(-1, *g)
-            dense = F.interpolate(dense[None], size=(c, c), mode="bilinear", align_corners=True)[0]
+            dense = F.interpolate(dense[None], size=tuple(crop.shape[-2:]), mode="bilinear", align_corners=True)[0]
             where = empty[labels]
             local[:, where] = dense[:, where]
         glob = global_score[:, None, None]
