@@ -222,6 +222,19 @@ class DiffusionUNetBackbone(Backbone):
             for f in self._out_features
         }
 
+    def released_projection_order(self) -> List[str]:
+        """Our projection of each tap in the reference's order (VAE encoder, UNet, VAE decoder
+        taps), the order of a released checkpoint's ``backbone.feature_projections``."""
+        lo, hi = min(LEVEL_STRIDES.values()), max(LEVEL_STRIDES.values())
+        names = []
+        for i, tap in enumerate(self.taps):
+            levels = [level for level, indices in self.level_taps.items() if i in indices]
+            if not levels:
+                raise ValueError(f"Tap {tap.name} feeds no output level in OUT_FEATURES {self._out_features}.")
+            own = [lv for lv in levels if LEVEL_STRIDES[lv] == min(max(tap.stride, lo), hi)]
+            names.append(_projection_name((own or levels)[0], tap))
+        return names
+
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """
         Args:
