@@ -241,6 +241,10 @@ def add_diffseg_config(cfg: CN) -> CN:
     _c.ODISE.OPTIMIZER = "ADAMW"
     # Learning-rate multiplier of the backbone's trainable parts (projections and captioner).
     _c.ODISE.BACKBONE_LR_MULTIPLIER = 1.0
+    # Which released model to build: "label" (odise_label_coco_50e: trained on the class labels) or
+    # "caption" (odise_caption_coco_50e: class-agnostic masks, classes learned from the caption
+    # grounding alone; needs LOSS.GROUNDING_WEIGHT > 0 and captions; configs/odise/caption_coco.yaml).
+    _c.ODISE.VARIANT = "label"
     # Diffusion backbone (MODEL.BACKBONE.NAME DiffusionUNetBackbone or build_diffusion_unet_fpn_backbone).
     _c.ODISE.BACKBONE = CN()
     # Tapped layers, as the reference numbers them (each tap is the layer's INPUT). UNet: the layers

@@ -204,7 +204,8 @@ def test_attention_mask_is_per_head_and_thresholded():
     decoder = tiny_decoder().eval()
     queries = torch.randn(2, 4, 32)
     mask_features = torch.randn(2, 32, 8, 8)
-    embeds, masks, attn_mask = decoder.predict(queries, mask_features, (4, 4))
+    embeds, masks, attn_mask, binary = decoder.predict(queries, mask_features, (4, 4))
+    assert binary is None  # labelled training: no class-agnostic head
     assert embeds.shape == (2, 4, 16) and masks.shape == (2, 4, 8, 8)
     assert attn_mask.shape == (2 * 4, 4, 16) and attn_mask.dtype == torch.bool
     resized = F.interpolate(masks, size=(4, 4), mode="bilinear", align_corners=False).flatten(2)

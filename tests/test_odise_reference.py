@@ -245,3 +245,34 @@ def test_lsj_mapper_crops_training_images_to_the_square():
     out = MaskFormerPanopticMapper(cfg, True)(copy.deepcopy(record))
     assert tuple(out["image"].shape[-2:]) == (96, 96)
     assert out["instances"].gt_masks.shape[-2:] == (96, 96)
+
+
+def test_caption_variant_trains_class_agnostic_masks_with_grounding_and_takes_no_object_from_its_binary_head():
+    """The caption-trained model: binary (object / no object) targets for the set losses, the
+    grounding loss on every layer, no learned null text; at test time the classes come from the text
+    (in the grounding prompt) and "no object" from the binary head."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.modeling import build_model
+
+    from diffseg_d2.data.panoptic_mapper import MaskFormerPanopticMapper
+
+    cfg = tiny_cfg("MODEL.DIFFSEG.ODISE.VARIANT", "caption", "MODEL.DIFFSEG.ODISE.LOSS.GROUNDING_WEIGHT", "1.0")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    assert model.classifier.null_embed is None and model.decoder.class_head.out_features == 2
+    assert model.head_template == "a photo of a {}."
+    mapper = MaskFormerPanopticMapper(cfg, True)
+    record = DatasetCatalog.get("diffseg_sample_voc_panoptic")[0]
+    batch = [mapper(copy.deepcopy(record)), {**mapper(copy.deepcopy(record)), "captions": ["a sofa and a cat"]}]
+    model.train()
+    losses = model(batch)
+    assert {"loss_ce", "loss_grounding", "loss_grounding_0"} <= set(losses)
+    sum(losses.values()).backward()
+    assert model.decoder.class_head.weight.grad is not None
+    model.eval()
+    probs = model._class_probabilities(torch.randn(4, 32), torch.randn(4, 8, 8), torch.rand(3, 32, 32) * 255,
+                                       ["cat", "dog"], binary=torch.tensor([[3.0, -3.0]] * 4))
+    torch.testing.assert_close(probs[:, -1], torch.sigmoid(torch.tensor(-6.0)).expand(4))  # softmax of (3, -3)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(4))
+    with pytest.raises(ValueError, match="GROUNDING_WEIGHT > 0"):
+        build_model(tiny_cfg("MODEL.DIFFSEG.ODISE.VARIANT", "caption"))

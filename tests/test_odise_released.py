@@ -33,6 +33,10 @@ EXAMPLES = {
     "sem_seg_head.predictor.post_mask_embed.mask_embed.1.layers.2.weight": "decoder.embed_head.1.layers.2.weight",
     "sem_seg_head.predictor.post_mask_embed.logit_scale": "classifier.logit_scale",
     "category_head.null_embed": "classifier.null_embed",
+    "category_head.text_proj.weight": "classifier.text_proj.weight",
+    # The caption-trained model: its word head's projection and the binary class head.
+    "word_head.text_proj.bias": "classifier.text_proj.bias",
+    "sem_seg_head.predictor.class_embed.weight": "decoder.class_head.weight",
     "backbone.feature_projections.1.0.conv2.norm.weight": "backbone.projections.res3_vae_encoder_7.conv2.norm.weight",
 }
 SD15_ORDER = ["res2_vae_encoder_5", "res3_vae_encoder_7", "res5_unet_2", "res5_unet_5", "res4_unet_8", "res3_unet_11",
@@ -44,13 +48,14 @@ def test_every_kind_of_released_name_maps_to_ours_and_frozen_parts_are_dropped()
     released["backbone.feature_extractor.ldm_extractor.ldm.unet.out.0.weight"] = torch.zeros(2)  # frozen SD
     released["category_head.clip.clip.logit_scale"] = torch.zeros(())  # frozen CLIP
     released["category_head.text_embed"] = torch.zeros(3, 2)  # cached text embeddings
+    released["word_head.clip.clip.positional_embedding"] = torch.zeros(2)  # the caption model's frozen CLIP
     out = convert_released_state_dict(released, SD15_ORDER, lambda key: None)
     assert set(out) == set(EXAMPLES.values())
 
 
 def test_unknown_keys_and_extra_projections_are_refused_by_name():
-    with pytest.raises(ReleasedCheckpointError, match="sem_seg_head.predictor.class_embed.weight"):
-        convert_released_state_dict({"sem_seg_head.predictor.class_embed.weight": torch.zeros(1)}, SD15_ORDER, lambda k: None)
+    with pytest.raises(ReleasedCheckpointError, match="sem_seg_head.predictor.other_head.weight"):
+        convert_released_state_dict({"sem_seg_head.predictor.other_head.weight": torch.zeros(1)}, SD15_ORDER, lambda k: None)
     with pytest.raises(ReleasedCheckpointError, match="more tap projections"):
         convert_released_state_dict({"backbone.feature_projections.8.0.conv1.weight": torch.zeros(1)}, SD15_ORDER,
                                     lambda k: None)

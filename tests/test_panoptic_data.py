@@ -689,3 +689,14 @@ def test_panoptic_fpn_trains_on_separated_sample(cache):
             optimizer.zero_grad()
             total.backward()
             optimizer.step()
+
+
+def test_coco_captions_are_attached_to_panoptic_records_by_image_id(tmp_path):
+    captions = {"annotations": [{"image_id": 7, "caption": " A cat on a sofa. "}, {"image_id": 7, "caption": "A cat."},
+                                {"image_id": 9, "caption": "A dog."}]}
+    path = tmp_path / "captions_val2017.json"
+    path.write_text(json.dumps(captions))
+    records = [{"image_id": 7}, {"image_id": 8}]
+    register_panoptic.attach_captions(records, str(path))
+    assert records[0]["captions"] == ["A cat on a sofa.", "A cat."]
+    assert "captions" not in records[1]  # an image without captions gets none

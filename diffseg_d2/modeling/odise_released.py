@@ -59,13 +59,14 @@ _RULES: List[Tuple[str, str]] = [
     (r"^sem_seg_head\.predictor\.post_mask_embed\.pool_proj\.(.+)$", r"decoder.pool_proj.\1"),
     (r"^sem_seg_head\.predictor\.post_mask_embed\.mask_embed\.(.+)$", r"decoder.embed_head.\1"),
     (r"^sem_seg_head\.predictor\.post_mask_embed\.logit_scale$", "classifier.logit_scale"),
-    # classifier
-    (r"^category_head\.text_proj\.(weight|bias)$", r"classifier.text_proj.\1"),
+    # classifier (category_head: the label-trained model; word_head: the caption-trained one)
+    (r"^(?:category_head|word_head)\.text_proj\.(weight|bias)$", r"classifier.text_proj.\1"),
+    (r"^sem_seg_head\.predictor\.class_embed\.(weight|bias)$", r"decoder.class_head.\1"),
     (r"^category_head\.null_embed$", "classifier.null_embed"),
 ]
 # Frozen parts and caches a released file may hold: not ours to load.
 _FROZEN = re.compile(
-    r"^(backbone\.feature_extractor\.(ldm_extractor|clip)\.|clip_head\.|category_head\.(clip\.|text_embed$)"
+    r"^(backbone\.feature_extractor\.(ldm_extractor|clip)\.|clip_head\.|(category_head|word_head)\.(clip\.|text_embed$)"
     r"|backbone\.feature_extractor\.ldm_extractor|.*test_labels$)"
 )
 _PROJECTION = re.compile(r"^backbone\.feature_projections\.(\d+)\.0\.(.+)$")

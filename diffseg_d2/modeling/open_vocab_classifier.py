@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,16 +23,17 @@ class OpenVocabClassifier(nn.Module):
         text_dim: dimension of CLIP's text embeddings (768 for ViT-L/14).
         embed_dim: dimension of the mask embeddings (the head's ``MASK_DIM``, 256).
         null_text: (text_dim,) CLIP's embedding of the empty text, where the learned "no object"
-            embedding starts (as in the reference).
+            embedding starts (as in the reference); None = no "no object" column (ODISE's
+            caption-trained model takes it from a class-agnostic head).
         init_temperature: initial softmax temperature (the logit scale is learned as its log inverse).
     """
 
-    def __init__(self, text_dim: int, embed_dim: int, null_text: torch.Tensor, init_temperature: float = 0.07):
+    def __init__(self, text_dim: int, embed_dim: int, null_text: Optional[torch.Tensor], init_temperature: float = 0.07):
         super().__init__()
-        if null_text.shape != (text_dim,):
+        if null_text is not None and null_text.shape != (text_dim,):
             raise ValueError(f"null_text must have shape ({text_dim},), got {tuple(null_text.shape)}.")
         self.text_proj = nn.Linear(text_dim, embed_dim)
-        self.null_embed = nn.Parameter(null_text.detach().clone().float())
+        self.null_embed = None if null_text is None else nn.Parameter(null_text.detach().clone().float())
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
 
     def scale(self) -> torch.Tensor:
@@ -51,10 +53,12 @@ class OpenVocabClassifier(nn.Module):
             num_classes: K.
 
         Returns:
-            (B, Q, K + 1) logits; the last column is "no object".
+            (B, Q, K + 1) logits, the last column "no object"; (B, Q, K) without a null embedding.
         """
         e = F.normalize(embeds.float(), dim=-1)
         scale = self.scale()
         per_class = max_over_synonyms(scale * e @ self.project_text(text).float().T, owner, num_classes)
+        if self.null_embed is None:
+            return per_class
         void = scale * e @ self.project_text(self.null_embed[None])[0].float()
         return torch.cat([per_class, void[..., None]], dim=-1)

@@ -16,7 +16,8 @@ Records are those of detectron2's ``load_coco_panoptic_json``: ``file_name``,
 ``pan_seg_file_name``, ``segments_info`` (each with the CONTIGUOUS
 ``category_id`` and ``isthing``, plus the json's ``id``, ``area``, ``bbox``,
 ``iscrowd``), plus ``height``/``width`` from the json's ``images`` and
-``sem_seg_file_name`` when the semantic PNGs exist.
+``sem_seg_file_name`` when the semantic PNGs exist, and ``captions`` (COCO) when the captions json
+exists.
 
 Metadata follows the Mask2Former / detectron2 panoptic convention:
 ``stuff_classes`` lists ALL classes (things and stuff) in contiguous-id order,
@@ -268,6 +269,7 @@ class _PanopticSplit:
     sem_seg_dir: str
     instances_json: str
     layout: str  # the expected tree, for error messages
+    captions_json: str = ""  # COCO captions of the images, attached as ``captions`` when on disk
 
     def paths(self, root: Path) -> Dict[str, str]:
         """Metadata path keys under ``root``; the optional ones only when they exist."""
@@ -347,6 +349,17 @@ def attach_instance_annotations(records: List[Dict[str, Any]], instances_json: s
         ]
 
 
+def attach_captions(records: List[Dict[str, Any]], captions_json: str) -> None:
+    """Give each record the ``captions`` (list of str) of its ``image_id`` in a COCO captions json."""
+    with open(captions_json) as f:
+        by_image: Dict[Any, List[str]] = {}
+        for ann in json.load(f)["annotations"]:
+            by_image.setdefault(ann["image_id"], []).append(ann["caption"].strip())
+    for record in records:
+        if record["image_id"] in by_image:
+            record["captions"] = by_image[record["image_id"]]
+
+
 def _coco_layout(split: str) -> str:
     return f"""\
 coco/
@@ -354,7 +367,8 @@ coco/
   panoptic_{split}2017/*.png                    (RGB panoptic PNGs)
   annotations/panoptic_{split}2017.json
   panoptic_semseg_{split}2017/*.png             (optional: contiguous ids 0..132, 255 = void; for mIoU)
-  annotations/instances_{split}2017.json        (optional: for mask AP)"""
+  annotations/instances_{split}2017.json        (optional: for mask AP)
+  annotations/captions_{split}2017.json         (optional: captions, for ODISE's caption grounding)"""
 
 
 def _ade_layout(split: str, folder: str) -> str:
@@ -375,6 +389,7 @@ def _coco_split(split: str) -> _PanopticSplit:
         f"coco/panoptic_semseg_{split}2017",
         f"coco/annotations/instances_{split}2017.json",
         _coco_layout(split),
+        f"coco/annotations/captions_{split}2017.json",
     )
 
 
@@ -460,6 +475,9 @@ def load_panoptic_dataset(name: str, root: Optional[Path] = None) -> List[Dict[s
         make_meta(),
         str(sem_dir) if has_sem else None,
     )
+    captions = root / split.captions_json if split.captions_json else None
+    if captions is not None and captions.is_file():
+        attach_captions(records, str(captions))
     if records:
         for what, key in (("image", "file_name"), ("panoptic PNG", "pan_seg_file_name")):
             if not os.path.isfile(records[0][key]):

@@ -143,6 +143,7 @@ class MaskedAttentionDecoder(nn.Module):
         enforce_input_project: bool = False,
         num_feature_levels: int = 3,
         dropout: float = 0.0,
+        class_agnostic: bool = False,
     ):
         """
         Args:
@@ -160,6 +161,8 @@ class MaskedAttentionDecoder(nn.Module):
                 ``in_channels == hidden_dim``.
             num_feature_levels: multi-scale maps visited in round robin.
             dropout: dropout in attention and FFN blocks.
+            class_agnostic: also predict, per query, object vs "no object" logits (``pred_binary``)
+                with a linear layer on the query state (ODISE's caption-trained model).
         """
         super().__init__()
         if hidden_dim % num_heads != 0:
@@ -199,10 +202,11 @@ class MaskedAttentionDecoder(nn.Module):
         self.embed_head = nn.Sequential(
             nn.LayerNorm(hidden_dim), MLP(in_dim=hidden_dim, hidden_dim=hidden_dim, out_dim=embed_dim, num_layers=3)
         )
+        self.class_head = nn.Linear(hidden_dim, 2) if class_agnostic else None
 
     def predict(
         self, queries: torch.Tensor, mask_features: torch.Tensor, attn_size: Tuple[int, int]
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """Prediction head shared by every layer.
 
         Args:
@@ -215,15 +219,24 @@ class MaskedAttentionDecoder(nn.Module):
             masks: (B, Q, H, W) mask logits.
             attn_mask: (B * heads, Q, h * w) bool, True outside the predicted
                 mask (sigmoid < 0.5 after resizing to ``attn_size``); no gradient.
+            binary: (B, Q, 2) object / "no object" logits when class-agnostic, else None.
         """
         normed = self.decoder_norm(queries)
         masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(normed), mask_features)
         embeds = self.embed_head(self.pool_proj(masked_average(mask_features, masks)) + normed)
+        binary = None if self.class_head is None else self.class_head(normed)
         with torch.no_grad():
             resized = F.interpolate(masks, size=attn_size, mode="bilinear", align_corners=False)
             blocked = resized.sigmoid().flatten(2) < 0.5  # (B, Q, h*w)
             attn_mask = blocked[:, None].expand(-1, self.num_heads, -1, -1).flatten(0, 1)
-        return embeds, masks, attn_mask
+        return embeds, masks, attn_mask, binary
+
+    @staticmethod
+    def _prediction(embeds: torch.Tensor, masks: torch.Tensor, binary: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        out = {"pred_embeds": embeds, "pred_masks": masks}
+        if binary is not None:
+            out["pred_binary"] = binary
+        return out
 
     def forward(self, multi_scale_features: List[torch.Tensor], mask_features: torch.Tensor) -> Dict[str, object]:
         """
@@ -233,7 +246,7 @@ class MaskedAttentionDecoder(nn.Module):
 
         Returns:
             dict with "pred_embeds" (B, Q, embed_dim) and "pred_masks" (B, Q, H, W)
-            logits of the last layer, and "aux_outputs": ``num_layers`` dicts with
+            logits of the last layer (and "pred_binary" (B, Q, 2) when class-agnostic), and "aux_outputs": ``num_layers`` dicts with
             the same keys, for the initial queries and every layer but the last.
         """
         if len(multi_scale_features) != self.num_feature_levels:
@@ -251,8 +264,8 @@ class MaskedAttentionDecoder(nn.Module):
         query_pos = self.query_embed.weight[None].expand(batch, -1, -1)
         queries = self.query_feat.weight[None].expand(batch, -1, -1)
 
-        embeds, masks, attn_mask = self.predict(queries, mask_features, sizes[0])
-        predictions = [(embeds, masks)]
+        *prediction, attn_mask, binary = self.predict(queries, mask_features, sizes[0])
+        predictions = [self._prediction(*prediction, binary)]
         for layer in range(self.num_layers):
             level = layer % self.num_feature_levels
             # A query whose mask is empty at this level would get no key at all
@@ -264,11 +277,10 @@ class MaskedAttentionDecoder(nn.Module):
             queries = self.self_attention_layers[layer](queries, query_pos)
             queries = self.ffn_layers[layer](queries)
             next_size = sizes[(layer + 1) % self.num_feature_levels]
-            embeds, masks, attn_mask = self.predict(queries, mask_features, next_size)
-            predictions.append((embeds, masks))
+            *prediction, attn_mask, binary = self.predict(queries, mask_features, next_size)
+            predictions.append(self._prediction(*prediction, binary))
 
         return {
-            "pred_embeds": predictions[-1][0],
-            "pred_masks": predictions[-1][1],
-            "aux_outputs": [{"pred_embeds": e, "pred_masks": m} for e, m in predictions[:-1]],
+            **predictions[-1],
+            "aux_outputs": predictions[:-1],
         }

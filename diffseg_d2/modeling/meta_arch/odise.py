@@ -97,6 +97,9 @@ class ODISE(nn.Module):
         ensemble_template: CLIP's prompt for the class synonyms on the ensemble's side.
         nouns: callable caption -> nouns for the grounding loss, or None (no grounding).
         grounding_template: prompt of each noun for the grounding loss.
+        variant: "label" (the reference's label-trained model: class targets, bare class names) or
+            "caption" (its caption-trained model: class-agnostic mask targets with a binary head,
+            classes learned from the caption grounding alone, class names in ``grounding_template``).
     """
 
     # Read by tools/train_net.py: ODISE trains ...
@@ -134,6 +137,7 @@ class ODISE(nn.Module):
         ensemble_template: str = "a photo of a {}.",
         nouns=None,
         grounding_template: str = "a photo of a {}.",
+        variant: str = "label",
     ):
         super().__init__()
         if input_format not in ("RGB", "BGR"):
@@ -141,6 +145,15 @@ class ODISE(nn.Module):
         for name, value in (("ENSEMBLE_ALPHA", ensemble_alpha), ("ENSEMBLE_BETA", ensemble_beta)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{_KEY}.TEST.{name} must be in [0, 1], got {value}.")
+        if variant not in ("label", "caption"):
+            raise ValueError(f"{_KEY}.VARIANT must be 'label' or 'caption', not {variant!r}.")
+        if variant == "caption" and (nouns is None or grounding_weight <= 0):
+            raise ValueError(
+                f"{_KEY}.VARIANT caption learns classes from captions only: set {_KEY}.LOSS.GROUNDING_WEIGHT > 0 "
+                "(1.0 in the reference) and train on a dataset whose records have captions."
+            )
+        if variant == "caption" and getattr(decoder, "class_head", None) is None:
+            raise ValueError(f"{_KEY}.VARIANT caption needs the decoder's class-agnostic head (class_agnostic=True).")
         if ensemble_clip not in ("maskclip", "pooled_patches"):
             raise ValueError(f"{_KEY}.TEST.ENSEMBLE_CLIP must be 'maskclip' or 'pooled_patches', not {ensemble_clip!r}.")
         for name, template in (("TEST.ENSEMBLE_TEMPLATE", ensemble_template), ("LOSS.GROUNDING_TEMPLATE", grounding_template)):
@@ -168,6 +181,9 @@ class ODISE(nn.Module):
         self.ensemble, self.ensemble_alpha, self.ensemble_beta = ensemble, float(ensemble_alpha), float(ensemble_beta)
         self.ensemble_clip, self.ensemble_template = ensemble_clip, ensemble_template
         self.nouns, self.grounding_template = nouns, grounding_template
+        self.variant = variant
+        # The head's class prompts: bare names (label-trained) or the grounding prompt (caption-trained).
+        self.head_template = "{}" if variant == "label" else grounding_template
         self._vocabulary: Optional[List[str]] = None
         self._things: List[bool] = []
         if vocabulary:
@@ -200,6 +216,7 @@ class ODISE(nn.Module):
             num_layers=h.DECODER_LAYERS,
             mask_dim=h.MASK_DIM,
             embed_dim=h.MASK_DIM,
+            class_agnostic=o.VARIANT == "caption",
         )
         matcher = HungarianMatcher(
             cost_class=loss.CLASS_WEIGHT, cost_mask=loss.MASK_WEIGHT, cost_dice=loss.DICE_WEIGHT,
@@ -233,7 +250,9 @@ class ODISE(nn.Module):
             backbone=backbone,
             pixel_decoder=pixel_decoder,
             decoder=decoder,
-            classifier=OpenVocabClassifier(clip.embed_dim, h.MASK_DIM, clip.encode_texts([""])[0].cpu()),
+            classifier=OpenVocabClassifier(
+                clip.embed_dim, h.MASK_DIM, None if o.VARIANT == "caption" else clip.encode_texts([""])[0].cpu()
+            ),
             criterion=criterion,
             grounding_weight=loss.GROUNDING_WEIGHT,
             clip=clip,
@@ -256,6 +275,7 @@ class ODISE(nn.Module):
             ensemble_template=o.TEST.ENSEMBLE_TEMPLATE,
             nouns=nouns,
             grounding_template=loss.GROUNDING_TEMPLATE,
+            variant=o.VARIANT,
         )
 
     # ------------------------------------------------------------------ vocabulary
@@ -351,10 +371,12 @@ class ODISE(nn.Module):
                 "and the panoptic mapper (DiffSegTrainer does this for ODISE)."
             )
         outputs = self._predict(images)
-        text, owner = self._text(self.train_classes)
+        text, owner = self._text(self.train_classes, self.head_template)
         K = len(self.train_classes)
 
         def classify(out):
+            if self.variant == "caption":  # object vs no object only
+                return {"pred_logits": out["pred_binary"], "pred_masks": out["pred_masks"]}
             return {"pred_logits": self.classifier(out["pred_embeds"], text, owner, K), "pred_masks": out["pred_masks"]}
 
         scored = classify(outputs)
@@ -369,6 +391,8 @@ class ODISE(nn.Module):
             labels = inst.gt_classes.long()
             if labels.numel() and int(labels.max()) >= K:
                 raise ValueError(f"gt class {int(labels.max())} is outside the {K} training classes.")
+            if self.variant == "caption":
+                labels = torch.zeros_like(labels)  # class-agnostic targets
             targets.append({"labels": labels, "masks": padded})
         losses = self.criterion.weighted(self.criterion(scored, targets))
         if self.nouns is not None and self.grounding_weight > 0:
@@ -419,7 +443,8 @@ class ODISE(nn.Module):
             fh = round(h * low.shape[-2] / images.tensor.shape[-2])
             fw = round(w * low.shape[-1] / images.tensor.shape[-1])
             probs = require_finite(
-                self._class_probabilities(outputs["pred_embeds"][i], low[:, :fh, :fw], raw[i], names),
+                self._class_probabilities(outputs["pred_embeds"][i], low[:, :fh, :fw], raw[i], names,
+                                          outputs["pred_binary"][i] if "pred_binary" in outputs else None),
                 "ODISE's classifier",
             )
             masks = sem_seg_postprocess(masks, (h, w), out_h, out_w)  # (Q, out_h, out_w) logits
@@ -434,7 +459,8 @@ class ODISE(nn.Module):
         return results
 
     def _class_probabilities(
-        self, embeds: torch.Tensor, masks: torch.Tensor, image: torch.Tensor, names: Sequence[str]
+        self, embeds: torch.Tensor, masks: torch.Tensor, image: torch.Tensor, names: Sequence[str],
+        binary: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """(Q, K + 1) class probabilities of the queries, the last column "no object".
 
@@ -446,15 +472,22 @@ class ODISE(nn.Module):
             embeds: (Q, E) the decoder's embeddings of one image.
             masks: (Q, h', w') mask logits over the unpadded image (any resolution).
             image: (3, h, w) RGB in [0, 255].
+            binary: (Q, 2) object / no-object logits of the caption-trained model (its "no object").
         """
         K = len(names)
-        text, owner = self._text(names)
+        text, owner = self._text(names, self.head_template)
         logits = self.classifier(embeds[None], text, owner, K)[0]
-        probs = logits.softmax(-1)
-        if not self.ensemble:
-            return probs
-        void = probs[:, K:]
-        log_head = logits[:, :K].log_softmax(-1)
+        if binary is not None:  # caption-trained: classes from the text, "no object" from the binary head
+            void = binary.float().softmax(-1)[:, 1:]
+            log_head = logits[:, :K].log_softmax(-1)
+            if not self.ensemble:
+                return torch.cat([log_head.exp() * (1 - void), void], dim=-1)
+        else:
+            probs = logits.softmax(-1)
+            if not self.ensemble:
+                return probs
+            void = probs[:, K:]
+            log_head = logits[:, :K].log_softmax(-1)
         clip_text, clip_owner = self._text(names, self.ensemble_template)
         clip_text = F.normalize(clip_text, dim=-1)
         if self.ensemble_clip == "maskclip":
@@ -465,7 +498,7 @@ class ODISE(nn.Module):
             regions = torch.einsum("qhw,dhw->qd", weights, dense) / weights.sum((1, 2)).clamp(min=1e-6)[:, None]
         scale = self.clip.model.logit_scale.exp().float().clamp(max=100.0) if hasattr(self.clip.model, "logit_scale") else 100.0
         log_clip = max_over_synonyms(scale * F.normalize(regions, dim=-1) @ clip_text.T, clip_owner, K).log_softmax(-1)
-        seen = torch.tensor([any(s in self._seen for s in _synonyms(n)) for n in names], device=probs.device)
+        seen = torch.tensor([any(s in self._seen for s in _synonyms(n)) for n in names], device=logits.device)
         alpha = torch.where(seen, self.ensemble_alpha, self.ensemble_beta)
         mixed = ((1 - alpha) * log_head + alpha * log_clip).softmax(-1) * (1 - void)
         return torch.cat([mixed, void], dim=-1)
