@@ -65,14 +65,24 @@ def split_synonyms(name: str) -> List[str]:
 
 
 def vocabulary_from_metadata(dataset_name: str) -> List[str]:
-    """The ``stuff_classes`` of a registered dataset (the classes it is evaluated on)."""
+    """The classes of a dataset's metadata: its ``stuff_classes`` (all classes, Mask2Former's
+    convention), else its ``thing_classes``.
+
+    The name may be a registered dataset or a metadata-only entry, the way Detectron2 users give a
+    vocabulary: ``MetadataCatalog.get("my_vocab").set(stuff_classes=[...])`` (or ``thing_classes``)
+    and ``DATASETS.TEST = ("my_vocab",)``.
+    """
     from detectron2.data import MetadataCatalog
 
     from .data.datasets import check_dataset_name
 
-    check_dataset_name(dataset_name)
+    if dataset_name not in MetadataCatalog.list():
+        check_dataset_name(dataset_name)  # neither metadata nor a dataset: the error lists the choices
     meta = MetadataCatalog.get(dataset_name)
-    classes = meta.get("stuff_classes", None)
+    classes = meta.get("stuff_classes", None) or meta.get("thing_classes", None)
     if not classes:
-        raise VocabularyError(f"The metadata of dataset '{dataset_name}' has no stuff_classes to segment.")
+        raise VocabularyError(
+            f"The metadata of '{dataset_name}' has no stuff_classes or thing_classes to segment: set them with "
+            f"MetadataCatalog.get('{dataset_name}').set(stuff_classes=[...]), or set MODEL.DIFFSEG.VOCABULARY."
+        )
     return parse_vocabulary(classes)
