@@ -51,6 +51,31 @@ def parse_vocabulary(names: Union[str, Iterable[str]]) -> List[str]:
     return names
 
 
+def vocabulary_from_command_line(text: str) -> List[str]:
+    """The vocabulary of a command-line argument, as the package's list of class names.
+
+    ``"person,sofa;couch,dog"``: commas separate classes, semicolons separate the synonyms of one
+    class (it scores the best of them). ``"@classes.txt"``: a file with one class per line, commas
+    separating synonyms, ``#`` starting a comment. Validated as ``parse_vocabulary`` does.
+    """
+    if text.startswith("@"):
+        path = text[1:]
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = [line.split("#", 1)[0].strip() for line in f]
+        except OSError as e:
+            raise VocabularyError(f"Cannot read the vocabulary file {path!r}: {e.strerror or e}.") from None
+        entries = [line for line in lines if line]
+    else:
+        entries = text.split(",")
+        entries = [", ".join(part.strip() for part in entry.split(";")) for entry in entries]
+    names = parse_vocabulary(entries)
+    for name in names:
+        if any(not part.strip() for part in name.split(",")):
+            raise VocabularyError(f"The class {name!r} has an empty synonym: remove the extra separator.")
+    return names
+
+
 def background_index(names: Sequence[str]) -> Optional[int]:
     """Index of the ``background`` class, or None."""
     for i, n in enumerate(names):

@@ -43,3 +43,18 @@ def test_names_with_neither_metadata_nor_data_and_entries_without_classes_are_re
     MetadataCatalog.get("test_vocab_empty").set(evaluator_type="sem_seg")
     with pytest.raises(VocabularyError, match="no stuff_classes or thing_classes"):
         vocabulary_from_metadata("test_vocab_empty")
+
+
+def test_command_line_vocabularies_express_synonyms_inline_and_in_a_file(tmp_path):
+    from diffseg_d2.vocabulary import vocabulary_from_command_line
+
+    assert vocabulary_from_command_line("person, sofa;couch ,dog") == ["person", "sofa, couch", "dog"]
+    path = tmp_path / "classes.txt"
+    path.write_text("# my classes\nperson\nsofa, couch   # synonyms\n\ndog\n", encoding="utf-8")
+    assert vocabulary_from_command_line(f"@{path}") == ["person", "sofa, couch", "dog"]
+    with pytest.raises(VocabularyError, match="Cannot read the vocabulary file"):
+        vocabulary_from_command_line(f"@{tmp_path / 'missing.txt'}")
+    with pytest.raises(VocabularyError, match="empty synonym"):
+        vocabulary_from_command_line("sofa;;couch")
+    with pytest.raises(VocabularyError, match="more than once"):
+        vocabulary_from_command_line("cat,Cat")

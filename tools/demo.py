@@ -35,7 +35,7 @@ from diffseg_d2.data.datasets.register_sample import sample_image_path
 from diffseg_d2.data.image import read_image_rgb
 from diffseg_d2.numerics import NonFiniteError
 from diffseg_d2.paths import write_atomically
-from diffseg_d2.vocabulary import BACKGROUND, VocabularyError, background_index, parse_vocabulary
+from diffseg_d2.vocabulary import BACKGROUND, VocabularyError, background_index, vocabulary_from_command_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 logger = logging.getLogger("diffseg_d2.demo")
@@ -45,7 +45,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="diffseg_d2 demo: open-vocabulary segmentation of images")
     p.add_argument("--config-file", required=True, metavar="FILE")
     p.add_argument("--input", nargs="+", help="images, folders or glob patterns (default: the bundled sample image)")
-    p.add_argument("--vocab", required=True, help="comma-separated class names, e.g. 'person,dog,car'")
+    p.add_argument("--vocab", required=True,
+                   help="class names separated by commas, synonyms of one class by semicolons "
+                        "(e.g. 'person,sofa;couch,dog'), or @FILE with one class per line (commas = synonyms)")
     p.add_argument("--output", required=True, help="folder for <name>_overlay.png and <name>_label.png")
     p.add_argument("--no-background", action="store_true", help="do not add a 'background' class")
     p.add_argument("--max-side", type=int, default=2048, help="shrink larger images to this long side first")
@@ -127,7 +129,7 @@ def main(argv=None):
     setup_logger(name="diffseg_d2.demo")
     # Everything that can be wrong with the request is checked before a model is loaded or a file written.
     try:
-        names = parse_vocabulary(args.vocab)
+        names = vocabulary_from_command_line(args.vocab)
     except VocabularyError as e:
         raise SystemExit(f"--vocab {args.vocab!r}: {e}") from None
     if not args.no_background and background_index(names) is None:
