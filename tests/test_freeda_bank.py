@@ -710,3 +710,15 @@ def test_captions_from_coco_json_keep_file_order(tmp_path):
     bad.write_text("{ nope", encoding="utf-8")
     with pytest.raises(CaptionsError, match="not a COCO captions file"):
         read_captions(bad)
+
+
+def test_the_bank_tools_help_describes_the_bank_build_not_detectron2s_trainer():
+    import subprocess
+    import sys
+
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+    out = subprocess.run([sys.executable, os.path.join(root, "tools", "build_freeda_bank.py"), "--help"],
+                         capture_output=True, text=True, cwd=root)
+    assert out.returncode == 0
+    assert "--captions" in out.stdout and "--resume" in out.stdout and "prototype bank" in out.stdout
+    assert "--eval-only" not in out.stdout and "SOLVER.BASE_LR" not in out.stdout

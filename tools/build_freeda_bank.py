@@ -14,7 +14,7 @@ import logging
 import sys
 
 import torch
-from detectron2.engine import default_argument_parser, launch
+from detectron2.engine import launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
@@ -25,11 +25,22 @@ logger = logging.getLogger("diffseg_d2.build_freeda_bank")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = default_argument_parser()
-    parser.description = __doc__.split("\n\n")[0]
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config-file", required=True, metavar="FILE",
+                        help="a FreeDA config: its MODEL.DIFFSEG.FREEDA.BUILD settings and the SD, CLIP and DINOv2 weights")
     parser.add_argument("--captions", required=True, help="captions: a text file (one per line) or COCO captions JSON")
     parser.add_argument("--output", required=True, help="bank folder to create (or to continue with --resume)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted build in --output")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--num-gpus", type=int, default=1, help="processes (one GPU each) that split the captions")
+    parser.add_argument("--num-machines", type=int, default=1, help="machines taking part (detectron2's launch)")
+    parser.add_argument("--machine-rank", type=int, default=0, help="this machine's rank among them")
+    parser.add_argument("--dist-url", default="auto", help="rendezvous URL of the processes (detectron2's launch)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
+                        help="config overrides, e.g. MODEL.DEVICE cuda MODEL.DIFFSEG.FREEDA.BUILD.STEPS 25")
     return parser.parse_args(argv)
 
 

@@ -43,7 +43,9 @@ logger = logging.getLogger("diffseg_d2.demo")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="diffseg_d2 demo: open-vocabulary segmentation of images")
-    p.add_argument("--config-file", required=True, metavar="FILE")
+    p.add_argument("--config-file", required=True, metavar="FILE",
+                   help="the method and its weights, e.g. configs/micro/diffsegmenter.yaml (offline), "
+                        "configs/diffsegmenter/voc21.yaml (SD 1.5 from the hub)")
     p.add_argument("--input", nargs="+", help="images, folders or glob patterns (default: the bundled sample image)")
     p.add_argument("--vocab", required=True,
                    help="class names separated by commas, synonyms of one class by semicolons "
