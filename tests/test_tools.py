@@ -80,6 +80,9 @@ def test_train_net_eval_only_prints_miou_from_the_sample_dataset(tiny_cfg_path, 
     for cls in ("background", "person", "chair", "bottle", "dining table"):  # the classes in the sample's GT
         assert re.search(rf"\| {cls}\s*\|", table), cls
     assert (tmp_path / "eval" / "inference" / "diffseg_sample_voc" / "sem_seg_evaluation.pth").exists()
+    # A training-free model has no checkpoint to look for: no misleading "initializing from scratch".
+    assert "No checkpoint found" not in proc.stdout + proc.stderr
+    assert "is training-free: its weights come from its config" in proc.stdout + proc.stderr
 
 
 def test_train_net_refuses_training_a_training_free_model(tiny_cfg_path, tmp_path):

@@ -40,7 +40,14 @@ def main(args):
             print(format_results_table(results), flush=True)
         return results
     model = DiffSegTrainer.build_model(cfg)
-    StrictCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+    training_free = getattr(META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE), "TRAINING_FREE", False)
+    if cfg.MODEL.WEIGHTS or args.resume or not training_free:
+        StrictCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+    else:
+        # Nothing of a training-free model is trained: its weights are the frozen models of its config,
+        # so there is no checkpoint to look for (and no "initializing from scratch" to report).
+        logging.getLogger("detectron2").info("%s is training-free: its weights come from its config.",
+                                         cfg.MODEL.META_ARCHITECTURE)
     results = DiffSegTrainer.test(cfg, model)
     if comm.is_main_process():
         print(format_results_table(results), flush=True)
