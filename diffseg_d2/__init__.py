@@ -4,6 +4,12 @@
 package. It loads no weights and imports none of diffusers, transformers or
 open_clip: those are imported when a model is built.
 """
+import warnings
+
+# fvcore (a detectron2 dependency) compiles a loss with torch.jit.script when it is imported, which
+# recent torch reports as deprecated on every run; nothing a user of this package can act on.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+
 try:
     import detectron2  # noqa: F401
 except ImportError as e:  # pragma: no cover - depends on the environment

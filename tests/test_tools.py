@@ -82,6 +82,7 @@ def test_train_net_eval_only_prints_miou_from_the_sample_dataset(tiny_cfg_path, 
     assert (tmp_path / "eval" / "inference" / "diffseg_sample_voc" / "sem_seg_evaluation.pth").exists()
     # A training-free model has no checkpoint to look for: no misleading "initializing from scratch".
     assert "No checkpoint found" not in proc.stdout + proc.stderr
+    assert "FutureWarning" not in proc.stderr  # fvcore's torch.jit deprecation is silenced
     assert "is training-free: its weights come from its config" in proc.stdout + proc.stderr
 
 

@@ -13,6 +13,7 @@ import argparse
 import logging
 import sys
 
+import diffseg_d2  # noqa: F401, I001  (first: it silences fvcore's torch.jit deprecation warning)
 import torch
 from detectron2.engine import launch
 from detectron2.utils import comm

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import diffseg_d2  # noqa: F401, I001  (first: it silences fvcore's torch.jit deprecation warning)
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.logger import setup_logger
 

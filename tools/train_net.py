@@ -10,6 +10,7 @@ Training-free models (DiffSegmenter, FreeDA) only run with --eval-only.
 """
 import logging
 
+import diffseg_d2  # noqa: F401, I001  (first: it silences fvcore's torch.jit deprecation warning)
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
