@@ -132,5 +132,6 @@ def hub_load_error(location: WeightsLocation, what: str, error: Exception) -> Mi
     return MissingWeightsError(
         f"Could not load the {what} from the hub id '{location.path}' ({location.config_key}): {error}. "
         "Without hub access, download the model elsewhere and set "
-        f"{location.config_key} to its local folder."
+        f"{location.config_key} to its local folder (and set HF_HUB_OFFLINE=1 on a machine without network, "
+        "so that the hub client does not retry)."
     )

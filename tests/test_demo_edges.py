@@ -244,3 +244,18 @@ def test_non_finite_values_while_the_model_is_built_end_with_a_message(tiny_cfg_
         _run(tiny_cfg_path, out, "--vocab", "cat")
     assert "the text encoder (MODEL.DIFFSEG.SD.WEIGHTS) produced non-finite values" in _exit_message(excinfo)
     assert not out.exists()
+
+
+def test_missing_weights_end_in_one_message_and_debug_shows_the_traceback(tiny_cfg_path, tmp_path, monkeypatch):
+    from diffseg_d2.weights import MissingWeightsError
+
+    def unreachable(cfg):
+        raise MissingWeightsError("Could not load the UNet from the hub id 'x/y' (MODEL.DIFFSEG.SD.WEIGHTS): offline.")
+
+    monkeypatch.setattr(demo, "DefaultPredictor", unreachable)
+    with pytest.raises(SystemExit) as stop:
+        _run(tiny_cfg_path, tmp_path / "out", "--vocab", "cat")
+    assert "MODEL.DIFFSEG.SD.WEIGHTS" in str(stop.value.code)
+    with pytest.raises(MissingWeightsError):
+        _run(tiny_cfg_path, tmp_path / "out", "--vocab", "cat", "--debug")
+    assert not (tmp_path / "out").exists()

@@ -37,6 +37,7 @@ from diffseg_d2.data.image import read_image_rgb
 from diffseg_d2.numerics import NonFiniteError
 from diffseg_d2.paths import write_atomically
 from diffseg_d2.vocabulary import BACKGROUND, VocabularyError, background_index, vocabulary_from_command_line
+from diffseg_d2.weights import MissingWeightsError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 logger = logging.getLogger("diffseg_d2.demo")
@@ -54,6 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--output", required=True, help="folder for <name>_overlay.png and <name>_label.png")
     p.add_argument("--no-background", action="store_true", help="do not add a 'background' class")
     p.add_argument("--max-side", type=int, default=2048, help="shrink larger images to this long side first")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an expected error (missing weights, no hub)")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
     return p.parse_args(argv)
 
@@ -145,6 +147,10 @@ def main(argv=None):
     # tokenises to nothing) and encodes it: each error's message names the culprit and the fix.
     try:
         predictor = DefaultPredictor(cfg)
+    except MissingWeightsError as e:  # weights not on disk, or the hub not reachable
+        if args.debug:
+            raise
+        raise SystemExit(str(e)) from None
     except VocabularyError as e:
         raise SystemExit(f"Cannot segment with this vocabulary: {e}") from None
     except NonFiniteError as e:  # e.g. the text encoder, run on the vocabulary's prompts
