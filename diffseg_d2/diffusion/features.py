@@ -27,7 +27,8 @@ from torch import nn
 
 from .instrumentation import shared_instrumentation
 
-PARTS = ("unet", "vae_encoder", "vae_decoder")
+#: The tapped networks, in the reference's order of taps.
+PARTS = ("vae_encoder", "unet", "vae_decoder")
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def feature_taps(diffusion, chosen: Dict[str, Sequence[int]]) -> List[FeatureTap
         raise ValueError(f"Unknown tapped parts {sorted(unknown)}: choose among {list(PARTS)}.")
     layers = tappable_layers(diffusion)
     taps = []
-    for part in ("vae_encoder", "unet", "vae_decoder"):
+    for part in PARTS:
         available = layers[part]
         for index in chosen.get(part, ()):
             if not 0 <= int(index) < len(available):

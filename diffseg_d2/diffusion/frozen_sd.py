@@ -9,7 +9,6 @@ Its parameters never train and it stays in eval mode.
 from __future__ import annotations
 
 import contextlib
-
 import logging
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -21,6 +20,7 @@ from ..numerics import require_finite
 from ..optional_imports import require
 from ..random_models import TINY_SD_FOLDER, build_tiny_stable_diffusion
 from ..weights import WeightsLocation, hub_load_error, resolve_weights
+from .instrumentation import shared_instrumentation
 
 logger = logging.getLogger(__name__)
 
@@ -296,7 +296,6 @@ class FrozenStableDiffusion(nn.Module):
 
 def _time_offsets(unet):
     """The shared hook that adds this thread's offset to ``unet.time_embedding``'s output."""
-    from .instrumentation import shared_instrumentation
 
     def install(instrumentation):
         def hook(module, args, output):

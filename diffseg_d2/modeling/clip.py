@@ -220,22 +220,22 @@ class OpenCLIP(nn.Module):
         return self._finite(torch.einsum("bwhx,wd->bdhx", tokens, visual.proj).float())
 
     @torch.no_grad()
-    def encode_class_synonyms(self, names: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Text embeddings of every synonym of every class.
+    def encode_class_synonyms(self, names: Sequence[str], template: str = "{}") -> Tuple[torch.Tensor, torch.Tensor]:
+        """Text embeddings of every synonym of every class, as they come (``encode_texts``).
 
         A class name may list synonyms separated by commas (``"sofa, couch"``), as
         panoptic datasets' metadata does; a class then scores the best of them.
 
         Returns:
-            ``(embeddings, owner)``: (S, D) L2-normalised template-averaged embeddings
-            of the S synonyms, and (S,) the class index of each.
+            ``(embeddings, owner)``: (S, D) embeddings, not normalised, of the S synonyms each
+            written into ``template``, and (S,) the class index of each.
         """
         synonyms, owner = [], []
         for k, name in enumerate(names):
             parts = split_synonyms(name) or [name]
-            synonyms += parts
+            synonyms += [template.format(p) for p in parts]
             owner += [k] * len(parts)
-        return self.encode_class_names(synonyms), torch.tensor(owner, dtype=torch.long, device=self.device)
+        return self.encode_texts(synonyms), torch.tensor(owner, dtype=torch.long, device=self.device)
 
     def word_positions(self, text: str, word: str) -> Optional[List[int]]:
         """Positions of ``word``'s tokens in the tokenised ``text`` (first occurrence), or None."""

@@ -47,6 +47,7 @@ from torch import nn
 from ...checkpoint_safety import refuse_partial_loads
 from ...config import check_config
 from ...diffusion import FrozenStableDiffusion, decoder_inputs, feature_taps, load_stable_diffusion, record_inputs, tap_modules
+from ...diffusion.features import PARTS
 from ..captioner import ImplicitCaptioner
 from ..clip import OpenCLIP
 from ..frozen import exclude_from_checkpoints
@@ -74,10 +75,14 @@ def window_starts(length: int, window: int, stride: int) -> List[int]:
     return starts
 
 
+def _clamped_stride(stride: int) -> int:
+    """A tap's stride clamped to the output levels' range (4..32), as the reference does."""
+    return min(max(stride, min(LEVEL_STRIDES.values())), max(LEVEL_STRIDES.values()))
+
+
 def _assign_taps(tap_strides: Sequence[int], levels: Sequence[str]) -> Dict[str, List[int]]:
     """Which taps feed which output level: {level: [tap indices]} (see the module docstring)."""
-    lo, hi = min(LEVEL_STRIDES.values()), max(LEVEL_STRIDES.values())
-    clamped = [min(max(s, lo), hi) for s in tap_strides]
+    clamped = [_clamped_stride(s) for s in tap_strides]
     out = {name: [i for i, s in enumerate(clamped) if s == LEVEL_STRIDES[name]] for name in levels}
     for name in levels:
         if not out[name]:
@@ -163,7 +168,10 @@ class DiffusionUNetBackbone(Backbone):
                     self.taps[i].channels, int(out_channels), bottleneck_channels=max(1, int(out_channels) // 4),
                     norm=_group_norm,
                 )
-        self._tapped = {part: [k for k, t in enumerate(self.taps) if t.part == part] for part in ("unet", "vae_encoder", "vae_decoder")}
+        # Per part: which taps it has, the modules whose inputs they read, and their names (for errors).
+        self._tapped = {part: [k for k, t in enumerate(self.taps) if t.part == part] for part in PARTS}
+        self._tap_modules = {part: tap_modules(diffusion, [self.taps[k] for k in self._tapped[part]]) for part in PARTS}
+        self._tap_names = {part: [self.taps[k].name for k in self._tapped[part]] for part in PARTS}
         frozen = ["diffusion"] + (["captioner.clip"] if captioner is not None else [])
         exclude_from_checkpoints(self, frozen)
         refuse_partial_loads(self)
@@ -225,13 +233,12 @@ class DiffusionUNetBackbone(Backbone):
     def released_projection_order(self) -> List[str]:
         """Our projection of each tap in the reference's order (VAE encoder, UNet, VAE decoder
         taps), the order of a released checkpoint's ``backbone.feature_projections``."""
-        lo, hi = min(LEVEL_STRIDES.values()), max(LEVEL_STRIDES.values())
         names = []
         for i, tap in enumerate(self.taps):
             levels = [level for level, indices in self.level_taps.items() if i in indices]
             if not levels:
                 raise ValueError(f"Tap {tap.name} feeds no output level in OUT_FEATURES {self._out_features}.")
-            own = [lv for lv in levels if LEVEL_STRIDES[lv] == min(max(tap.stride, lo), hi)]
+            own = [lv for lv in levels if LEVEL_STRIDES[lv] == _clamped_stride(tap.stride)]
             names.append(_projection_name((own or levels)[0], tap))
         return names
 
@@ -280,13 +287,15 @@ class DiffusionUNetBackbone(Backbone):
         n, side = windows.shape[0], windows.shape[-1]
         if side != self.window:
             windows = F.interpolate(windows, size=(self.window, self.window), mode="bicubic", align_corners=False)
-        encoder_modules = tap_modules(d, [self.taps[k] for k in self._tapped["vae_encoder"]])
-        with record_inputs(encoder_modules) as encoder_recording:
-            latents = d.encode_images(windows)
         tapped: List[Optional[torch.Tensor]] = [None] * len(self.taps)
-        names = [self.taps[k].name for k in self._tapped["vae_encoder"]]
-        for k, feature in zip(self._tapped["vae_encoder"], encoder_recording.collected(names)):
-            tapped[k] = feature
+
+        def keep(part: str, features: Sequence[torch.Tensor]) -> None:
+            for k, feature in zip(self._tapped[part], features):
+                tapped[k] = feature
+
+        with record_inputs(self._tap_modules["vae_encoder"]) as encoder_recording:
+            latents = d.encode_images(windows)
+        keep("vae_encoder", encoder_recording.collected(self._tap_names["vae_encoder"]))
         # The same noise for every window, however windows are batched: features are a function
         # of the window's pixels alone.
         generator = torch.Generator().manual_seed(self.seed)
@@ -295,19 +304,14 @@ class DiffusionUNetBackbone(Backbone):
         time_offset = None
         if self.captioner is not None:
             context, time_offset = self.captioner((windows.float() + 1.0) * 127.5, context[:1])
-        unet_modules = tap_modules(d, [self.taps[k] for k in self._tapped["unet"]])
-        with record_inputs(unet_modules) as unet_recording:
+        with record_inputs(self._tap_modules["unet"]) as unet_recording:
             d.unet_forward(noisy, self.noise_step, context, grad=self.captioner is not None, time_offset=time_offset)
-        names = [self.taps[k].name for k in self._tapped["unet"]]
-        for k, feature in zip(self._tapped["unet"], unet_recording.collected(names)):
-            tapped[k] = feature
+        keep("unet", unet_recording.collected(self._tap_names["unet"]))
         if self._tapped["vae_decoder"]:
             with torch.no_grad():
-                decoded = decoder_inputs(
+                keep("vae_decoder", decoder_inputs(
                     d.vae, latents / d.vae.config.scaling_factor, [self.taps[k].index for k in self._tapped["vae_decoder"]]
-                )
-            for k, feature in zip(self._tapped["vae_decoder"], decoded):
-                tapped[k] = feature
+                ))
         out = {}
         for level, indices in self.level_taps.items():
             size = (side // LEVEL_STRIDES[level],) * 2

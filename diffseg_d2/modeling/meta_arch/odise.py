@@ -310,12 +310,8 @@ class ODISE(nn.Module):
     def _text(self, names: Sequence[str], template: str = "{}") -> Tuple[torch.Tensor, torch.Tensor]:
         """CLIP embeddings (S, D), not normalised, of every synonym of ``names`` written into
         ``template`` (the head's are bare, as in the reference), and (S,) the class of each."""
-        synonyms, owner = [], []
-        for k, name in enumerate(names):
-            parts = split_synonyms(name) or [name]
-            synonyms += [template.format(p) for p in parts]
-            owner += [k] * len(parts)
-        return self.clip.encode_texts(synonyms), torch.tensor(owner, dtype=torch.long, device=self.device)
+        text, owner = self.clip.encode_class_synonyms(list(names), template)
+        return text, owner.to(self.device)
 
     # ------------------------------------------------------------------ forward
     def _images(self, batched_inputs: List[Dict]) -> Tuple[ImageList, List[torch.Tensor]]:
@@ -477,9 +473,9 @@ class ODISE(nn.Module):
         K = len(names)
         text, owner = self._text(names, self.head_template)
         logits = self.classifier(embeds[None], text, owner, K)[0]
+        log_head = logits[:, :K].log_softmax(-1)
         if binary is not None:  # caption-trained: classes from the text, "no object" from the binary head
             void = binary.float().softmax(-1)[:, 1:]
-            log_head = logits[:, :K].log_softmax(-1)
             if not self.ensemble:
                 return torch.cat([log_head.exp() * (1 - void), void], dim=-1)
         else:
@@ -487,7 +483,6 @@ class ODISE(nn.Module):
             if not self.ensemble:
                 return probs
             void = probs[:, K:]
-            log_head = logits[:, :K].log_softmax(-1)
         clip_text, clip_owner = self._text(names, self.ensemble_template)
         clip_text = F.normalize(clip_text, dim=-1)
         if self.ensemble_clip == "maskclip":
