@@ -26,9 +26,10 @@ $(STAMP): setup.py tools/install_detectron2.py
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) tools/make_microworld.py --splits --export-scenes output/demo/scenes --sheet-scenes 4
+	$(PY) tools/make_microworld.py --splits --export-scenes output/demo/scenes --export-scale 4 --sheet-scenes 4
 	$(PY) tools/demo.py --config-file $(DEMO_CONFIG) --vocab "$(DEMO_VOCAB)" --output output/demo \
 		--input output/demo/scenes "$$($(PY) -m diffseg_d2.data.datasets.register_sample)"
+	$(PY) tools/make_microworld.py --splits --describe output/demo --vocab "background,$(DEMO_VOCAB)"
 	@echo "Overlay and label PNGs are in output/demo/ (micro-world models: see README, Micro-world)"
 
 test: $(STAMP)

@@ -23,6 +23,11 @@ def add_diffseg_config(cfg: CN) -> CN:
     cfg.defrost()
     _c = cfg.MODEL.DIFFSEG = CN()
 
+    # --- evaluation (tools/train_net.py --eval-only) -------------------------------
+    # Also write each image's semantic confusion matrix (sem_seg_per_image.npz next to the results)
+    # for bootstrap intervals over images (tools/benchmark_quality.py turns it on).
+    cfg.TEST.PER_IMAGE_CONFUSION = False
+
     # --- the shared Stable Diffusion substrate -----------------------------------
     _c.SD = CN()
     # Hub id, local diffusers folder (model_index.json + unet/ vae/ text_encoder/
@@ -32,6 +37,15 @@ def add_diffseg_config(cfg: CN) -> CN:
     _c.SD.REVISION = ""
     # Compute dtype of the frozen SD parts: float32, float16 or bfloat16 (the last two on CUDA only).
     _c.SD.DTYPE = "float32"
+
+    # --- panoptic output of the training-free methods (DiffSegmenter, FreeDA, DAAM) ----------
+    # Their panoptic_seg is made from the semantic argmax: a stuff class's pixels are one segment,
+    # a thing class (the dataset's thing_classes; with MODEL.DIFFSEG.VOCABULARY every class but
+    # "background") is split into connected regions. None of the papers makes one: ours.
+    _c.PANOPTIC = CN()
+    _c.PANOPTIC.ENABLED = True
+    # Segments under this fraction of the image's pixels are dropped (their pixels: no segment).
+    _c.PANOPTIC.MIN_AREA = 0.001
 
     # --- DiffSegmenter (defaults: the reference code's computation) -------------------------
     # Side of the square the image is resized to before the VAE (512 for SD 1.5).

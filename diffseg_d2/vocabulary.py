@@ -8,7 +8,7 @@ vocabulary here, so the same mistakes get the same messages.
 from __future__ import annotations
 
 import unicodedata
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 BACKGROUND = "background"
 
@@ -111,3 +111,26 @@ def vocabulary_from_metadata(dataset_name: str) -> List[str]:
             f"MetadataCatalog.get('{dataset_name}').set(stuff_classes=[...]), or set MODEL.DIFFSEG.VOCABULARY."
         )
     return parse_vocabulary(classes)
+
+
+def classes_from_metadata(dataset_name: str) -> Tuple[List[str], List[str]]:
+    """``(classes, thing_classes)`` of a dataset's metadata: :func:`vocabulary_from_metadata` and the
+    subset that are countable things (its ``thing_classes``; empty for semantic datasets). A
+    metadata-only entry with ``thing_classes`` alone makes every class a thing."""
+    from detectron2.data import MetadataCatalog
+
+    classes = vocabulary_from_metadata(dataset_name)
+    return classes, list(MetadataCatalog.get(dataset_name).get("thing_classes", []) or [])
+
+
+def thing_flags(names: Sequence[str], thing_classes: Optional[Sequence[str]] = None) -> List[bool]:
+    """Per class of ``names``, whether it is a thing (instances, panoptic ``isthing``).
+
+    Args:
+        thing_classes: the names that are things (compared case-insensitively); None when nobody
+            says, which makes every class except "background" a thing.
+    """
+    if thing_classes is None:
+        return [n.strip().lower() != BACKGROUND for n in names]
+    thing_set = {t.strip().lower() for t in thing_classes}
+    return [n.strip().lower() in thing_set for n in names]

@@ -1,5 +1,6 @@
 """tools/benchmark_quality.py: the micro-world quality table, as a user runs it (on a few scenes)."""
 import os
+import re
 import sys
 
 import numpy as np
@@ -42,24 +43,38 @@ def test_the_table_is_written_with_baselines_a_method_row_and_a_failed_row(monke
     target = tmp_path / "BENCHMARKS.md"
     target.write_text("# Benchmarks\n\nText that stays.\n")
 
-    rows = dict(benchmark_quality.main(
-        ["--count", "6", "--rows", "cross-attention only", "do not exist", "--write", str(target)]))
+    rows = {label: result for label, result, _ in benchmark_quality.main(
+        ["--count", "6", "--rows", "paper configs", "cross-attention only", "do not exist", "--write", str(target)])}
 
-    assert list(rows) == ["all background", "random class per pixel",
-                          "DiffSegmenter, reference mode, cross-attention only (no refinement)",
-                          "DiffSegmenter, weights that do not exist"]
+    reference = benchmark_quality.DIFFSEG_REF
+    label = "DiffSegmenter, reference mode, cross-attention only (no refinement)"
+    assert list(rows) == [
+        "all background", "random class per pixel", reference, label, "DiffSegmenter, weights that do not exist"]
     shapes, colours = benchmark_quality.semseg_datasets("val")
     for dataset in (shapes, colours):
         assert abs(rows["all background"][dataset] - _all_background_miou(dataset)) < 1e-6
-    method = rows["DiffSegmenter, reference mode, cross-attention only (no refinement)"]
-    assert set(method) == {shapes, colours} and all(0 <= v <= 100 for v in method.values())
+    method = rows[label]
+    assert set(method) == {shapes, colours, "per_image"} and all(0 <= method[d] <= 100 for d in (shapes, colours))
+    # Per-scene confusion matrices of the 6 scenes, summing to the evaluator's mIoU.
+    from diffseg_d2.evaluation.bootstrap import miou_from_confusion
+
+    names, confusion = method["per_image"][shapes]
+    assert len(names) == 6 and confusion.shape == (6, 6, 6)
+    assert abs(float(miou_from_confusion(confusion.sum(0))) - method[shapes]) < 1e-3
     assert "nowhere" in rows["DiffSegmenter, weights that do not exist"]["error"]
 
     text = target.read_text()
     assert text.startswith("# Benchmarks\n\nText that stays.\n")
     assert "6 val scenes per dataset" in text
-    label = "DiffSegmenter, reference mode, cross-attention only (no refinement)"
-    assert f"| {label} | {method[shapes]:.1f} | {method[colours]:.1f} |" in text
+    # Each value with its interval; the departure row also with its difference from reference mode.
+    row = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+    assert f"| {label} | {method[shapes]:.1f} [" in row
+    ref = rows[reference]
+    shapes_cell = row.split("|")[2]
+    diff = re.search(r"; ([+-][0-9.]+) \[([+-][0-9.]+), ([+-][0-9.]+)\]", shapes_cell)
+    assert diff, shapes_cell
+    assert abs(float(diff.group(1)) - (method[shapes] - ref[shapes])) < 0.06
+    assert float(diff.group(2)) <= float(diff.group(1)) <= float(diff.group(3))
     assert "| DiffSegmenter, weights that do not exist | failed: " in text
 
 

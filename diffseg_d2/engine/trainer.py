@@ -94,7 +94,7 @@ class DiffSegTrainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return build_evaluator(dataset_name, output_dir=output_folder)
+        return build_evaluator(dataset_name, output_dir=output_folder, per_image=cfg.TEST.PER_IMAGE_CONFUSION)
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):

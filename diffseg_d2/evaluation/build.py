@@ -18,6 +18,7 @@ from detectron2.evaluation import (
 )
 
 from ..data.datasets.register_semseg import build_label_lut
+from .bootstrap import PerImageSemSegEvaluator
 from .sem_seg import SemSegGTLoader
 
 __all__ = [
@@ -86,9 +87,11 @@ def _panoptic_dataset_names() -> List[str]:
     return sorted(n for n in MetadataCatalog.list() if n.startswith("diffseg_") and _is_panoptic(MetadataCatalog.get(n)))
 
 
-def _sem_seg_evaluator(dataset_name: str, lut, output_dir: Optional[str], distributed: bool) -> SemSegEvaluator:
+def _sem_seg_evaluator(dataset_name: str, lut, output_dir: Optional[str], distributed: bool,
+                       per_image: bool = False) -> SemSegEvaluator:
     """detectron2's SemSegEvaluator reading ground-truth PNGs through the value table ``lut``."""
-    return SemSegEvaluator(
+    kind = PerImageSemSegEvaluator if per_image else SemSegEvaluator
+    return kind(
         dataset_name, distributed=distributed, output_dir=output_dir, sem_seg_loading_fn=SemSegGTLoader(lut)
     )
 
@@ -117,7 +120,7 @@ def check_panoptic_dataset(dataset_name: str) -> None:
 
 
 def _build_panoptic_evaluator(
-    dataset_name: str, meta: Metadata, output_dir: Optional[str], distributed: bool
+    dataset_name: str, meta: Metadata, output_dir: Optional[str], distributed: bool, per_image: bool
 ) -> DatasetEvaluators:
     check_panoptic_dataset(dataset_name)
     records = DatasetCatalog.get(dataset_name)  # lists the files (writes the sample's)
@@ -135,7 +138,7 @@ def _build_panoptic_evaluator(
     if meta.get("sem_seg_root") and records and all("sem_seg_file_name" in r for r in records):
         # Semantic PNGs of panoptic datasets hold contiguous ids already.
         identity = build_label_lut({i: i for i in range(len(meta.stuff_classes))})
-        evaluators.append(_sem_seg_evaluator(dataset_name, identity, output_dir, distributed))
+        evaluators.append(_sem_seg_evaluator(dataset_name, identity, output_dir, distributed, per_image))
     else:
         logger.info(
             "'%s' has no semantic PNGs (sem_seg_root): mIoU is not evaluated.", dataset_name
@@ -162,7 +165,7 @@ def _build_panoptic_evaluator(
 
 
 def build_evaluator(
-    dataset_name: str, output_dir: Optional[str] = None, distributed: bool = True
+    dataset_name: str, output_dir: Optional[str] = None, distributed: bool = True, per_image: bool = False
 ) -> DatasetEvaluator:
     """The detectron2 evaluator for a registered dataset, chosen by its ``evaluator_type``.
 
@@ -170,6 +173,8 @@ def build_evaluator(
         dataset_name: a name in ``DatasetCatalog``/``MetadataCatalog``.
         output_dir: where the evaluators write predictions and results (None: nowhere).
         distributed: gather results from all processes before computing metrics.
+        per_image: mIoU through :class:`~diffseg_d2.evaluation.bootstrap.PerImageSemSegEvaluator`,
+            which also writes each image's confusion matrix into ``output_dir`` (for intervals).
 
     Returns:
         For ``"sem_seg"``: ``SemSegEvaluator`` reading GT through
@@ -201,9 +206,9 @@ def build_evaluator(
                 "'%s' has no gt_label_lut; raw GT values are used as class ids.", dataset_name
             )
             lut = tuple(range(256))
-        return _sem_seg_evaluator(dataset_name, lut, output_dir, distributed)
+        return _sem_seg_evaluator(dataset_name, lut, output_dir, distributed, per_image)
     if evaluator_type == "coco_panoptic_seg":
-        return _build_panoptic_evaluator(dataset_name, meta, output_dir, distributed)
+        return _build_panoptic_evaluator(dataset_name, meta, output_dir, distributed, per_image)
     raise ValueError(
         f"No evaluator for dataset '{dataset_name}': its metadata evaluator_type is "
         f"{evaluator_type!r}, supported: {list(SUPPORTED_EVALUATOR_TYPES)}."

@@ -160,11 +160,27 @@ class Scene:
         Both the colour word and the shape word of an object map to its mask; a word shared by
         several objects (two red objects, two circles) maps to the union of their masks.
         """
-        out: Dict[str, np.ndarray] = {}
-        for obj in self.objects:
-            for word in (obj.colour, obj.shape):
+        return self.mentions([True] * len(self.objects))[1]
+
+    def mentions(self, keep_colour: Sequence[bool]) -> Tuple[str, Dict[str, np.ndarray]]:
+        """A caption that names some objects by shape alone, and its word masks.
+
+        Args:
+            keep_colour: per object (caption order), whether its colour word is said:
+                ``[True, False]`` gives ``"a red circle and a square"``.
+
+        Returns:
+            ``(caption, word masks)``: the masks as :meth:`word_masks`, over the words said.
+        """
+        if len(keep_colour) != len(self.objects):
+            raise ValueError(f"keep_colour has {len(keep_colour)} entries for {len(self.objects)} objects")
+        names, out = [], {}
+        for obj, keep in zip(self.objects, keep_colour):
+            words = (obj.colour, obj.shape) if keep else (obj.shape,)
+            names.append(" ".join(words))
+            for word in words:
                 out[word] = out[word] | obj.mask if word in out else obj.mask.copy()
-        return out
+        return caption_of(names), out
 
 
 def caption_of(names: Sequence[str]) -> str:

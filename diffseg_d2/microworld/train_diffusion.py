@@ -59,12 +59,20 @@ class DiffusionTrainingSettings:
     vae_batch: int = 16
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
-    steps: int = 1500
+    steps: int = 2500
     batch: int = 32
     lr: float = 5e-4
     caption_dropout: float = 0.1
     align_weight: float = 1.0
     align_pixel_weight: float = 1.0
+    # Each object's colour word is left out of the caption with this probability ("a red circle
+    # and a square"). Without it every shape word follows its colour word, the causal text encoder
+    # hands the colour to the shape token, and the UNet binds shape words by colour: prompts
+    # naming a shape alone ("a circle", as DiffSegmenter's) then find nothing (issue 15).
+    colour_word_dropout: float = 0.5
+    # Weight each image's alignment term by SD's signal share alpha_bar(t): at t near 1000 the
+    # latent is almost pure noise and no map can find the objects.
+    align_by_signal: bool = True
     checkpoint_every: int = 200
     extra: Dict[str, str] = field(default_factory=dict)
 
@@ -121,24 +129,26 @@ class AlignmentProcessor:
 
 
 def alignment_loss(maps: List[Tuple[int, int, torch.Tensor]], masks: List[Optional[torch.Tensor]],
-                   pixel_weight: float) -> torch.Tensor:
+                   pixel_weight: float, image_weights: Optional[Sequence[float]] = None) -> torch.Tensor:
     """Mean over recorded (layer, image) maps of the mass and pixel terms against the word masks.
 
     Args:
         maps: ``(image b, positions N, (W, N) attention on each word)`` per layer call.
         masks: per image, (W, 64, 64) float word masks (None for images without words).
+        image_weights: per image, the weight of its terms in the mean (all 1 when None).
     """
-    total, count = None, 0
+    total, count = None, 0.0
     for b, n, m in maps:
         side = int(round(n**0.5))
         target = F.adaptive_avg_pool2d(masks[b][:, None], side).flatten(1)  # (W, N) share of the cell covered
         inside = (m * target).sum(1) / m.sum(1).clamp(min=1e-6)
         mass = (1 - inside).square().mean()
         pixel = F.binary_cross_entropy(m.clamp(1e-6, 1 - 1e-6), target)
-        loss = mass + pixel_weight * pixel
+        w = 1.0 if image_weights is None else float(image_weights[b])
+        loss = w * (mass + pixel_weight * pixel)
         total = loss if total is None else total + loss
-        count += 1
-    return total / count
+        count += w
+    return total / max(count, 1e-8)
 
 
 # ---------------------------------------------------------------------- training
@@ -217,7 +227,9 @@ def train_micro_diffusion(output: Path, settings: DiffusionTrainingSettings, res
         generator = step_generator(settings.seed, 10**6 + step)
         drop = rng.random(settings.batch) < settings.caption_dropout
         timesteps = torch.from_numpy(rng.integers(0, scheduler.config.num_train_timesteps, settings.batch))
-        captions = ["" if drop[i] else s.caption for i, s in enumerate(scenes)]
+        keep_colour = [rng.random(len(s.objects)) >= settings.colour_word_dropout for s in scenes]
+        mentions = [s.mentions(list(keep)) for s, keep in zip(scenes, keep_colour)]
+        captions = ["" if drop[i] else mentions[i][0] for i in range(len(scenes))]
         ids = tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
         with torch.no_grad():  # in chunks of vae_batch, for the reason given in the settings
             latents = torch.cat([vae.encode(chunk).latent_dist.sample(generator=generator)
@@ -229,7 +241,7 @@ def train_micro_diffusion(output: Path, settings: DiffusionTrainingSettings, res
         masks: List[Optional[torch.Tensor]] = []
         processor.requests, processor.maps = [], []
         for i, s in enumerate(scenes if settings.align_weight > 0 else ()):  # word maps only feed the alignment
-            word_masks = {} if drop[i] else s.word_masks()
+            word_masks = {} if drop[i] else mentions[i][1]
             words = [w for w in word_masks]
             positions = word_tokens(tokenizer, captions[i], words) if words else []
             keep = [j for j, p in enumerate(positions) if p is not None]
@@ -245,13 +257,14 @@ def train_micro_diffusion(output: Path, settings: DiffusionTrainingSettings, res
         loss = denoise
         align = torch.zeros(())
         if settings.align_weight > 0 and processor.maps:
-            align = alignment_loss(processor.maps, masks, settings.align_pixel_weight)
+            signal = scheduler.alphas_cumprod[timesteps].tolist() if settings.align_by_signal else None
+            align = alignment_loss(processor.maps, masks, settings.align_pixel_weight, signal)
             loss = loss + settings.align_weight * align
         opt.zero_grad()
         loss.backward()
         opt.step()
-        history["denoise"].append(float(denoise))
-        history["align"].append(float(align))
+        history["denoise"].append(float(denoise.detach()))
+        history["align"].append(float(align.detach()))
         if (step + 1) % 50 == 0:
             logger.info("step %d/%d denoise %.4f align %.4f (%.1f s)", step + 1, settings.steps,
                         float(np.mean(history["denoise"][-50:])), float(np.mean(history["align"][-50:])),

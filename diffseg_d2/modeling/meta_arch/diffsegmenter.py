@@ -52,6 +52,8 @@ class DiffSegmenter(OpenVocabularySegmenter):
         *,
         diffusion: FrozenStableDiffusion,
         vocabulary: Optional[Sequence[str]] = None,
+        thing_classes: Optional[Sequence[str]] = None,
+        panoptic_min_area: Optional[float] = None,
         image_size: int = 512,
         resize_antialias: bool = False,
         vae_latent: str = "sample",
@@ -85,6 +87,9 @@ class DiffSegmenter(OpenVocabularySegmenter):
             vocabulary: class names, the channel order of ``sem_seg``; a class
                 named "background" gets the constant ``background_threshold``.
                 May be set later with ``set_vocabulary`` or per input.
+            thing_classes: the vocabulary's thing classes (None: all but background).
+            panoptic_min_area: smallest panoptic segment, a fraction of the image (None: no
+                ``panoptic_seg``); see ``OpenVocabularySegmenter``.
             image_size: side of the square the image is resized to for the VAE.
             resize_antialias: antialias that resize (the reference does not).
             vae_latent: "sample" (a seeded posterior draw, the reference) or "mean".
@@ -115,7 +120,7 @@ class DiffSegmenter(OpenVocabularySegmenter):
                 appended to every prompt (ours, one generation per image).
             input_format: "RGB" or "BGR", the channel order of input images.
         """
-        super().__init__(input_format=input_format)
+        super().__init__(input_format=input_format, panoptic_min_area=panoptic_min_area)
         choices = {
             "CONDITIONING": (conditioning, ("shared", "per_class")),
             "REFINEMENT": (refinement, ("own", "averaged")),
@@ -176,13 +181,12 @@ class DiffSegmenter(OpenVocabularySegmenter):
         self.register_buffer("pixel_mean", torch.full((3, 1, 1), 127.5), persistent=False)
         self.register_buffer("pixel_std", torch.full((3, 1, 1), 127.5), persistent=False)
         if vocabulary:
-            self.set_vocabulary(vocabulary)
+            self.set_vocabulary(vocabulary, thing_classes)
 
     @classmethod
     def from_config(cls, cfg) -> Dict:
         check_config(cfg)
         d = cfg.MODEL.DIFFSEG
-        vocabulary = vocabulary_from_config(cfg)
         category_filter = captioner = None
         if d.CATEGORY_FILTER.ENABLED:
             from ..clip import CategoryFilter, OpenCLIP
@@ -201,7 +205,7 @@ class DiffSegmenter(OpenVocabularySegmenter):
         )
         return {
             "diffusion": diffusion,
-            "vocabulary": vocabulary,
+            **vocabulary_from_config(cfg),
             "image_size": d.IMAGE_SIZE,
             "resize_antialias": d.RESIZE_ANTIALIAS,
             "vae_latent": d.VAE_LATENT,

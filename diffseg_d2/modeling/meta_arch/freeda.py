@@ -52,6 +52,8 @@ class FreeDA(OpenVocabularySegmenter):
         clip: nn.Module,
         dino: nn.Module,
         vocabulary: Optional[Sequence[str]] = None,
+        thing_classes: Optional[Sequence[str]] = None,
+        panoptic_min_area: Optional[float] = None,
         top_k: int = 350,
         min_key_similarity: float = -1.0,
         query: str = "sentence",
@@ -80,6 +82,9 @@ class FreeDA(OpenVocabularySegmenter):
             dino: ``DenseDINO``, the model that made the bank's prototypes.
             vocabulary: class names, the channel order of ``sem_seg``; a class
                 named "background" gets the constant ``background_score``.
+            thing_classes: the vocabulary's thing classes (None: all but background).
+            panoptic_min_area: smallest panoptic segment, a fraction of the image (None: no
+                ``panoptic_seg``); see ``OpenVocabularySegmenter``.
             top_k: keys retrieved per class.
             min_key_similarity: a class whose nearest key is less similar gets the
                 global score alone (ours; -1 = never).
@@ -100,7 +105,7 @@ class FreeDA(OpenVocabularySegmenter):
             resize: with "window", "cv2" (OpenCV on 8-bit values, the reference) or "torch" (ours).
             input_format: "RGB" or "BGR", the channel order of input images.
         """
-        super().__init__(input_format=input_format)
+        super().__init__(input_format=input_format, panoptic_min_area=panoptic_min_area)
         if not query_templates or any("{}" not in t for t in query_templates):
             raise ValueError(f"MODEL.DIFFSEG.FREEDA.QUERY_TEMPLATES need '{{}}' in each, got {list(query_templates)}.")
         if not 0.0 <= local_weight <= 1.0:
@@ -140,7 +145,7 @@ class FreeDA(OpenVocabularySegmenter):
         #: seconds spent per stage on the last image (superpixels, dino, clip, scoring), for benchmarks
         self.last_timings: Dict[str, float] = {}
         if vocabulary:
-            self.set_vocabulary(vocabulary)
+            self.set_vocabulary(vocabulary, thing_classes)
 
     @classmethod
     def from_config(cls, cfg) -> Dict:
@@ -149,7 +154,6 @@ class FreeDA(OpenVocabularySegmenter):
 
         check_config(cfg)
         d, f = cfg.MODEL.DIFFSEG, cfg.MODEL.DIFFSEG.FREEDA
-        vocabulary = vocabulary_from_config(cfg)
         # The bank is read (and checked) before the models load: a wrong folder fails fast.
         bank = load_bank(f.BANK, top_k=f.TOP_K, ef_search=f.EF_SEARCH, nprobe=f.NPROBE)
         clip = OpenCLIP.from_weights(d.CLIP.WEIGHTS, d.CLIP.TEMPLATES)
@@ -161,7 +165,7 @@ class FreeDA(OpenVocabularySegmenter):
             "bank": bank,
             "clip": clip,
             "dino": dino,
-            "vocabulary": vocabulary,
+            **vocabulary_from_config(cfg),
             "top_k": f.TOP_K,
             "min_key_similarity": f.MIN_KEY_SIMILARITY,
             "query": f.QUERY,

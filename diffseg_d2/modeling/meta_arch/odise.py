@@ -29,7 +29,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import BitMasks, Boxes, ImageList, Instances
@@ -38,7 +37,7 @@ from torch import nn
 from ...checkpoint_safety import refuse_partial_loads
 from ...config import check_config
 from ...numerics import require_finite
-from ...vocabulary import BACKGROUND, parse_vocabulary, split_synonyms, vocabulary_from_metadata
+from ...vocabulary import classes_from_metadata, parse_vocabulary, split_synonyms, thing_flags
 from ..clip import OpenCLIP
 from ..frozen import exclude_from_checkpoints
 from ..heads import (
@@ -58,18 +57,6 @@ _KEY = "MODEL.DIFFSEG.ODISE"
 def _synonyms(name: str) -> List[str]:
     """A class's synonyms, lower-cased: how seen (training) classes are recognised."""
     return [s.lower() for s in split_synonyms(name)]
-
-
-def _default_things(names: Sequence[str]) -> List[bool]:
-    """Which classes are things when nobody says: every class except "background"."""
-    return [n.strip().lower() != BACKGROUND for n in names]
-
-
-def classes_from_metadata(dataset_name: str) -> Tuple[List[str], List[str]]:
-    """``(classes, thing_classes)`` of a registered dataset: its ``stuff_classes`` (all classes, in
-    contiguous-id order) and the subset that are things (``thing_classes``; empty for semantic datasets)."""
-    classes = vocabulary_from_metadata(dataset_name)
-    return classes, list(MetadataCatalog.get(dataset_name).get("thing_classes", []) or [])
 
 
 @META_ARCH_REGISTRY.register()
@@ -296,12 +283,7 @@ class ODISE(nn.Module):
                 "isthing"); None = every class except "background".
         """
         names = parse_vocabulary(names)
-        if thing_classes is None:
-            things = _default_things(names)
-        else:
-            thing_set = {t.strip().lower() for t in thing_classes}
-            things = [n.strip().lower() in thing_set for n in names]
-        self._vocabulary, self._things = names, things
+        self._vocabulary, self._things = names, thing_flags(names, thing_classes)
 
     def set_vocabulary_from_dataset(self, dataset_name: str) -> None:
         """Use a registered dataset's classes and thing classes (the one being evaluated)."""
@@ -419,7 +401,7 @@ class ODISE(nn.Module):
         for i, x in enumerate(batched_inputs):
             if "vocabulary" in x:
                 names = parse_vocabulary(x["vocabulary"])
-                things = _default_things(names)
+                things = thing_flags(names)
             elif self._vocabulary is not None:
                 names, things = self._vocabulary, self._things
             else:

@@ -1,10 +1,11 @@
 """What every training-free open-vocabulary semantic segmenter of the package shares.
 
 The vocabulary (set by config, by the evaluated dataset, by ``set_vocabulary`` or
-per input), the checks of input images, the detectron2 ``forward`` contract, and
-a small LRU cache for what a method computes once per vocabulary. A subclass
-implements ``segment(image, names, out_size)`` and, optionally,
-``_check_vocabulary(names)`` to reject a vocabulary before it is used.
+per input) with its thing classes, the checks of input images, the detectron2
+``forward`` contract (``sem_seg``, and ``panoptic_seg`` made from it), and a small
+LRU cache for what a method computes once per vocabulary. A subclass implements
+``segment(image, names, out_size)`` and, optionally, ``_check_vocabulary(names)``
+to reject a vocabulary before it is used.
 """
 from __future__ import annotations
 
@@ -16,35 +17,50 @@ from torch import nn
 from ...checkpoint_safety import refuse_partial_loads
 from ...lru import LRUCache
 from ...numerics import require_finite
-from ...vocabulary import parse_vocabulary, vocabulary_from_metadata
+from ...vocabulary import classes_from_metadata, parse_vocabulary, thing_flags
+from .semantic_to_panoptic import semantic_to_panoptic
 
 _CACHE_SIZE = 8
 
 
-def vocabulary_from_config(cfg) -> Optional[List[str]]:
-    """``MODEL.DIFFSEG.VOCABULARY``, else the classes of ``DATASETS.TEST[0]``, else None."""
-    vocabulary = list(cfg.MODEL.DIFFSEG.VOCABULARY) or None
+def vocabulary_from_config(cfg) -> Dict:
+    """The base's keyword arguments from a config: ``vocabulary`` (``MODEL.DIFFSEG.VOCABULARY``, else
+    the classes of ``DATASETS.TEST[0]``, else None), ``thing_classes`` (that dataset's, else None:
+    every class but background) and ``panoptic_min_area`` (None when ``PANOPTIC.ENABLED`` is off)."""
+    vocabulary, things = list(cfg.MODEL.DIFFSEG.VOCABULARY) or None, None
     if vocabulary is None and len(cfg.DATASETS.TEST):
-        vocabulary = vocabulary_from_metadata(cfg.DATASETS.TEST[0])
-    return vocabulary
+        vocabulary, things = classes_from_metadata(cfg.DATASETS.TEST[0])
+    panoptic = cfg.MODEL.DIFFSEG.PANOPTIC
+    return dict(vocabulary=vocabulary, thing_classes=things,
+                panoptic_min_area=float(panoptic.MIN_AREA) if panoptic.ENABLED else None)
 
 
 class OpenVocabularySegmenter(nn.Module):
-    """Base of the training-free segmenters (``sem_seg`` output, one channel per class).
+    """Base of the training-free segmenters (``sem_seg`` output, one channel per class, and ``panoptic_seg``).
 
-    Subclasses call ``super().__init__(input_format=...)`` first and ``set_vocabulary`` last,
-    once the modules that check a vocabulary exist.
+    Subclasses call ``super().__init__(input_format=..., panoptic_min_area=...)`` first and
+    ``set_vocabulary`` last, once the modules that check a vocabulary exist.
+
+    Args:
+        input_format: "RGB" or "BGR", the channel order of input images.
+        panoptic_min_area: also return ``panoptic_seg`` (:func:`semantic_to_panoptic`), dropping
+            segments under this fraction of the image; None: ``sem_seg`` only.
     """
 
     # Read by tools/train_net.py: a training-free model is only ever evaluated.
     TRAINING_FREE = True
 
-    def __init__(self, *, input_format: str = "RGB"):
+    def __init__(self, *, input_format: str = "RGB", panoptic_min_area: Optional[float] = None):
         super().__init__()
         if input_format not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT must be 'RGB' or 'BGR' for {type(self).__name__}, not {input_format!r}.")
+        if panoptic_min_area is not None and not 0.0 <= panoptic_min_area < 1.0:
+            raise ValueError(f"MODEL.DIFFSEG.PANOPTIC.MIN_AREA is a fraction of the image in [0, 1), "
+                             f"got {panoptic_min_area}.")
         self.input_format = input_format
+        self.panoptic_min_area = panoptic_min_area
         self._vocabulary: Optional[List[str]] = None
+        self._things: List[bool] = []
         self._cache = LRUCache(_CACHE_SIZE)
         # An empty buffer that follows .to(): where the model lives (cfg.MODEL.DEVICE).
         self.register_buffer("_device_anchor", torch.zeros(0), persistent=False)
@@ -59,15 +75,20 @@ class OpenVocabularySegmenter(nn.Module):
     def vocabulary(self) -> Optional[List[str]]:
         return None if self._vocabulary is None else list(self._vocabulary)
 
-    def set_vocabulary(self, names) -> None:
-        """Set the classes to segment (a list or a comma-separated string), checked before use."""
+    def set_vocabulary(self, names, thing_classes: Optional[Sequence[str]] = None) -> None:
+        """Set the classes to segment (a list or a comma-separated string), checked before use.
+
+        Args:
+            thing_classes: the names that are things (split into instances in ``panoptic_seg``);
+                None: every class except "background".
+        """
         names = parse_vocabulary(names)
         self._check_vocabulary(names)
-        self._vocabulary = names
+        self._vocabulary, self._things = names, thing_flags(names, thing_classes)
 
     def set_vocabulary_from_dataset(self, dataset_name: str) -> None:
-        """Use the ``stuff_classes`` of a registered dataset (the one being evaluated)."""
-        self.set_vocabulary(vocabulary_from_metadata(dataset_name))
+        """Use the classes and thing classes of a dataset's metadata (the one being evaluated)."""
+        self.set_vocabulary(*classes_from_metadata(dataset_name))
 
     def _check_vocabulary(self, names: Sequence[str]) -> None:
         """Raise if ``names`` cannot be segmented (a subclass hook; may warm its caches)."""
@@ -86,7 +107,9 @@ class OpenVocabularySegmenter(nn.Module):
 
         Returns:
             one dict per input with ``sem_seg``: (K, height, width) scores, one
-            channel per vocabulary class (see the subclass's ``segment``).
+            channel per vocabulary class (see the subclass's ``segment``), and unless
+            panoptic output is off, ``panoptic_seg``: ``(ids, segments_info)`` made from
+            them (:func:`semantic_to_panoptic`).
         """
         name = type(self).__name__
         if self.training:
@@ -96,8 +119,9 @@ class OpenVocabularySegmenter(nn.Module):
             if "vocabulary" in x:
                 names = parse_vocabulary(x["vocabulary"])
                 self._check_vocabulary(names)
+                things = thing_flags(names)
             elif self._vocabulary is not None:
-                names = self._vocabulary
+                names, things = self._vocabulary, self._things
             else:
                 raise ValueError(
                     f"{name} has no vocabulary: set MODEL.DIFFSEG.VOCABULARY or DATASETS.TEST, call "
@@ -106,7 +130,10 @@ class OpenVocabularySegmenter(nn.Module):
             image = self._rgb(x["image"])
             out_size = (int(x.get("height", image.shape[-2])), int(x.get("width", image.shape[-1])))
             scores = require_finite(self.segment(image, names, out_size), f"{name}'s score computation")
-            results.append({"sem_seg": scores})
+            result = {"sem_seg": scores}
+            if self.panoptic_min_area is not None:
+                result["panoptic_seg"] = semantic_to_panoptic(scores, things, self.panoptic_min_area)
+            results.append(result)
         return results
 
     def segment(self, image: torch.Tensor, names: Sequence[str], out_size: Tuple[int, int]) -> torch.Tensor:

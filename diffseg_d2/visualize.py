@@ -1,0 +1,59 @@
+"""Pictures of label maps: an opaque label panel with class names, beside the image (tools/demo.py)."""
+
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["MIN_OVERLAY_SIDE", "PALETTE", "label_colours", "render_overlay"]
+
+# Overlays of smaller images are magnified so the class names fit.
+MIN_OVERLAY_SIDE = 256
+# Label colours, background first: none of them near the micro-world's red, green, blue and yellow
+# objects (or skin and sky), so a region's colour is never read as the object's own. More classes
+# take imgviz's colour map.
+PALETTE = np.array([
+    (40, 40, 40), (230, 60, 230), (70, 230, 230), (245, 245, 245), (150, 90, 210),
+    (255, 170, 200), (110, 110, 0), (160, 160, 160), (90, 0, 60),
+], dtype=np.uint8)
+
+
+def label_colours(count: int) -> np.ndarray:
+    """(count, 3) uint8 colours of labels 0..count-1 (:data:`PALETTE`, then imgviz's 256-colour map, cycled)."""
+    import imgviz
+
+    if count <= len(PALETTE):
+        return PALETTE[:count]
+    more = imgviz.label_colormap()[1:]  # its 0 is black
+    return np.concatenate([PALETTE, more[np.arange(count - len(PALETTE)) % len(more)]])
+
+
+def render_overlay(rgb: np.ndarray, label: np.ndarray, names: Sequence[str]) -> np.ndarray:
+    """The image and, beside it, its labels in opaque colours with each region's class name on it.
+
+    The labels are not blended into the image, whose own colours would mix with them. Under the
+    two panels: each class present with its share of the pixels. Images with a side under
+    :data:`MIN_OVERLAY_SIDE` are magnified by an integer factor (nearest neighbour) first.
+
+    Args:
+        rgb: (H, W, 3) uint8 image.
+        label: (H, W) integer labels indexing ``names``.
+        names: the class names.
+
+    Returns:
+        (H', W', 3) uint8.
+    """
+    import imgviz
+
+    factor = max(1, -(-MIN_OVERLAY_SIDE // min(rgb.shape[:2])))
+    if factor > 1:  # nearest neighbour: every pixel's label stays visible as it was predicted
+        rgb, label = rgb.repeat(factor, 0).repeat(factor, 1), label.repeat(factor, 0).repeat(factor, 1)
+    present = [int(i) for i in np.unique(label)]
+    font = max(10, min(rgb.shape[:2]) // 16)
+    labels = imgviz.label2rgb(label, image=None, alpha=1.0, label_names={i: names[i] for i in present},
+                              font_size=font, colormap=label_colours(len(names)), loc="centroid")
+    gap = np.full((rgb.shape[0], max(4, rgb.shape[1] // 32), 3), 255, dtype=np.uint8)
+    panels = np.concatenate([rgb, gap, labels], axis=1)
+    shares = ", ".join(f"{names[i]} {100.0 * (label == i).mean():.0f}%" for i in present)
+    caption = imgviz.draw.text(np.full((font * 2, panels.shape[1], 3), 255, dtype=np.uint8), (font // 2, 4),
+                               shares, size=font, color=(0, 0, 0))
+    return np.concatenate([panels, caption], axis=0)
