@@ -7,6 +7,7 @@ used by the tools, the tests and user code.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 from detectron2.config import CfgNode as CN
@@ -43,6 +44,7 @@ def add_diffseg_config(cfg: CN) -> CN:
     # a thing class (the dataset's thing_classes; with MODEL.DIFFSEG.VOCABULARY every class but
     # "background") is split into connected regions. None of the papers makes one: ours.
     _c.PANOPTIC = CN()
+    # Return panoptic_seg next to sem_seg (False: sem_seg only).
     _c.PANOPTIC.ENABLED = True
     # Segments under this fraction of the image's pixels are dropped (their pixels: no segment).
     _c.PANOPTIC.MIN_AREA = 0.001
@@ -376,26 +378,39 @@ def add_diffseg_config(cfg: CN) -> CN:
     return cfg
 
 
+class ConfigKeyError(KeyError):
+    """A config file or ``KEY VALUE`` override naming a key that does not exist, or a missing file."""
+
+    def __str__(self) -> str:  # the message, not KeyError's quoted repr
+        return str(self.args[0]) if self.args else ""
+
+
 def get_diffseg_cfg(config_file: Optional[str] = None, opts: Optional[Sequence[str]] = None) -> CN:
     """A detectron2 config with the diffseg_d2 keys, merged from a yaml and ``KEY VALUE`` opts.
 
     Importing diffseg_d2 here makes sure every registry entry a config may name exists.
+
+    Raises:
+        ConfigKeyError: ``config_file`` does not exist, or it or ``opts`` name an unknown key.
     """
     import diffseg_d2  # noqa: F401  (registers meta-architectures and datasets)
 
     cfg = get_cfg()
     add_diffseg_config(cfg)
-    try:
-        if config_file:
-            cfg.merge_from_file(config_file)
-        if opts:
-            cfg.merge_from_list(list(opts))
-    except (AssertionError, KeyError) as e:
-        # yacs reports unknown keys with a bare assert; say where the known ones are.
-        raise KeyError(
-            f"{e} (in {config_file or 'opts'}). Keys under MODEL.DIFFSEG are listed in diffseg_d2/config.py; "
-            "other keys are detectron2's (detectron2/config/defaults.py)."
-        ) from e
+    if config_file and not os.path.isfile(config_file):
+        raise ConfigKeyError(f"The config file {config_file} does not exist (configs/ holds the shipped ones).")
+    merges = [(config_file, cfg.merge_from_file, config_file)] if config_file else []
+    if opts:
+        merges.append(("the KEY VALUE overrides", cfg.merge_from_list, list(opts)))
+    for source, merge, value in merges:
+        try:
+            merge(value)
+        except (AssertionError, KeyError) as e:
+            # yacs reports unknown keys with a bare assert; say where the known ones are.
+            raise ConfigKeyError(
+                f"{e} (in {source}). Keys under MODEL.DIFFSEG are listed in diffseg_d2/config.py; "
+                "other keys are detectron2's (detectron2/config/defaults.py)."
+            ) from e
     return cfg
 
 

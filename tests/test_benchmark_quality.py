@@ -60,7 +60,7 @@ def test_the_table_is_written_with_baselines_a_method_row_and_a_failed_row(monke
 
     names, confusion = method["per_image"][shapes]
     assert len(names) == 6 and confusion.shape == (6, 6, 6)
-    assert abs(float(miou_from_confusion(confusion.sum(0))) - method[shapes]) < 1e-3
+    assert abs(float(miou_from_confusion(confusion.sum(0))) - method[shapes]) < 0.006  # the table rounds to 0.01
     assert "nowhere" in rows["DiffSegmenter, weights that do not exist"]["error"]
 
     text = target.read_text()

@@ -113,3 +113,25 @@ def test_the_library_example_project_runs(tiny_cfg_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     shares = [float(m) for m in re.findall(r":\s+([\d.]+) %", proc.stdout)]
     assert len(shares) == 3 and abs(sum(shares) - 100.0) < 0.5
+
+
+@pytest.mark.parametrize(
+    "opts,message",
+    [
+        (["--config-file", "no/such.yaml"], "ConfigKeyError: The config file no/such.yaml does not exist"),
+        (["MODEL.DIFFSEG.NO_SUCH_KEY", "1"], "Non-existent key: MODEL.DIFFSEG.NO_SUCH_KEY (in the KEY VALUE overrides)"),
+        (["DATASETS.TEST", "('no_such_dataset',)"], "UnknownDatasetError: Dataset 'no_such_dataset' is not registered"),
+        (["MODEL.DIFFSEG.SD.WEIGHTS", "/no/such/folder"], "MissingWeightsError: MODEL.DIFFSEG.SD.WEIGHTS = '/no/such/folder'"),
+        (["MODEL.DIFFSEG.BACKGROUND_THRESHOLD", "7.0"], "The config is not valid: MODEL.DIFFSEG.BACKGROUND_THRESHOLD"),
+    ],
+)
+def test_train_net_ends_an_expected_error_with_one_message(tiny_cfg_path, tmp_path, opts, message):
+    args = ["--config-file", tiny_cfg_path] if opts[0] != "--config-file" else []
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), *args, "--eval-only", *opts,
+           "OUTPUT_DIR", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 1
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr and "--debug shows the traceback" in proc.stderr
+    debug = subprocess.run(cmd[:2] + ["--debug"] + cmd[2:], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr

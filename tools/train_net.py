@@ -6,7 +6,11 @@
     python tools/train_net.py --config-file configs/tiny/odise.yaml               # trains on CPU
     python tools/train_net.py --config-file configs/tiny/odise.yaml --eval-only MODEL.WEIGHTS output/tiny_odise/model_final.pth
 
-Training-free models (DiffSegmenter, FreeDA) only run with --eval-only.
+Training-free models (DiffSegmenter, FreeDA, DAAM) only run with --eval-only.
+
+An expected error (a missing config file or weights, an unreachable hub, an unknown dataset or
+config key, a bad vocabulary, a corrupt bank or checkpoint) ends with one message and exit
+status 1; --debug shows its traceback.
 """
 import logging
 
@@ -16,8 +20,23 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
 
 from diffseg_d2 import get_diffseg_cfg
+from diffseg_d2.checkpoint_safety import CheckpointMismatchError, UnsafeCheckpointError
+from diffseg_d2.config import ConfigKeyError
+from diffseg_d2.data.datasets import UnknownDatasetError
 from diffseg_d2.engine import DiffSegTrainer, StrictCheckpointer
 from diffseg_d2.evaluation import format_results_table
+from diffseg_d2.freeda.bank import BankError
+from diffseg_d2.freeda.captions import CaptionsError
+from diffseg_d2.modeling.odise_released import ReleasedCheckpointError
+from diffseg_d2.numerics import NonFiniteError
+from diffseg_d2.vocabulary import VocabularyError
+from diffseg_d2.weights import MissingWeightsError
+
+# Errors that mean the request is wrong, not the code: each carries a message that says what to do.
+EXPECTED_ERRORS = (ConfigKeyError, UnknownDatasetError, MissingWeightsError, VocabularyError, BankError,
+                   CaptionsError, CheckpointMismatchError, UnsafeCheckpointError, ReleasedCheckpointError,
+                   NonFiniteError)
+
 
 def setup(args):
     cfg = get_diffseg_cfg(args.config_file, args.opts)
@@ -27,7 +46,24 @@ def setup(args):
 
 
 def main(args):
-    cfg = setup(args)
+    try:
+        return run(args)
+    except EXPECTED_ERRORS as e:
+        if args.debug:
+            raise
+        raise SystemExit(f"{type(e).__name__}: {e}\n(tools/train_net.py --debug shows the traceback)") from None
+
+
+def run(args):
+    try:
+        cfg = setup(args)
+        model = None if not args.eval_only else DiffSegTrainer.build_model(cfg)
+    except EXPECTED_ERRORS:
+        raise
+    except ValueError as e:  # the build-time checks of config values name the key at fault
+        if args.debug:
+            raise
+        raise SystemExit(f"The config is not valid: {e}\n(tools/train_net.py --debug shows the traceback)") from None
     if not args.eval_only:
         if getattr(META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE), "TRAINING_FREE", False):
             raise SystemExit(f"{cfg.MODEL.META_ARCHITECTURE} is training-free: run with --eval-only.")
@@ -40,7 +76,6 @@ def main(args):
         if results and comm.is_main_process():
             print(format_results_table(results), flush=True)
         return results
-    model = DiffSegTrainer.build_model(cfg)
     training_free = getattr(META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE), "TRAINING_FREE", False)
     if cfg.MODEL.WEIGHTS or args.resume or not training_free:
         StrictCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
@@ -55,8 +90,14 @@ def main(args):
     return results
 
 
+def argument_parser():
+    parser = default_argument_parser(__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an expected error")
+    return parser
+
+
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
     logging.getLogger(__name__).info("Command line arguments: %s", args)
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))

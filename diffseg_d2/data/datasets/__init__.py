@@ -26,6 +26,7 @@ __all__ = [
     "SAMPLE_DATASET_NAMES",
     "SAMPLE_PANOPTIC_DATASET_NAMES",
     "SEMSEG_DATASET_NAMES",
+    "UnknownDatasetError",
     "check_dataset_name",
     "registered_diffseg_datasets",
     "sample_image_path",
@@ -37,14 +38,22 @@ def registered_diffseg_datasets() -> List[str]:
     return sorted(n for n in DatasetCatalog.list() if n.startswith("diffseg_"))
 
 
+class UnknownDatasetError(KeyError):
+    """A dataset name that is neither registered nor in ``MetadataCatalog``."""
+
+    def __str__(self) -> str:  # the message, not KeyError's quoted repr
+        return str(self.args[0]) if self.args else ""
+
+
 def check_dataset_name(name: str) -> None:
-    """Raise a KeyError that lists the ``diffseg_`` datasets when ``name`` is not registered.
+    """Raise :class:`UnknownDatasetError` (a KeyError) listing the ``diffseg_`` datasets when ``name``
+    is not registered.
 
     Use before building a data loader or evaluator from a config, to replace
     detectron2's bare "not registered" error with the list of choices.
     """
     if name not in DatasetCatalog.list():
-        raise KeyError(
+        raise UnknownDatasetError(
             f"Dataset '{name}' is not registered in detectron2's DatasetCatalog. "
             f"diffseg_d2 registers: {', '.join(registered_diffseg_datasets())}. "
             "Other datasets must be registered by the code that defines them."
