@@ -22,7 +22,7 @@ $(STAMP): setup.py tools/install_detectron2.py
 	$(PY) -m pip install --upgrade "pip>=23"
 	$(PY) -m pip install "torch>=2.6" "torchvision>=0.21"
 	$(PY) tools/install_detectron2.py
-	$(PY) -m pip install -e ".[freeda,test,benchmark]"
+	$(PY) -m pip install -e ".[freeda,test,benchmark,web]"
 	touch $(STAMP)
 
 demo: $(STAMP)

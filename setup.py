@@ -37,6 +37,8 @@ setup(
         # on its wheels pull numpy 2, which detectron2's evaluator cannot use.
         "freeda": ["faiss-cpu>=1.7.4", "scikit-image>=0.21", "timm>=1.0.15", "nltk>=3.8",
                    "opencv-python-headless>=4.8,<4.11"],
+        # The browser app (tools/web_demo.py) and its browser test (selenium drives chromium).
+        "web": ["gradio>=4", "selenium>=4.10"],
         # Tools for running the test-suite and the benchmark.
         "test": ["pytest>=7"],
         "benchmark": ["psutil>=5.9"],

@@ -1,5 +1,6 @@
 """Pictures of label maps: an opaque label panel with class names, beside the image (tools/demo.py)."""
 
+import textwrap
 from typing import Sequence
 
 import numpy as np
@@ -54,6 +55,9 @@ def render_overlay(rgb: np.ndarray, label: np.ndarray, names: Sequence[str]) -> 
     gap = np.full((rgb.shape[0], max(4, rgb.shape[1] // 32), 3), 255, dtype=np.uint8)
     panels = np.concatenate([rgb, gap, labels], axis=1)
     shares = ", ".join(f"{names[i]} {100.0 * (label == i).mean():.0f}%" for i in present)
-    caption = imgviz.draw.text(np.full((font * 2, panels.shape[1], 3), 255, dtype=np.uint8), (font // 2, 4),
-                               shares, size=font, color=(0, 0, 0))
+    # Wrapped to the panels' width (the font is monospaced, about 0.6 em a character).
+    lines = textwrap.wrap(shares, width=max(10, int(panels.shape[1] / (0.6 * font)) - 1))
+    caption = np.full((font * (len(lines) + 1), panels.shape[1], 3), 255, dtype=np.uint8)
+    for row, line in enumerate(lines):
+        caption = imgviz.draw.text(caption, (font // 2 + row * font, 4), line, size=font, color=(0, 0, 0))
     return np.concatenate([panels, caption], axis=0)

@@ -6,6 +6,11 @@ from pathlib import Path
 import pytest
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: end-to-end tests that start processes or browsers (make test-fast leaves them out)")
+
+
 @contextlib.contextmanager
 def patched(obj, **attrs):
     """Set attributes for the block and restore them (monkeypatch loses nn.Module submodules)."""
