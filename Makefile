@@ -13,7 +13,7 @@ DEMO_CONFIG ?= configs/micro/diffsegmenter.yaml
 DEMO_VOCAB ?= circle,square,triangle,cross
 PYTEST_ARGS ?=
 
-.PHONY: install demo test benchmark clean-venv
+.PHONY: install demo test test-fast benchmark clean-venv
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The tests not marked slow (the end-to-end ones start processes, train or drive a browser).
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
 benchmark: $(STAMP)
 	$(PY) tools/benchmark.py

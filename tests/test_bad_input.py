@@ -87,6 +87,7 @@ def test_incomplete_weights_folder_names_what_is_missing(tiny_cfg_path, tmp_path
         build_model(cfg)
 
 
+@pytest.mark.slow
 def test_unreachable_hub_id_names_the_config_key(tiny_cfg_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = get_diffseg_cfg(tiny_cfg_path, ["MODEL.DIFFSEG.SD.WEIGHTS", "no-such-org/no-such-model"])

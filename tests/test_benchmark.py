@@ -125,6 +125,7 @@ def test_builder_stage_times_start_afresh_per_caption(_session_cache):
     assert set(builder.last_timings) == {"nouns"}
 
 
+@pytest.mark.slow
 def test_preset_writes_its_section(tmp_path, _session_cache):
     """As a user runs it: the worker in its own process, the section between its markers, others kept."""
     out = tmp_path / "BENCHMARKS.md"

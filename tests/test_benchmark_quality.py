@@ -4,6 +4,7 @@ import re
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -35,6 +36,7 @@ def _all_background_miou(dataset) -> float:
     return 100.0 * float((labels == 0).sum()) / labels.size / (1 + len(present))
 
 
+@pytest.mark.slow
 def test_the_table_is_written_with_baselines_a_method_row_and_a_failed_row(monkeypatch, tmp_path):
     monkeypatch.setenv("DIFFSEG_D2_MICROWORLD_COUNT", "val=6")
     broken = benchmark_quality.Row("DiffSegmenter, weights that do not exist", benchmark_quality.DIFFSEGMENTER,

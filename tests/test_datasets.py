@@ -208,6 +208,7 @@ def test_sample_dataset_materialises_and_is_reused(cache):
     assert [names[i] for i in (5, 9, 11, 15)] == ["bottle", "chair", "dining table", "person"]
 
 
+@pytest.mark.slow
 def test_sample_main_prints_image_path(tmp_path):
     cache = tmp_path / "cache"
     out = subprocess.run(

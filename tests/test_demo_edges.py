@@ -74,6 +74,7 @@ def test_a_bad_vocabulary_ends_with_one_line_before_the_model_is_loaded(tiny_cfg
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_the_command_line_prints_no_traceback_for_a_bad_vocabulary(tiny_cfg_path, tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "demo.py"), "--config-file", tiny_cfg_path, "--vocab", "cat,cat",
@@ -97,6 +98,7 @@ def test_a_vocabulary_only_the_model_can_reject_ends_with_a_message(tiny_cfg_pat
 
 
 # ---------------------------------------------------------------- exit status
+@pytest.mark.slow
 def test_a_skipped_input_makes_the_run_fail_after_the_others_are_written(tiny_cfg_path, tmp_path, logs):
     src = tmp_path / "in"
     src.mkdir()

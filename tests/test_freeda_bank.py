@@ -249,6 +249,7 @@ def test_shards_are_as_readable_as_the_other_bank_files(freeda_bank):
 
 
 # ----------------------------------------------------------------------------- 2. killed, then resumed
+@pytest.mark.slow
 def test_a_killed_build_resumes_to_the_same_bank(freeda_bank, tiny_freeda_cfg_path, tmp_path, monkeypatch):
     out = tmp_path / "bank"
     first = out / SHARDS[0]
@@ -292,6 +293,7 @@ def test_a_killed_build_resumes_to_the_same_bank(freeda_bank, tiny_freeda_cfg_pa
 
 
 # ----------------------------------------------------------------------------- 3. several processes
+@pytest.mark.slow
 def test_two_processes_build_the_same_bank_as_one(freeda_bank, tiny_freeda_cfg_path, tmp_path):
     """``--num-gpus 2`` on a CPU: detectron2's launch starts two processes joined by GLOO; each builds
     every other shard and the first merges them."""
@@ -712,6 +714,7 @@ def test_captions_from_coco_json_keep_file_order(tmp_path):
         read_captions(bad)
 
 
+@pytest.mark.slow
 def test_the_bank_tools_help_describes_the_bank_build_not_detectron2s_trainer():
     import subprocess
     import sys

@@ -517,6 +517,7 @@ def test_grounding_loss_skips_images_without_nouns():
 # ---------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_a_few_steps_lower_the_loss():
     torch.manual_seed(0)
     pixel_decoder, decoder = tiny_pixel_decoder(), tiny_decoder(num_layers=2, num_queries=4)

@@ -53,6 +53,7 @@ def _train(out, *extra):
     return proc
 
 
+@pytest.mark.slow
 def test_short_run_writes_a_stable_diffusion_folder_the_substrate_loads(tmp_path):
     from diffseg_d2.diffusion import FrozenStableDiffusion, load_stable_diffusion
     from diffseg_d2.diffusion.attention import available_factors
@@ -71,6 +72,7 @@ def test_short_run_writes_a_stable_diffusion_folder_the_substrate_loads(tmp_path
     assert latents.shape == (1, 4, 16, 16)
 
 
+@pytest.mark.slow
 def test_plain_run_has_no_auxiliary_signal(tmp_path):
     out = tmp_path / "plain"
     _train(out, "--align-weight", "0")
@@ -78,6 +80,7 @@ def test_plain_run_has_no_auxiliary_signal(tmp_path):
     assert summary["aux_signals"] == [] and summary["final_losses"]["align"] == 0.0
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 MICRO = os.path.join(ROOT, "configs", "micro")
 
@@ -19,6 +21,7 @@ def _run(args, **env):
     return proc
 
 
+@pytest.mark.slow
 def test_micro_freeda_bank_from_train_captions_then_evaluation(tmp_path):
     captions, bank = tmp_path / "captions.txt", tmp_path / "bank"
     _run(["tools/make_microworld.py", "--splits", "--count", "6", "--captions", str(captions)])
@@ -37,6 +40,7 @@ def test_micro_freeda_bank_from_train_captions_then_evaluation(tmp_path):
     assert "diffseg_microworld_shapes_val [sem_seg]" in proc.stdout and "| mIoU " in proc.stdout
 
 
+@pytest.mark.slow
 def test_micro_odise_trains_on_the_panoptic_train_split_and_reports_pq(tmp_path):
     out = tmp_path / "odise"
     proc = _run(["tools/train_net.py", "--config-file", os.path.join(MICRO, "odise.yaml"), "SOLVER.MAX_ITER", "2",

@@ -306,6 +306,7 @@ def _run(args, tmp_path):
     return proc
 
 
+@pytest.mark.slow
 def test_train_net_trains_saves_and_evaluates_pq(tmp_path):
     out = tmp_path / "run"
     _run(["tools/train_net.py", "--config-file", TINY_ODISE, "SOLVER.MAX_ITER", "4", "TEST.EVAL_PERIOD", "0",
@@ -321,6 +322,7 @@ def test_train_net_trains_saves_and_evaluates_pq(tmp_path):
     assert "| PQ " in proc.stdout and "| mIoU " in proc.stdout and "| AP " in proc.stdout
 
 
+@pytest.mark.slow
 def test_example_project_builds_panoptic_fpn_on_the_diffusion_backbone(batch):
     from detectron2.config import get_cfg
     from detectron2.data import DatasetCatalog, DatasetMapper

@@ -101,6 +101,7 @@ def _as_released(key: str) -> str:
     raise AssertionError(f"no released name for {key}")
 
 
+@pytest.mark.slow
 def test_the_tool_converts_a_released_file_into_a_checkpoint_that_loads_and_predicts_the_same(tmp_path):
     from detectron2.modeling import build_model
 

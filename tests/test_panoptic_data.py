@@ -643,6 +643,7 @@ def test_pq_on_semantic_dataset_is_a_clear_error():
 # --------------------------------------------------------------------------- #
 
 
+@pytest.mark.slow
 def test_panoptic_fpn_trains_on_separated_sample(cache):
     from detectron2.config import get_cfg
     from detectron2.data import DatasetMapper

@@ -72,6 +72,7 @@ def test_demo_refuses_bad_requests_before_writing_anything(tiny_cfg_path, tmp_pa
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_train_net_eval_only_prints_miou_from_the_sample_dataset(tiny_cfg_path, tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.run(
@@ -93,6 +94,7 @@ def test_train_net_eval_only_prints_miou_from_the_sample_dataset(tiny_cfg_path, 
     assert "is training-free: its weights come from its config" in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_train_net_refuses_training_a_training_free_model(tiny_cfg_path, tmp_path):
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", tiny_cfg_path,
@@ -102,6 +104,7 @@ def test_train_net_refuses_training_a_training_free_model(tiny_cfg_path, tmp_pat
     assert proc.returncode != 0 and "training-free: run with --eval-only" in proc.stderr
 
 
+@pytest.mark.slow
 def test_the_library_example_project_runs(tiny_cfg_path):
     from diffseg_d2.data.datasets.register_sample import sample_image_path
 
@@ -115,6 +118,7 @@ def test_the_library_example_project_runs(tiny_cfg_path):
     assert len(shares) == 3 and abs(sum(shares) - 100.0) < 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "opts,message",
     [

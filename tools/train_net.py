@@ -51,7 +51,7 @@ def main(args):
     except EXPECTED_ERRORS as e:
         if args.debug:
             raise
-        raise SystemExit(f"{type(e).__name__}: {e}\n(tools/train_net.py --debug shows the traceback)") from None
+        raise SystemExit(f"{type(e).__name__}: {e} [tools/train_net.py --debug shows the traceback]") from None
 
 
 def run(args):
@@ -63,7 +63,7 @@ def run(args):
     except ValueError as e:  # the build-time checks of config values name the key at fault
         if args.debug:
             raise
-        raise SystemExit(f"The config is not valid: {e}\n(tools/train_net.py --debug shows the traceback)") from None
+        raise SystemExit(f"The config is not valid: {e} [tools/train_net.py --debug shows the traceback]") from None
     if not args.eval_only:
         if getattr(META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE), "TRAINING_FREE", False):
             raise SystemExit(f"{cfg.MODEL.META_ARCHITECTURE} is training-free: run with --eval-only.")
