@@ -199,6 +199,19 @@ def test_word_masks_map_words_to_their_objects_and_unite_shared_words(many_scene
     assert shared > 10  # shared colour or shape words are common
 
 
+def test_mentions_leave_out_colour_words_and_their_masks(many_scenes):
+    scene = next(s for s in many_scenes if len(s.objects) == 3 and len({o.colour for o in s.objects}) == 3)
+    assert scene.mentions([True] * 3)[0] == scene.caption
+    first, second, third = scene.objects
+    caption, masks = scene.mentions([False, True, False])
+    assert caption == f"a {first.shape}, a {second.name} and a {third.shape}"
+    assert first.colour not in masks and third.colour not in masks
+    np.testing.assert_array_equal(masks[second.colour], second.mask)
+    np.testing.assert_array_equal(masks[first.shape], scene.word_masks()[first.shape])
+    with pytest.raises(ValueError, match="3 objects"):
+        scene.mentions([True])
+
+
 def test_splits_are_disjoint_seed_ranges():
     ranges = sorted(SPLITS.values())
     assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))

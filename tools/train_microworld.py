@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train the micro-world models on CPU (see diffseg_d2/microworld/ and issue 5).
+"""Train the micro-world models on CPU (see diffseg_d2/microworld/).
 
     python tools/train_microworld.py diffusion --output diffseg_d2/microworld/weights/diffusion
     python tools/train_microworld.py diffusion --output /tmp/plain --align-weight 0     # without the auxiliary signal

@@ -1,4 +1,4 @@
-"""The micro-world (issue 5): procedural scenes of coloured shapes with exact masks and captions.
+"""The micro-world: procedural scenes of coloured shapes with exact masks and captions.
 
 - :mod:`.scenes`: the generator (:func:`render_scene`, :func:`scene_seeds`, :data:`SPLITS`).
 - :mod:`.datasets`: the ``diffseg_microworld_*`` Detectron2 datasets, written to the cache

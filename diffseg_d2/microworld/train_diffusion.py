@@ -9,15 +9,18 @@ Two stages, both on scenes rendered on the fly from the train seed range
 2. **UNet + text encoder** (``UNet2DConditionModel`` with cross-attention at
    16x16 and 8x8, ``CLIPTextModel`` 2x64 with the real CLIP BPE tokenizer),
    trained jointly on the DDPM noise-prediction loss of SD's noise schedule,
-   with 10% empty captions (for classifier-free guidance).
+   with 10% empty captions (for classifier-free guidance). Each object's colour
+   word is left out of the caption with probability ``colour_word_dropout``
+   ("a red circle and a square"), so shape words must be bound by shape.
 
 **Attention alignment (an auxiliary signal, on purpose).** A feasibility study
 found that such small models do not learn to bind words to their objects from
-the denoising loss alone on our CPUs (issue 5). With ``align_weight > 0`` each
+the denoising loss alone on our CPUs. With ``align_weight > 0`` each
 caption word's cross-attention (head-averaged softmax mass on its tokens, the
 same read-out DiffSegmenter uses) is pulled towards the word's object mask,
 which the world knows: a mass term ``(1 - inside / total)^2`` and a per-pixel
-binary cross-entropy, on every cross-attention layer. The resulting model is a
+binary cross-entropy, on every cross-attention layer, each image's term weighted
+by SD's signal share alpha_bar(t) of its timestep. The resulting model is a
 measuring instrument for the pipeline (token selection, aggregation,
 refinement, thresholds), not evidence that attention binds words by itself.
 
@@ -68,7 +71,7 @@ class DiffusionTrainingSettings:
     # Each object's colour word is left out of the caption with this probability ("a red circle
     # and a square"). Without it every shape word follows its colour word, the causal text encoder
     # hands the colour to the shape token, and the UNet binds shape words by colour: prompts
-    # naming a shape alone ("a circle", as DiffSegmenter's) then find nothing (issue 15).
+    # naming a shape alone ("a circle", as DiffSegmenter's) then find nothing.
     colour_word_dropout: float = 0.5
     # Weight each image's alignment term by SD's signal share alpha_bar(t): at t near 1000 the
     # latent is almost pure noise and no map can find the objects.
