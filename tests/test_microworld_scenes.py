@@ -210,6 +210,20 @@ def test_mentions_leave_out_colour_words_and_their_masks(many_scenes):
     np.testing.assert_array_equal(masks[first.shape], scene.word_masks()[first.shape])
     with pytest.raises(ValueError, match="3 objects"):
         scene.mentions([True])
+    # A partial caption names some objects; a said word still covers every object it fits.
+    caption, masks = scene.mentions([True, False, True], named=[False, True, False])
+    assert caption == f"a {second.shape}"
+    assert set(masks) == {second.shape}
+    np.testing.assert_array_equal(masks[second.shape], scene.word_masks()[second.shape])
+
+
+def test_partial_captions_name_at_least_one_object(many_scenes):
+    from diffseg_d2.microworld.train_diffusion import partial_mention
+
+    rng = np.random.default_rng(0)
+    counts = [sum(partial_mention(s, rng, 0.5)) for s in many_scenes for _ in range(5)]
+    assert min(counts) >= 1 and max(counts) == 3
+    assert all(partial_mention(s, rng, 1.0) == [True] * len(s.objects) for s in many_scenes)
 
 
 def test_splits_are_disjoint_seed_ranges():

@@ -162,24 +162,33 @@ class Scene:
         """
         return self.mentions([True] * len(self.objects))[1]
 
-    def mentions(self, keep_colour: Sequence[bool]) -> Tuple[str, Dict[str, np.ndarray]]:
-        """A caption that names some objects by shape alone, and its word masks.
+    def mentions(self, keep_colour: Sequence[bool],
+                 named: Optional[Sequence[bool]] = None) -> Tuple[str, Dict[str, np.ndarray]]:
+        """A caption that names some objects, some by shape alone, and its word masks.
 
         Args:
             keep_colour: per object (caption order), whether its colour word is said:
                 ``[True, False]`` gives ``"a red circle and a square"``.
+            named: per object, whether the caption names it at all (None: every object;
+                at least one must be).
 
         Returns:
-            ``(caption, word masks)``: the masks as :meth:`word_masks`, over the words said.
+            ``(caption, word masks)``: for each word said, the union of the masks of every
+            object it fits (mentioned or not), as :meth:`word_masks`.
         """
-        if len(keep_colour) != len(self.objects):
-            raise ValueError(f"keep_colour has {len(keep_colour)} entries for {len(self.objects)} objects")
+        named = [True] * len(self.objects) if named is None else list(named)
+        if len(keep_colour) != len(self.objects) or len(named) != len(self.objects):
+            raise ValueError(f"keep_colour has {len(keep_colour)} and named {len(named)} entries for "
+                             f"{len(self.objects)} objects")
         names, out = [], {}
-        for obj, keep in zip(self.objects, keep_colour):
+        for obj, keep, said in zip(self.objects, keep_colour, named):
+            if not said:
+                continue
             words = (obj.colour, obj.shape) if keep else (obj.shape,)
             names.append(" ".join(words))
             for word in words:
-                out[word] = out[word] | obj.mask if word in out else obj.mask.copy()
+                if word not in out:  # a said word names every object it fits, named or not
+                    out[word] = np.logical_or.reduce([o.mask for o in self.objects if word in (o.colour, o.shape)])
         return caption_of(names), out
 
 

@@ -62,7 +62,7 @@ class DiffusionTrainingSettings:
     vae_batch: int = 16
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
-    steps: int = 2500
+    steps: int = 1600
     batch: int = 32
     lr: float = 5e-4
     caption_dropout: float = 0.1
@@ -73,6 +73,12 @@ class DiffusionTrainingSettings:
     # hands the colour to the shape token, and the UNet binds shape words by colour: prompts
     # naming a shape alone ("a circle", as DiffSegmenter's) then find nothing.
     colour_word_dropout: float = 0.5
+    # Curriculum: from this step on, each object is named in the caption with probability
+    # object_mention_rate (at least one is): captions that name some of the objects, as real
+    # captions do, teach a prompt naming one class ("a circle", DiffSegmenter's per-class prompts)
+    # to find that class alone instead of every object.
+    partial_captions_from_step: int = 800
+    object_mention_rate: float = 0.5
     # Weight each image's alignment term by SD's signal share alpha_bar(t): at t near 1000 the
     # latent is almost pure noise and no map can find the objects.
     align_by_signal: bool = True
@@ -97,6 +103,14 @@ def word_tokens(tokenizer, caption: str, words: Sequence[str]) -> List[Optional[
         start = find_subsequence(ids, sub)
         out.append(None if start < 0 else list(range(start, start + len(sub))))
     return out
+
+
+def partial_mention(scene, rng: np.random.Generator, rate: float) -> List[bool]:
+    """Which objects a partial caption names: each with probability ``rate``, at least one."""
+    named = rng.random(len(scene.objects)) < rate
+    if not named.any():
+        named[rng.integers(len(scene.objects))] = True
+    return named.tolist()
 
 
 # ---------------------------------------------------------------------- alignment loss
@@ -231,7 +245,10 @@ def train_micro_diffusion(output: Path, settings: DiffusionTrainingSettings, res
         drop = rng.random(settings.batch) < settings.caption_dropout
         timesteps = torch.from_numpy(rng.integers(0, scheduler.config.num_train_timesteps, settings.batch))
         keep_colour = [rng.random(len(s.objects)) >= settings.colour_word_dropout for s in scenes]
-        mentions = [s.mentions(list(keep)) for s, keep in zip(scenes, keep_colour)]
+        named = [None] * len(scenes)  # None: every object
+        if step >= settings.partial_captions_from_step:
+            named = [partial_mention(s, rng, settings.object_mention_rate) for s in scenes]
+        mentions = [s.mentions(list(keep), only) for s, keep, only in zip(scenes, keep_colour, named)]
         captions = ["" if drop[i] else mentions[i][0] for i in range(len(scenes))]
         ids = tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
         with torch.no_grad():  # in chunks of vae_batch, for the reason given in the settings
