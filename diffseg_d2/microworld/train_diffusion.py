@@ -62,7 +62,7 @@ class DiffusionTrainingSettings:
     vae_batch: int = 16
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
-    steps: int = 1600
+    steps: int = 2000
     batch: int = 32
     lr: float = 5e-4
     caption_dropout: float = 0.1
