@@ -30,7 +30,10 @@ demo: $(STAMP)
 	$(PY) tools/demo.py --config-file $(DEMO_CONFIG) --vocab "$(DEMO_VOCAB)" --output output/demo \
 		--input output/demo/scenes "$$($(PY) -m diffseg_d2.data.datasets.register_sample)"
 	$(PY) tools/make_microworld.py --splits --describe output/demo --vocab "background,$(DEMO_VOCAB)"
-	@echo "Overlay and label PNGs are in output/demo/ (micro-world models: see README, Micro-world)"
+	@echo "Overlays (image | labels with class names) and label PNGs are in output/demo/."
+	@echo "The models are the micro-world's: trained by this project on CPU on 64 px scenes of coloured shapes"
+	@echo "(README, Micro-world). They know circles, squares, triangles and crosses, nothing else: on the photo"
+	@echo "their labels mean nothing. Real results need Stable Diffusion weights (README, Weights)."
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
