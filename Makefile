@@ -28,7 +28,7 @@ $(STAMP): setup.py tools/install_detectron2.py
 demo: $(STAMP)
 	$(PY) tools/make_microworld.py --splits --export-scenes output/demo/scenes --export-scale 4 --sheet-scenes 4
 	$(PY) tools/demo.py --config-file $(DEMO_CONFIG) --vocab "$(DEMO_VOCAB)" --output output/demo \
-		--input output/demo/scenes "$$($(PY) -m diffseg_d2.data.datasets.register_sample)"
+		--input output/demo/scenes "$$($(PY) -c 'from diffseg_d2.data.datasets.register_sample import sample_image_path; print(sample_image_path())')"
 	$(PY) tools/make_microworld.py --splits --describe output/demo --vocab "background,$(DEMO_VOCAB)"
 	@echo "Overlays (image | labels with class names) and label PNGs are in output/demo/."
 	@echo "The models are the micro-world's: trained by this project on CPU on 64 px scenes of coloured shapes"

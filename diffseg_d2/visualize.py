@@ -50,7 +50,9 @@ def render_overlay(rgb: np.ndarray, label: np.ndarray, names: Sequence[str]) -> 
         rgb, label = rgb.repeat(factor, 0).repeat(factor, 1), label.repeat(factor, 0).repeat(factor, 1)
     present = [int(i) for i in np.unique(label)]
     font = max(10, min(rgb.shape[:2]) // 16)
-    labels = imgviz.label2rgb(label, image=None, alpha=1.0, label_names={i: names[i] for i in present},
+    # Names on regions of at least 1 % of the image (smaller ones are listed under the panels only).
+    named = {i: names[i] for i in present if (label == i).mean() >= 0.01}
+    labels = imgviz.label2rgb(label, image=None, alpha=1.0, label_names=named,
                               font_size=font, colormap=label_colours(len(names)), loc="centroid")
     gap = np.full((rgb.shape[0], max(4, rgb.shape[1] // 32), 3), 255, dtype=np.uint8)
     panels = np.concatenate([rgb, gap, labels], axis=1)
