@@ -26,9 +26,9 @@ Two rows need something built first, from TRAIN scenes only, which this tool doe
 when it is missing (and continues when it was interrupted):
 
 * FreeDA: the prototype bank (``tools/make_microworld.py --captions``, then
-  ``tools/build_freeda_bank.py``) in ``output/micro_freeda/``, about 15 min;
+  ``tools/build_freeda_bank.py``) in ``output/micro_freeda/``, about 14 min;
 * ODISE: the head trained on the panoptic train split (``tools/train_net.py``) in
-  ``output/micro_odise/``, about 20 min.
+  ``output/micro_odise/``, about 25 min (2026-12-01, sharing the CPUs with the bank build).
 
 Delete those folders to rebuild them after a change of their configs.
 """
