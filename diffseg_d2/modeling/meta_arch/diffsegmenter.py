@@ -29,7 +29,7 @@ from ...diffusion import (
     record_attention,
 )
 from ...vocabulary import background_index
-from .open_vocab import OpenVocabularySegmenter, vocabulary_from_config
+from .open_vocab import OpenVocabularySegmenter, open_vocab_args_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ class DiffSegmenter(OpenVocabularySegmenter):
         )
         return {
             "diffusion": diffusion,
-            **vocabulary_from_config(cfg),
+            **open_vocab_args_from_config(cfg),
             "image_size": d.IMAGE_SIZE,
             "resize_antialias": d.RESIZE_ANTIALIAS,
             "vae_latent": d.VAE_LATENT,

@@ -31,7 +31,7 @@ from ...freeda.superpixels import (
     token_grid_weights,
 )
 from ...vocabulary import background_index
-from .open_vocab import OpenVocabularySegmenter, vocabulary_from_config
+from .open_vocab import OpenVocabularySegmenter, open_vocab_args_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class FreeDA(OpenVocabularySegmenter):
             "bank": bank,
             "clip": clip,
             "dino": dino,
-            **vocabulary_from_config(cfg),
+            **open_vocab_args_from_config(cfg),
             "top_k": f.TOP_K,
             "min_key_similarity": f.MIN_KEY_SIMILARITY,
             "query": f.QUERY,

@@ -23,7 +23,7 @@ from .semantic_to_panoptic import semantic_to_panoptic
 _CACHE_SIZE = 8
 
 
-def vocabulary_from_config(cfg) -> Dict:
+def open_vocab_args_from_config(cfg) -> Dict:
     """The base's keyword arguments from a config: ``vocabulary`` (``MODEL.DIFFSEG.VOCABULARY``, else
     the classes of ``DATASETS.TEST[0]``, else None), ``thing_classes`` (that dataset's, else None:
     every class but background) and ``panoptic_min_area`` (None when ``PANOPTIC.ENABLED`` is off)."""
