@@ -33,7 +33,7 @@ from detectron2.utils.logger import setup_logger
 
 from diffseg_d2 import get_diffseg_cfg
 from diffseg_d2.data.datasets.register_sample import sample_image_path
-from diffseg_d2.data.image import read_image_rgb
+from diffseg_d2.data.image import read_image_rgb, shrink_to_long_side
 from diffseg_d2.numerics import NonFiniteError
 from diffseg_d2.paths import write_atomically
 from diffseg_d2.visualize import render_overlay
@@ -87,16 +87,6 @@ def output_stems(files):
         used[stem] = n + 1
         stems.append(stem if n == 0 else f"{stem}_{n}")
     return stems
-
-
-def shrink(rgb, max_side):
-    h, w = rgb.shape[:2]
-    if max(h, w) <= max_side:
-        return rgb
-    scale = max_side / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    logger.info("shrinking a %dx%d image to %dx%d (--max-side %d)", w, h, size[0], size[1], max_side)
-    return np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
 
 
 def upsample_nearest(label, size):
@@ -154,7 +144,7 @@ def main(argv=None):
             logger.warning("skipping: %s", e)
             skipped.append(path)
             continue
-        rgb = shrink(full, args.max_side)
+        rgb = shrink_to_long_side(full, args.max_side)
         try:
             with torch.no_grad():
                 bgr = np.ascontiguousarray(rgb[:, :, ::-1])  # DefaultPredictor takes BGR like cv2.imread

@@ -29,7 +29,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home (our
 import diffseg_d2  # noqa: E402, F401, I001  (first: it silences fvcore's torch.jit deprecation warning)
 
 from diffseg_d2.data.datasets.register_sample import sample_image_path  # noqa: E402
-from diffseg_d2.data.image import read_image_rgb  # noqa: E402
+from diffseg_d2.data.image import read_image_rgb, shrink_to_long_side  # noqa: E402
 from diffseg_d2.microworld.scenes import render_scene, scene_seeds  # noqa: E402
 from diffseg_d2.numerics import NonFiniteError  # noqa: E402
 from diffseg_d2.visualize import render_overlay  # noqa: E402
@@ -87,10 +87,7 @@ def segment(segmenters: Segmenters, config_file: str, image_path, vocab: str, ou
         rgb = read_image_rgb(str(image_path))
     except ValueError as e:
         return None, f"**The file cannot be read as an image:** {e}", None
-    if max(rgb.shape[:2]) > MAX_SIDE:
-        scale = MAX_SIDE / max(rgb.shape[:2])
-        size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
-        rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
+    rgb = shrink_to_long_side(rgb, MAX_SIDE)
     try:
         predictor = segmenters.get(config_file)
         predictor.model.set_vocabulary(names)

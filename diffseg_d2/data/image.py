@@ -78,3 +78,14 @@ def read_image_rgb(path: str) -> np.ndarray:
             path, frames or "several (some damaged)",
         )
     return rgb
+
+
+def shrink_to_long_side(rgb: np.ndarray, max_side: int) -> np.ndarray:
+    """``rgb`` (H, W, 3) uint8 resized (bilinear) so its long side is at most ``max_side``; unchanged if it is."""
+    h, w = rgb.shape[:2]
+    if max(h, w) <= max_side:
+        return rgb
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    logger.info("shrinking a %dx%d image to %dx%d (long side at most %d)", w, h, size[0], size[1], max_side)
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
