@@ -99,6 +99,12 @@ def _resampled_miou(per_image: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return miou_from_confusion(np.einsum("bn,nij->bij", weights, per_image.astype(float)))
 
 
+def _percentile_interval(values: np.ndarray, level: float) -> Tuple[float, float]:
+    tail = 100.0 * (1 - level) / 2
+    low, high = np.percentile(values, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
 def bootstrap_miou(per_image: np.ndarray, weights: np.ndarray, level: float = 0.95) -> Tuple[float, float, float]:
     """``(mIoU, low, high)``: the point estimate and the percentile interval over the resamples.
 
@@ -109,10 +115,7 @@ def bootstrap_miou(per_image: np.ndarray, weights: np.ndarray, level: float = 0.
     if per_image.shape[0] != weights.shape[1]:
         raise ValueError(f"{per_image.shape[0]} images but resample weights for {weights.shape[1]}")
     point = float(miou_from_confusion(per_image.sum(0)))
-    values = _resampled_miou(per_image, weights)
-    tail = 100.0 * (1 - level) / 2
-    low, high = np.percentile(values, [tail, 100.0 - tail])
-    return point, float(low), float(high)
+    return (point, *_percentile_interval(_resampled_miou(per_image, weights), level))
 
 
 def bootstrap_difference(a: np.ndarray, b: np.ndarray, weights: np.ndarray,
@@ -125,10 +128,7 @@ def bootstrap_difference(a: np.ndarray, b: np.ndarray, weights: np.ndarray,
     if a.shape != b.shape:
         raise ValueError(f"per-image confusion shapes differ: {a.shape} vs {b.shape}; evaluate both on the same images")
     point = float(miou_from_confusion(a.sum(0)) - miou_from_confusion(b.sum(0)))
-    values = _resampled_miou(a, weights) - _resampled_miou(b, weights)
-    tail = 100.0 * (1 - level) / 2
-    low, high = np.percentile(values, [tail, 100.0 - tail])
-    return point, float(low), float(high)
+    return (point, *_percentile_interval(_resampled_miou(a, weights) - _resampled_miou(b, weights), level))
 
 
 def excludes_zero(interval: Sequence[float]) -> bool:
