@@ -36,7 +36,7 @@ def add_diffseg_config(cfg: CN) -> CN:
     _c.SD.WEIGHTS = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     # Hub revision (branch, tag or commit); empty for the default branch.
     _c.SD.REVISION = ""
-    # Compute dtype of the frozen SD parts: float32, float16 or bfloat16 (the last two on CUDA only).
+    # Compute dtype of the frozen SD parts: float32, float16 (CUDA only: float32 on CPU) or bfloat16.
     _c.SD.DTYPE = "float32"
 
     # --- panoptic output of the training-free methods (DiffSegmenter, FreeDA, DAAM) ----------
@@ -388,13 +388,12 @@ class ConfigKeyError(KeyError):
 def get_diffseg_cfg(config_file: Optional[str] = None, opts: Optional[Sequence[str]] = None) -> CN:
     """A detectron2 config with the diffseg_d2 keys, merged from a yaml and ``KEY VALUE`` opts.
 
-    Importing diffseg_d2 here makes sure every registry entry a config may name exists.
+    Every registry entry a config may name exists by now: importing this module ran
+    ``diffseg_d2/__init__.py``, which registers the meta-architectures and datasets.
 
     Raises:
         ConfigKeyError: ``config_file`` does not exist, or it or ``opts`` name an unknown key.
     """
-    import diffseg_d2  # noqa: F401  (registers meta-architectures and datasets)
-
     cfg = get_cfg()
     add_diffseg_config(cfg)
     if config_file and not os.path.isfile(config_file):

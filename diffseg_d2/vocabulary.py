@@ -99,7 +99,7 @@ def vocabulary_from_metadata(dataset_name: str) -> List[str]:
     """
     from detectron2.data import MetadataCatalog
 
-    from .data.datasets import check_dataset_name
+    from .catalog import check_dataset_name
 
     if dataset_name not in MetadataCatalog.list():
         check_dataset_name(dataset_name)  # neither metadata nor a dataset: the error lists the choices

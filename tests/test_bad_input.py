@@ -10,9 +10,9 @@ from PIL import Image
 from diffseg_d2 import get_diffseg_cfg
 from diffseg_d2.data.image import read_image_rgb
 from diffseg_d2.diffusion import build_class_prompts
-from diffseg_d2.diffusion.frozen_sd import resolve_sd_weights
+from diffseg_d2.pretrained.stable_diffusion import resolve_sd_weights
 from diffseg_d2.vocabulary import VocabularyError, parse_vocabulary
-from diffseg_d2.weights import MissingWeightsError
+from diffseg_d2.pretrained.weights import MissingWeightsError
 
 
 # ---------------------------------------------------------------- vocabularies
@@ -158,13 +158,13 @@ def test_a_malformed_image_tensor(tiny_model):
         tiny_model([{"image": torch.zeros(2, 10, 10), "vocabulary": ["cat"]}])
 
 
-def test_half_precision_is_cuda_only_and_bad_dtypes_are_refused(tiny_sd):
+def test_float16_is_cuda_only_and_bad_dtypes_are_refused(tiny_sd):
     from diffseg_d2.diffusion import FrozenStableDiffusion
-    from diffseg_d2.diffusion.frozen_sd import StableDiffusionParts
+    from diffseg_d2.pretrained.stable_diffusion import StableDiffusionParts
 
     parts = StableDiffusionParts(tiny_sd.unet, tiny_sd.vae, tiny_sd.text_encoder, tiny_sd.tokenizer, tiny_sd.scheduler)
     half = FrozenStableDiffusion(parts, dtype="float16").to("cpu")
-    assert half.dtype == torch.float32  # on CPU the parts stay float32
+    assert half.dtype == torch.float32  # float16 on CPU: the parts stay float32 (bfloat16 is honoured)
     assert not any(p.requires_grad for p in half.parameters())
     half.train()
     assert not half.training and not half.unet.training  # frozen parts stay in eval mode

@@ -5,7 +5,7 @@ import torch
 from detectron2.modeling import build_model
 
 from diffseg_d2 import get_diffseg_cfg
-from diffseg_d2.modeling.blip_captioner import BlipCaptioner
+from diffseg_d2.pretrained.blip import BlipCaptioner
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "photo", "of", "cat", "dog", "people", "sitting"]
 

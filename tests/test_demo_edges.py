@@ -249,7 +249,7 @@ def test_non_finite_values_while_the_model_is_built_end_with_a_message(tiny_cfg_
 
 
 def test_missing_weights_end_in_one_message_and_debug_shows_the_traceback(tiny_cfg_path, tmp_path, monkeypatch):
-    from diffseg_d2.weights import MissingWeightsError
+    from diffseg_d2.pretrained.weights import MissingWeightsError
 
     def unreachable(cfg):
         raise MissingWeightsError("Could not load the UNet from the hub id 'x/y' (MODEL.DIFFSEG.SD.WEIGHTS): offline.")

@@ -39,7 +39,8 @@ from diffseg_d2.freeda.bank import (
 )
 from diffseg_d2.freeda.builder import PrototypeBankBuilder, prepare_output
 from diffseg_d2.nouns import ListNouns, build_noun_extractor
-from diffseg_d2.freeda.superpixels import felzenszwalb_superpixels, pool_features, pooling_matrix, sliding_windows
+from diffseg_d2.freeda.superpixels import felzenszwalb_superpixels, pool_features, pooling_matrix
+from diffseg_d2.tiling import sliding_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "build_freeda_bank.py"
@@ -378,9 +379,8 @@ def test_a_bank_is_refused_when_the_weights_behind_the_same_name_changed(freeda_
     from detectron2.modeling import build_model
     from safetensors.torch import load_file, save_file
 
-    from diffseg_d2.modeling.clip import CLIP_WEIGHTS_KEY
-    from diffseg_d2.random_models import TINY_CLIP_FOLDER, build_tiny_open_clip
-    from diffseg_d2.weights import resolve_weights
+    from diffseg_d2.pretrained.clip import CLIP_WEIGHTS_KEY, TINY_CLIP_FOLDER, build_tiny_open_clip
+    from diffseg_d2.pretrained.weights import resolve_weights
 
     tiny = resolve_weights("tiny", config_key=CLIP_WEIGHTS_KEY, tiny=(TINY_CLIP_FOLDER, build_tiny_open_clip)).path
     clip_dir = tmp_path / "my-clip"

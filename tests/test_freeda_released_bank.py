@@ -12,8 +12,8 @@ from diffseg_d2 import get_diffseg_cfg
 from diffseg_d2.freeda import BankError
 from diffseg_d2.freeda.bank import BankPathError
 from diffseg_d2.freeda.released import ReleasedBank, load_bank
-from diffseg_d2.modeling.clip import OpenCLIP
-from diffseg_d2.modeling.dino import DenseDINO
+from diffseg_d2.pretrained.clip import OpenCLIP
+from diffseg_d2.pretrained.dino import DenseDINO
 
 M = 40
 

@@ -76,14 +76,16 @@ def _records(logger_name):
 # ----------------------------------------------------------------------------- outputs
 @pytest.mark.parametrize("crop", [(slice(None), slice(None)), (slice(40, 101), slice(150, 293)),
                                   (slice(100, 250), slice(0, 40))], ids=["375x500", "61x143", "150x40"])
-def test_whole_image_pipeline_scores_every_class_at_the_input_size(freeda_cfg, sample_rgb, crop):
+def test_whole_image_pipeline_scores_every_class_at_the_input_size(freeda_cfg, sample_rgb, crop, model_device):
     cfg = freeda_cfg("MODEL.DIFFSEG.VOCABULARY", str(VOCAB), "MODEL.DIFFSEG.FREEDA.PIPELINE", "whole",
-                     "MODEL.DIFFSEG.FREEDA.LOCAL_SIGMOID", "False", "MODEL.DIFFSEG.FREEDA.MIN_KEY_SIMILARITY", "0.5")
+                     "MODEL.DIFFSEG.FREEDA.LOCAL_SIGMOID", "False", "MODEL.DIFFSEG.FREEDA.MIN_KEY_SIMILARITY", "0.5",
+                     "MODEL.DEVICE", model_device)
     predictor = DefaultPredictor(cfg)
     rgb = sample_rgb[crop]
     sem_seg = predictor(np.ascontiguousarray(rgb[:, :, ::-1]))["sem_seg"]  # BGR, like cv2.imread
     h, w = rgb.shape[:2]
     assert sem_seg.shape == (len(VOCAB), h, w)
+    assert sem_seg.device.type == torch.device(model_device).type
     assert torch.isfinite(sem_seg).all()
     assert torch.all(sem_seg[0] == cfg.MODEL.DIFFSEG.BACKGROUND_THRESHOLD)
     # prompted classes: w * cosine(superpixel, prototype) + (1 - w) * global, the cosine in [-1, 1]
@@ -200,7 +202,7 @@ def test_the_segmenter_is_training_free(model, sample_rgb):
 def test_a_missing_or_unfinished_bank_fails_before_the_models_load(freeda_cfg, freeda_bank, tmp_path, monkeypatch):
     import shutil
 
-    from diffseg_d2.modeling.clip import OpenCLIP
+    from diffseg_d2.pretrained.clip import OpenCLIP
 
     monkeypatch.setattr(OpenCLIP, "from_weights", classmethod(lambda cls, *a: pytest.fail("CLIP was loaded")))
     with pytest.raises(BankError, match="is not a folder"):

@@ -32,7 +32,7 @@ def test_alignment_loss_prefers_attention_on_the_words_object():
 def test_word_tokens_find_caption_words():
     import transformers
 
-    from diffseg_d2.diffusion.frozen_sd import resolve_sd_weights
+    from diffseg_d2.pretrained.stable_diffusion import resolve_sd_weights
     from diffseg_d2.microworld.train_diffusion import word_tokens
 
     tok = transformers.CLIPTokenizer.from_pretrained(resolve_sd_weights("tiny").path, subfolder="tokenizer")

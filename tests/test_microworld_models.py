@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffseg_d2.freeda.superpixels import sliding_windows
+from diffseg_d2.tiling import sliding_windows
 from diffseg_d2.microworld import train_clip, train_dense
 from diffseg_d2.microworld.train_clip import ClipTrainingSettings, train_micro_clip
 from diffseg_d2.microworld.train_dense import DenseTrainingSettings, train_micro_dense
-from diffseg_d2.modeling.clip import OpenCLIP
-from diffseg_d2.modeling.dino import DenseDINO
+from diffseg_d2.pretrained.clip import OpenCLIP
+from diffseg_d2.pretrained.dino import DenseDINO
 
 TEMPLATES = ["a photo of a {}.", "a photo of the {}."]
 

@@ -28,7 +28,7 @@ import diffseg_d2  # noqa: F401  (registers the datasets)
 from diffseg_d2 import microworld
 from diffseg_d2.data import MaskFormerPanopticMapper
 from diffseg_d2.evaluation import build_evaluator
-from diffseg_d2.microworld import datasets as mwd
+from diffseg_d2.data.datasets import register_microworld as mwd
 from diffseg_d2.microworld import scenes as mw
 from diffseg_d2.microworld.scenes import (
     COLOURS,

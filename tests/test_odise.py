@@ -40,6 +40,15 @@ def odise():
 
 
 @pytest.fixture(scope="module")
+def odise_on_device(model_device):
+    """``odise`` (the same weights) built on $DIFFSEG_D2_TEST_DEVICE; the other tests keep the CPU one."""
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    return build_model(tiny_cfg("MODEL.DEVICE", model_device))
+
+
+@pytest.fixture(scope="module")
 def batch():
     """Two mapped training inputs of the panoptic sample (fixed once)."""
     from detectron2.data import DatasetCatalog
@@ -80,7 +89,7 @@ def test_sliding_windows_stitch_per_window_features(backbone_pair):
 
 def test_overlapping_windows_are_averaged():
     from diffseg_d2.modeling.backbone import DiffusionUNetBackbone
-    from diffseg_d2.modeling.backbone.diffusion_unet import window_starts
+    from diffseg_d2.tiling import window_starts
 
     assert window_starts(256, 128, 64) == [0, 64, 128]
     assert window_starts(160, 128, 128) == [0, 32]  # the last window is aligned with the border
@@ -152,8 +161,8 @@ def test_model_state_dict_holds_only_trainable_parts(odise):
     assert trainable == {k for k in keys if k in dict(odise.named_parameters())}
 
 
-def test_training_lowers_the_loss_on_a_fixed_batch(odise, batch):
-    model = copy.deepcopy(odise).train()
+def test_training_lowers_the_loss_on_a_fixed_batch(odise_on_device, batch):
+    model = copy.deepcopy(odise_on_device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
 
@@ -189,11 +198,12 @@ def test_grounding_loss_joins_when_configured(batch):
     assert model.decoder.query_feat.weight.grad is not None
 
 
-def test_inference_outputs_follow_detectron2_formats(odise, batch):
-    model = odise.eval()
+def test_inference_outputs_follow_detectron2_formats(odise_on_device, batch):
+    model = odise_on_device.eval()
     x = {"image": batch[0]["image"], "height": 100, "width": 150}
     with torch.no_grad():
         out = model([x])[0]
+    assert out["sem_seg"].device.type == model.device.type
     K = len(model.vocabulary)
     assert out["sem_seg"].shape == (K, 100, 150)
     ids, segments = out["panoptic_seg"]
@@ -351,7 +361,7 @@ def test_example_project_builds_panoptic_fpn_on_the_diffusion_backbone(batch):
 
 def test_clip_text_cache_is_bounded_and_reused(odise):
     """The grounding loss encodes a new noun set every batch: the cache must not grow without end."""
-    from diffseg_d2.modeling import clip as clip_module
+    from diffseg_d2.pretrained import clip as clip_module
 
     clip = odise.clip
     first = clip.encode_class_names(["cat", "dog"])

@@ -16,7 +16,7 @@ def sd15_shapes():
     """The SD 1.5 UNet and VAE on the meta device (shapes only, no memory, no weights)."""
     import diffusers
 
-    from diffseg_d2.random_models import SD_ARCHITECTURES
+    from diffseg_d2.pretrained.stable_diffusion import SD_ARCHITECTURES
 
     sizes = SD_ARCHITECTURES["sd15"]
     with torch.device("meta"):
@@ -96,7 +96,7 @@ class _ClipStub(torch.nn.Module):
 
 
 def test_captioner_gates_and_time_path_have_the_reference_shapes():
-    from diffseg_d2.modeling.captioner import ImplicitCaptioner
+    from diffseg_d2.modeling.odise.captioner import ImplicitCaptioner
 
     cap = ImplicitCaptioner(_ClipStub(), context_length=77, text_dim=768, time_embed_dim=1280)
     assert cap.gate.shape == (1, 77, 768) and cap.positional_embedding.shape == (1, 77, 768)
@@ -128,7 +128,7 @@ def test_time_offset_is_added_to_the_unets_time_embedding(backbone_pair):  # noq
 
 @pytest.fixture(scope="module")
 def tiny_clip():
-    from diffseg_d2.modeling.clip import OpenCLIP
+    from diffseg_d2.pretrained.clip import OpenCLIP
 
     return OpenCLIP.from_weights("tiny", ["a photo of a {}."])
 

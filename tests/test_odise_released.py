@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from diffseg_d2.modeling.odise_released import ReleasedCheckpointError, convert_released_state_dict
+from diffseg_d2.modeling.odise.released import ReleasedCheckpointError, convert_released_state_dict
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 TINY_ODISE = os.path.join(ROOT, "configs", "tiny", "odise.yaml")

@@ -203,7 +203,7 @@ def _corrupt_safetensors(path: Path) -> None:
 def test_corrupted_weights_are_an_error_naming_the_part(tmp_path, part, pattern):
     from detectron2.engine import DefaultPredictor
 
-    from diffseg_d2.diffusion.frozen_sd import resolve_sd_weights
+    from diffseg_d2.pretrained.stable_diffusion import resolve_sd_weights
     from diffseg_d2.numerics import NonFiniteError
 
     folder = tmp_path / "sd"

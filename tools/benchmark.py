@@ -136,7 +136,7 @@ def build_sd15(device: str, dtype: str, conditioning: str, captions: bool = Fals
     import transformers
 
     from diffseg_d2.diffusion import FrozenStableDiffusion
-    from diffseg_d2.diffusion.frozen_sd import resolve_sd_weights
+    from diffseg_d2.pretrained.stable_diffusion import resolve_sd_weights
     from diffseg_d2.modeling import DiffSegmenter
     from diffseg_d2.random_models import random_stable_diffusion
 
@@ -146,7 +146,7 @@ def build_sd15(device: str, dtype: str, conditioning: str, captions: bool = Fals
     diffusion = FrozenStableDiffusion(random_stable_diffusion("sd15", tokenizer), dtype=dtype)
     captioner = None
     if captions:
-        from diffseg_d2.modeling.blip_captioner import BlipCaptioner
+        from diffseg_d2.pretrained.blip import BlipCaptioner
         from diffseg_d2.random_models import random_blip_large
 
         captioner = BlipCaptioner(*random_blip_large(), max_new_tokens=0)
@@ -535,9 +535,9 @@ def random_full_size_weights():
     import open_clip
     import transformers
 
-    from diffseg_d2.diffusion.frozen_sd import resolve_sd_weights
-    from diffseg_d2.modeling.clip import OpenCLIP
-    from diffseg_d2.modeling.dino import DenseDINO
+    from diffseg_d2.pretrained.stable_diffusion import resolve_sd_weights
+    from diffseg_d2.pretrained.clip import OpenCLIP
+    from diffseg_d2.pretrained.dino import DenseDINO
     from diffseg_d2.random_models import random_dino, random_stable_diffusion
 
     tokenizer = transformers.CLIPTokenizer.from_pretrained(resolve_sd_weights("tiny").path, subfolder="tokenizer")
@@ -665,8 +665,8 @@ def measure_freeda(spec: dict) -> dict:
 
     from diffseg_d2.data.datasets.builtin_meta import ADE20K_150_CLASSES
     from diffseg_d2.freeda.bank import PrototypeBank, build_index, model_fingerprint
-    from diffseg_d2.modeling.clip import OpenCLIP
-    from diffseg_d2.modeling.dino import DenseDINO
+    from diffseg_d2.pretrained.clip import OpenCLIP
+    from diffseg_d2.pretrained.dino import DenseDINO
     from diffseg_d2.modeling.meta_arch import FreeDA
     from diffseg_d2.random_models import random_dino
 

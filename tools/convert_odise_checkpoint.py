@@ -9,7 +9,7 @@
 The model is built from the config (so its Stable Diffusion and CLIP weights must be reachable)
 to learn its parameter names and shapes; the released file is read with
 ``torch.load(weights_only=True)`` (no unpickling of code), its trainable parameters are renamed
-(``diffseg_d2.modeling.odise_released``), checked against the model (every parameter present,
+(``diffseg_d2.modeling.odise.released``), checked against the model (every parameter present,
 every shape equal) and saved as ``{"model": state_dict}``. The released model was trained with
 Stable Diffusion v1.3: set ``MODEL.DIFFSEG.SD.WEIGHTS CompVis/stable-diffusion-v1-3`` to evaluate it
 as released.
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
 
     from diffseg_d2 import get_diffseg_cfg
     from diffseg_d2.checkpoint_safety import require_fit
-    from diffseg_d2.modeling.odise_released import ReleasedCheckpointError, convert_released_state_dict
+    from diffseg_d2.modeling.odise.released import ReleasedCheckpointError, convert_released_state_dict
 
     cfg = get_diffseg_cfg(args.config_file, args.opts + ["MODEL.WEIGHTS", ""])
     if cfg.MODEL.META_ARCHITECTURE != "ODISE":

@@ -36,9 +36,9 @@ from diffseg_d2.data.datasets.register_sample import sample_image_path
 from diffseg_d2.data.image import read_image_rgb, shrink_to_long_side
 from diffseg_d2.numerics import NonFiniteError
 from diffseg_d2.paths import write_atomically
+from diffseg_d2.pretrained.weights import MissingWeightsError
 from diffseg_d2.visualize import render_overlay
 from diffseg_d2.vocabulary import BACKGROUND, VocabularyError, background_index, vocabulary_from_command_line
-from diffseg_d2.weights import MissingWeightsError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 logger = logging.getLogger("diffseg_d2.demo")

@@ -5,7 +5,7 @@
     python tools/make_microworld.py --splits train val --count 200
     python tools/make_microworld.py --splits --contact-sheet output/microworld.png --sheet-scenes 8
 
-Files go to ``$DIFFSEG_D2_CACHE/microworld/<split>/`` (see diffseg_d2/microworld/datasets.py);
+Files go to ``$DIFFSEG_D2_CACHE/microworld/<split>/`` (see diffseg_d2/data/datasets/register_microworld.py);
 the datasets ``diffseg_microworld_*`` write the same files on first use, so running this is
 only needed to prepare them ahead of time or to look at scenes. The contact sheet shows, per
 scene, the image, the shape label and the instance label (scaled up), and the caption.
@@ -132,7 +132,7 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
                         "(input of tools/build_freeda_bank.py)")
     args = p.parse_args(argv)
 
-    from diffseg_d2.microworld.datasets import materialize_split, split_count
+    from diffseg_d2.data.datasets.register_microworld import materialize_split, split_count
     from diffseg_d2.microworld.train_state import write_text
 
     written = []

@@ -32,6 +32,7 @@ from diffseg_d2.data.datasets.register_sample import sample_image_path  # noqa: 
 from diffseg_d2.data.image import read_image_rgb, shrink_to_long_side  # noqa: E402
 from diffseg_d2.microworld.scenes import render_scene, scene_seeds  # noqa: E402
 from diffseg_d2.numerics import NonFiniteError  # noqa: E402
+from diffseg_d2.pretrained.weights import MissingWeightsError  # noqa: E402
 from diffseg_d2.visualize import render_overlay  # noqa: E402
 from diffseg_d2.vocabulary import (  # noqa: E402
     BACKGROUND,
@@ -39,7 +40,6 @@ from diffseg_d2.vocabulary import (  # noqa: E402
     background_index,
     vocabulary_from_command_line,
 )
-from diffseg_d2.weights import MissingWeightsError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = ["configs/micro/diffsegmenter.yaml", "configs/micro/daam.yaml"]

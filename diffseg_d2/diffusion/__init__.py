@@ -1,4 +1,4 @@
-"""The diffusion substrate shared by every method: SD loading, prompts, attention recording.
+"""The diffusion substrate shared by every method: the frozen SD wrapper, prompts, attention recording.
 
 Nothing here imports diffusers or transformers at import time.
 """
@@ -12,7 +12,8 @@ from .attention import (
     summed_cross_maps,
 )
 from .features import FeatureTap, decoder_inputs, feature_taps, record_inputs, tap_modules, tappable_layers
-from .frozen_sd import FrozenStableDiffusion, StableDiffusionParts, load_stable_diffusion
+from ..pretrained.stable_diffusion import StableDiffusionParts, load_stable_diffusion
+from .frozen_sd import FrozenStableDiffusion
 from .prompts import TOKEN_SELECTIONS, ClassPrompts, build_class_prompts, build_joint_prompt
 
 __all__ = [

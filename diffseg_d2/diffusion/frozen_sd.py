@@ -1,104 +1,33 @@
 """The frozen Stable Diffusion substrate shared by every method.
 
-``load_stable_diffusion`` reads the five SD components from a hub id, a local
-diffusers folder or the ``tiny`` preset, always through ``from_pretrained`` with
-safetensors. ``FrozenStableDiffusion`` wraps them: VAE encoding of images,
+``FrozenStableDiffusion`` wraps the five SD components (loaded by
+``diffseg_d2.pretrained.stable_diffusion.load_stable_diffusion``): VAE encoding of images,
 noising at a timestep, prompt tokenisation and encoding, and the UNet call.
 Its parameters never train and it stays in eval mode.
 """
 from __future__ import annotations
 
 import contextlib
-import logging
-from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
-from torch import nn
 
 from ..numerics import require_finite
 from ..optional_imports import require
-from ..random_models import TINY_SD_FOLDER, build_tiny_stable_diffusion
-from ..weights import WeightsLocation, hub_load_error, resolve_weights
+from ..pretrained.frozen import FrozenModel
+from ..pretrained.stable_diffusion import SD_WEIGHTS_KEY, StableDiffusionParts
 from .instrumentation import shared_instrumentation
 
-logger = logging.getLogger(__name__)
-
-SD_WEIGHTS_KEY = "MODEL.DIFFSEG.SD.WEIGHTS"
-# What a local SD folder must hold for the loader below (weights as safetensors only).
-SD_REQUIRED_FILES = (
-    "unet/config.json",
-    "unet/*.safetensors",
-    "vae/config.json",
-    "vae/*.safetensors",
-    "text_encoder/config.json",
-    "text_encoder/*.safetensors",
-    "tokenizer/tokenizer_config.json",
-    "scheduler/scheduler_config.json",
-)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@dataclass
-class StableDiffusionParts:
-    unet: Any
-    vae: Any
-    text_encoder: Any
-    tokenizer: Any
-    scheduler: Any
-
-
-def resolve_sd_weights(weights: str) -> WeightsLocation:
-    return resolve_weights(
-        weights,
-        config_key=SD_WEIGHTS_KEY,
-        required_files=SD_REQUIRED_FILES,
-        tiny=(TINY_SD_FOLDER, build_tiny_stable_diffusion),
-        micro="diffusion",
-    )
-
-
-def load_stable_diffusion(weights: str, revision: Optional[str] = None) -> StableDiffusionParts:
-    """Load UNet, VAE, text encoder, tokenizer and a DDIM scheduler (float32, CPU).
-
-    Args:
-        weights: hub id, local diffusers folder, or ``"tiny"`` (see ``MODEL.DIFFSEG.SD.WEIGHTS``).
-        revision: hub revision; ignored for local folders.
-    """
-    diffusers = require("diffusers", "diffusers", "Loading Stable Diffusion")
-    transformers = require("transformers", "transformers", "Loading Stable Diffusion")
-    location = resolve_sd_weights(weights)
-    kwargs = {} if location.is_local or not revision else {"revision": revision}
-    logger.info("loading Stable Diffusion from %s", location.path)
-    try:
-        return StableDiffusionParts(
-            unet=diffusers.UNet2DConditionModel.from_pretrained(
-                location.path, subfolder="unet", use_safetensors=True, **kwargs
-            ),
-            vae=diffusers.AutoencoderKL.from_pretrained(
-                location.path, subfolder="vae", use_safetensors=True, **kwargs
-            ),
-            text_encoder=transformers.CLIPTextModel.from_pretrained(
-                location.path, subfolder="text_encoder", use_safetensors=True, **kwargs
-            ),
-            tokenizer=transformers.CLIPTokenizer.from_pretrained(location.path, subfolder="tokenizer", **kwargs),
-            # SD 1.5 ships a PNDM scheduler config; the noise schedule (betas) is what matters
-            # here and DDIM reads the same keys.
-            scheduler=diffusers.DDIMScheduler.from_pretrained(location.path, subfolder="scheduler", **kwargs),
-        )
-    except OSError as e:
-        if location.is_local:
-            raise
-        raise hub_load_error(location, "Stable Diffusion components", e) from e
-
-
-class FrozenStableDiffusion(nn.Module):
+class FrozenStableDiffusion(FrozenModel):
     """Frozen SD components with the few operations the methods need.
 
     Args:
         parts: the loaded components.
-        dtype: compute dtype of UNet, VAE and text encoder. Half precision is
-            only used on CUDA; on CPU the parts stay float32.
+        dtype: compute dtype of UNet, VAE and text encoder. float16 is only used on
+            CUDA (on CPU the parts stay float32); bfloat16 is used on both.
     """
 
     def __init__(self, parts: StableDiffusionParts, dtype: str = "float32"):
@@ -111,19 +40,16 @@ class FrozenStableDiffusion(nn.Module):
         self.text_encoder = parts.text_encoder
         self.tokenizer = parts.tokenizer
         self.scheduler = parts.scheduler
-        for p in self.parameters():
-            p.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> "FrozenStableDiffusion":
-        # Frozen parts stay in eval mode whatever the parent model does.
-        return super().train(False)
+        self.freeze()
+        self.to(self.device)  # the dtype policy below, before any move
 
     def _apply(self, fn, recurse: bool = True):
-        # Every .to()/.cuda() runs through here: after a move, apply the dtype policy
-        # (half precision on CUDA only, by config).
+        # Every .to()/.cuda() runs through here: after a move, apply the dtype policy: the
+        # configured dtype, except float16 on CPU, which stays float32 (CPUs have no fast float16
+        # kernels: the tiny models' float16 convolutions ran about 10x slower than float32 here).
         super()._apply(fn, recurse)
-        want = self.requested_dtype if self.device.type == "cuda" else torch.float32
+        cpu_half = self.device.type != "cuda" and self.requested_dtype == torch.float16
+        want = torch.float32 if cpu_half else self.requested_dtype
         if self.unet.dtype != want:
             super()._apply(lambda t: t.to(want) if t.is_floating_point() else t, recurse)
         return self

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 
+from ..pretrained.tokens import find_subsequence, token_mean_table
 from ..vocabulary import VocabularyError
 
 
@@ -27,28 +28,6 @@ class ClassPrompts:
     token_index: torch.Tensor
     token_weight: torch.Tensor
     emphasis: Optional[torch.Tensor] = None
-
-
-def find_subsequence(seq: Sequence[int], sub: Sequence[int], start: int = 0) -> int:
-    """Start of the first occurrence of ``sub`` in ``seq`` (token ids) at or after ``start``, or -1."""
-    if not sub:
-        return -1
-    for i in range(start, len(seq) - len(sub) + 1):
-        if list(seq[i : i + len(sub)]) == list(sub):
-            return i
-    return -1
-
-
-def token_mean_table(positions: Sequence[Sequence[int]]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Token positions of K words -> ``(K, T)`` padded indices and weights (1/n on a word's n
-    real positions, 0 on padding), so that a weighted sum over them is the mean over the word."""
-    width = max(len(p) for p in positions)
-    index = torch.zeros(len(positions), width, dtype=torch.long)
-    weight = torch.zeros(len(positions), width)
-    for i, pos in enumerate(positions):
-        index[i, : len(pos)] = torch.tensor(list(pos))
-        weight[i, : len(pos)] = 1.0 / len(pos)
-    return index, weight
 
 
 def _check_template(template: str) -> None:

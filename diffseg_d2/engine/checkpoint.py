@@ -7,7 +7,7 @@
   a checkpoint of another architecture raises ``CheckpointMismatchError`` naming
   the missing, unexpected and mis-shaped keys, instead of detectron2's warning and
   a half-loaded model. Frozen parts (Stable Diffusion, CLIP) are in neither, see
-  ``diffseg_d2.modeling.frozen``.
+  ``diffseg_d2.pretrained.frozen``.
 """
 from __future__ import annotations
 

@@ -133,8 +133,8 @@ class PrototypeBankBuilder(nn.Module):
     def from_config(cls, cfg) -> "PrototypeBankBuilder":
         """Build from ``MODEL.DIFFSEG`` (the noun source is checked before any model loads)."""
         from ..diffusion import load_stable_diffusion
-        from ..modeling.clip import OpenCLIP
-        from ..modeling.dino import DenseDINO
+        from ..pretrained.clip import OpenCLIP
+        from ..pretrained.dino import DenseDINO
         from ..nouns import build_noun_extractor
 
         d, b = cfg.MODEL.DIFFSEG, cfg.MODEL.DIFFSEG.FREEDA.BUILD

@@ -140,24 +140,3 @@ def resize_short_side(image: torch.Tensor, short_side: int, long_cap: int, backe
         raise ValueError(f"MODEL.DIFFSEG.FREEDA.RESIZE must be 'cv2' or 'torch', not {backend!r}.")
     out = torch.nn.functional.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)[0]
     return out.round().clamp(0, 255)
-
-
-def window_shape(height: int, width: int, window: int) -> Tuple[int, int]:
-    """The crop of a sliding ``window`` over a ``height`` x ``width`` image: ``window`` along each
-    side, or the whole side where it is shorter (mmseg's sliding inference, FreeDA's reference)."""
-    return min(window, height), min(window, width)
-
-
-def sliding_windows(height: int, width: int, window, stride: int) -> list:
-    """Top-left corners ``(y, x)`` of ``window`` crops covering an image, the last ones flush with
-    the bottom/right border. ``window`` is a side or ``(window_height, window_width)``; it must not
-    exceed the image's sides."""
-    wh, ww = (window, window) if isinstance(window, int) else window
-
-    def starts(size: int, side: int) -> list:
-        if size <= side:
-            return [0]
-        out = list(range(0, size - side, stride))
-        return out + [size - side]
-
-    return [(y, x) for y in starts(height, wh) for x in starts(width, ww)]

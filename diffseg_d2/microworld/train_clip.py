@@ -330,7 +330,7 @@ def evaluate_micro_clip(weights: str, split: str = "val", count: int = 500,
     ``scene_topn_recall`` the share of a scene's n objects found among its n best classes.
     Chance: 1/16, 1/4, 1/4, about 0.14 and 0.14.
     """
-    from ..modeling.clip import OpenCLIP
+    from ..pretrained.clip import OpenCLIP
 
     clip = OpenCLIP.from_weights(str(weights), list(templates))
     lo, hi = SPLITS[split]

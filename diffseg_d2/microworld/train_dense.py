@@ -334,7 +334,7 @@ def evaluate_micro_dense(weights: str, split: str = "val", count: int = 200,
     scene's regions (how well the features separate objects from each other and the
     background). ``all_background_acc`` is the trivial baseline's pixel accuracy.
     """
-    from ..modeling.dino import DenseDINO
+    from ..pretrained.dino import DenseDINO
 
     dino = DenseDINO.from_weights(str(weights))
     lo, hi = SPLITS[split]

@@ -3,7 +3,7 @@
 Two stages, both on scenes rendered on the fly from the train seed range
 (``diffseg_d2.microworld.scenes``):
 
-1. **VAE** (``AutoencoderKL`` of the ``micro`` architecture in ``random_models``:
+1. **VAE** (``AutoencoderKL`` of the ``micro`` architecture in ``pretrained.stable_diffusion``:
    64x64 RGB -> 16x16x4): L1 + L2 reconstruction and a small KL term; its
    ``scaling_factor`` is then set so the latents have unit variance, as SD's.
 2. **UNet + text encoder** (``UNet2DConditionModel`` with cross-attention at
@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from ..diffusion.attention import attention_layers, class_token_maps
 from ..diffusion.prompts import find_subsequence, token_mean_table
 from ..optional_imports import require
-from ..random_models import random_stable_diffusion, write_clip_tokenizer_files
+from ..pretrained.stable_diffusion import random_stable_diffusion
+from ..pretrained.tokens import write_clip_tokenizer_files
 from .train_state import STATE_FILE, load_train_state, save_train_state, step_generator, train_scene, write_text
 
 logger = logging.getLogger(__name__)

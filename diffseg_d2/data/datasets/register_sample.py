@@ -40,12 +40,9 @@ if TYPE_CHECKING:
     import numpy as np
 from ...paths import cache_dir, write_atomically
 from . import builtin_meta as bm
+from .coco_format import coco_rle, mask_bbox_xywh, save_json, save_png
 from .register_panoptic import (
     attach_instance_annotations,
-    coco_rle,
-    mask_bbox_xywh,
-    save_json,
-    save_png,
     load_panoptic_json,
     panoptic_metadata,
     register_lazy_dataset,

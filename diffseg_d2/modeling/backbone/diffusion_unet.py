@@ -48,9 +48,10 @@ from ...checkpoint_safety import refuse_partial_loads
 from ...config import check_config
 from ...diffusion import FrozenStableDiffusion, decoder_inputs, feature_taps, load_stable_diffusion, record_inputs, tap_modules
 from ...diffusion.features import PARTS
-from ..captioner import ImplicitCaptioner
-from ..clip import OpenCLIP
-from ..frozen import exclude_from_checkpoints
+from ..odise.captioner import ImplicitCaptioner
+from ...pretrained.clip import OpenCLIP
+from ...pretrained.frozen import exclude_from_checkpoints
+from ...tiling import window_starts
 
 logger = logging.getLogger(__name__)
 
@@ -59,20 +60,6 @@ LEVEL_STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 #: Input sides must be multiples of this (the reference pads to 64 too).
 SIZE_DIVISIBILITY = 64
 _KEY = "MODEL.DIFFSEG.ODISE.BACKBONE"
-
-
-def window_starts(length: int, window: int, stride: int) -> List[int]:
-    """Start offsets of windows of ``window`` pixels every ``stride`` pixels covering ``length``.
-
-    The last window is aligned with the end, so every pixel is covered and no window
-    leaves the image.
-    """
-    if length < window:
-        raise ValueError(f"length {length} is smaller than one window of {window}")
-    starts = list(range(0, length - window + 1, stride))
-    if starts[-1] != length - window:
-        starts.append(length - window)
-    return starts
 
 
 def _clamped_stride(stride: int) -> int:

@@ -28,6 +28,8 @@ from ...diffusion import (
     minmax_per_map,
     record_attention,
 )
+from ...pretrained.blip import BlipCaptioner
+from ...pretrained.clip import OpenCLIP
 from ...vocabulary import background_index
 from .open_vocab import OpenVocabularySegmenter, open_vocab_args_from_config
 
@@ -189,16 +191,12 @@ class DiffSegmenter(OpenVocabularySegmenter):
         d = cfg.MODEL.DIFFSEG
         category_filter = captioner = None
         if d.CATEGORY_FILTER.ENABLED:
-            from ..clip import CategoryFilter, OpenCLIP
-
             category_filter = CategoryFilter(
                 OpenCLIP.from_weights(d.CLIP.WEIGHTS, d.CLIP.TEMPLATES),
                 threshold=d.CATEGORY_FILTER.THRESHOLD,
                 top_k=d.CATEGORY_FILTER.TOP_K,
             )
         if d.CAPTION.ENABLED:
-            from ..blip_captioner import BlipCaptioner
-
             captioner = BlipCaptioner.from_weights(d.CAPTION.WEIGHTS, d.CAPTION.MAX_NEW_TOKENS)
         diffusion = FrozenStableDiffusion(
             load_stable_diffusion(d.SD.WEIGHTS, d.SD.REVISION or None), dtype=d.SD.DTYPE
@@ -389,3 +387,33 @@ def parse_prompt_names(pairs: Sequence[str]) -> Dict[str, str]:
             )
         out[name.strip()] = word.strip()
     return out
+
+
+class CategoryFilter(nn.Module):
+    """Drops classes that CLIP judges absent from the image.
+
+    A class is kept when its CLIP probability (softmax over the candidate
+    classes) is at least ``threshold``; at most ``top_k`` classes are kept
+    (0 = no cap); the most probable class is always kept.
+    """
+
+    def __init__(self, clip: OpenCLIP, threshold: float, top_k: int = 0):
+        super().__init__()
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"MODEL.DIFFSEG.CATEGORY_FILTER.THRESHOLD must be in [0, 1], got {threshold}.")
+        if top_k < 0:
+            raise ValueError(f"MODEL.DIFFSEG.CATEGORY_FILTER.TOP_K must be >= 0, got {top_k}.")
+        self.clip = clip
+        self.threshold = float(threshold)
+        self.top_k = int(top_k)
+
+    @torch.no_grad()
+    def forward(self, image: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+        """Which names to keep: image (3, H, W) RGB in [0, 255] -> bool (K,)."""
+        probs = self.clip.class_probabilities(image[None], names)[0]
+        keep = probs >= self.threshold
+        if self.top_k and int(keep.sum()) > self.top_k:
+            keep = torch.zeros_like(keep)
+            keep[probs.topk(self.top_k).indices] = True
+        keep[probs.argmax()] = True
+        return keep.cpu()

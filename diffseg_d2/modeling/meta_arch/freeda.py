@@ -26,10 +26,9 @@ from ...freeda.superpixels import (
     felzenszwalb_superpixels,
     pool_features,
     resize_short_side,
-    sliding_windows,
-    window_shape,
     token_grid_weights,
 )
+from ...tiling import sliding_windows, window_shape
 from ...vocabulary import background_index
 from .open_vocab import OpenVocabularySegmenter, open_vocab_args_from_config
 
@@ -149,8 +148,8 @@ class FreeDA(OpenVocabularySegmenter):
 
     @classmethod
     def from_config(cls, cfg) -> Dict:
-        from ..clip import OpenCLIP
-        from ..dino import DenseDINO
+        from ...pretrained.clip import OpenCLIP
+        from ...pretrained.dino import DenseDINO
 
         check_config(cfg)
         d, f = cfg.MODEL.DIFFSEG, cfg.MODEL.DIFFSEG.FREEDA

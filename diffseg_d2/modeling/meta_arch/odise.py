@@ -37,9 +37,9 @@ from torch import nn
 from ...checkpoint_safety import refuse_partial_loads
 from ...config import check_config
 from ...numerics import require_finite
-from ...vocabulary import classes_from_metadata, parse_vocabulary, split_synonyms, thing_flags
-from ..clip import OpenCLIP
-from ..frozen import exclude_from_checkpoints
+from ...pretrained.clip import OpenCLIP
+from ...pretrained.frozen import exclude_from_checkpoints
+from ...vocabulary import classes_from_metadata, parse_vocabulary, split_synonyms
 from ..heads import (
     DeformablePixelDecoder,
     HungarianMatcher,
@@ -47,7 +47,8 @@ from ..heads import (
     SetCriterion,
     caption_grounding_loss,
 )
-from ..open_vocab_classifier import OpenVocabClassifier, max_over_synonyms
+from ..odise.classifier import OpenVocabClassifier, max_over_synonyms
+from .open_vocab import OpenVocabularyMixin, vocabulary_args_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def _synonyms(name: str) -> List[str]:
 
 
 @META_ARCH_REGISTRY.register()
-class ODISE(nn.Module):
+class ODISE(OpenVocabularyMixin, nn.Module):
     """The trained open-vocabulary panoptic segmenter (see the module docstring).
 
     Args:
@@ -171,8 +172,7 @@ class ODISE(nn.Module):
         self.variant = variant
         # The head's class prompts: bare names (label-trained) or the grounding prompt (caption-trained).
         self.head_template = "{}" if variant == "label" else grounding_template
-        self._vocabulary: Optional[List[str]] = None
-        self._things: List[bool] = []
+        self._init_vocabulary()
         if vocabulary:
             self.set_vocabulary(vocabulary, thing_classes)
 
@@ -221,11 +221,6 @@ class ODISE(nn.Module):
         train_classes: List[str] = []
         if len(cfg.DATASETS.TRAIN):
             train_classes = classes_from_metadata(cfg.DATASETS.TRAIN[0])[0]
-        vocabulary, things = None, None
-        if cfg.MODEL.DIFFSEG.VOCABULARY:
-            vocabulary = list(cfg.MODEL.DIFFSEG.VOCABULARY)
-        elif len(cfg.DATASETS.TEST):
-            vocabulary, things = classes_from_metadata(cfg.DATASETS.TEST[0])
         nouns = None
         if loss.GROUNDING_WEIGHT > 0:
             from ...nouns import ListNouns  # the noun finder of FreeDA's bank builder too
@@ -247,8 +242,7 @@ class ODISE(nn.Module):
             pixel_std=cfg.MODEL.PIXEL_STD,
             input_format=cfg.INPUT.FORMAT,
             train_classes=train_classes,
-            vocabulary=vocabulary,
-            thing_classes=things,
+            **vocabulary_args_from_config(cfg),
             semantic_on=o.TEST.SEMANTIC_ON,
             panoptic_on=o.TEST.PANOPTIC_ON,
             instance_on=o.TEST.INSTANCE_ON,
@@ -269,25 +263,6 @@ class ODISE(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
-
-    @property
-    def vocabulary(self) -> Optional[List[str]]:
-        return None if self._vocabulary is None else list(self._vocabulary)
-
-    def set_vocabulary(self, names, thing_classes: Optional[Sequence[str]] = None) -> None:
-        """Set the test classes (a list, or a comma-separated string of names).
-
-        Args:
-            names: class names; within a list entry, commas separate synonyms.
-            thing_classes: the names that are countable things (instances, panoptic
-                "isthing"); None = every class except "background".
-        """
-        names = parse_vocabulary(names)
-        self._vocabulary, self._things = names, thing_flags(names, thing_classes)
-
-    def set_vocabulary_from_dataset(self, dataset_name: str) -> None:
-        """Use a registered dataset's classes and thing classes (the one being evaluated)."""
-        self.set_vocabulary(*classes_from_metadata(dataset_name))
 
     def _text(self, names: Sequence[str], template: str = "{}") -> Tuple[torch.Tensor, torch.Tensor]:
         """CLIP embeddings (S, D), not normalised, of every synonym of ``names`` written into
@@ -399,16 +374,7 @@ class ODISE(nn.Module):
         outputs = self._predict(images)
         results = []
         for i, x in enumerate(batched_inputs):
-            if "vocabulary" in x:
-                names = parse_vocabulary(x["vocabulary"])
-                things = thing_flags(names)
-            elif self._vocabulary is not None:
-                names, things = self._vocabulary, self._things
-            else:
-                raise ValueError(
-                    "ODISE has no vocabulary: set MODEL.DIFFSEG.VOCABULARY or DATASETS.TEST, call "
-                    "model.set_vocabulary([...]), or pass 'vocabulary' in the input dict."
-                )
+            names, things = self._input_vocabulary(x)
             h, w = images.image_sizes[i]
             out_h, out_w = int(x.get("height", h)), int(x.get("width", w))
             masks = F.interpolate(

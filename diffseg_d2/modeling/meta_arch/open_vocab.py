@@ -1,7 +1,8 @@
-"""What every training-free open-vocabulary semantic segmenter of the package shares.
+"""What the package's open-vocabulary segmenters share.
 
-The vocabulary (set by config, by the evaluated dataset, by ``set_vocabulary`` or
-per input) with its thing classes, the checks of input images, the detectron2
+``OpenVocabularyMixin`` (every model, ODISE included): the vocabulary (set by config,
+by the evaluated dataset, by ``set_vocabulary`` or per input) with its thing classes.
+``OpenVocabularySegmenter`` (the training-free ones): the checks of input images, the detectron2
 ``forward`` contract (``sem_seg``, and ``panoptic_seg`` made from it), and a small
 LRU cache for what a method computes once per vocabulary. A subclass implements
 ``segment(image, names, out_size)`` and, optionally, ``_check_vocabulary(names)``
@@ -23,19 +24,72 @@ from .semantic_to_panoptic import semantic_to_panoptic
 _CACHE_SIZE = 8
 
 
-def open_vocab_args_from_config(cfg) -> Dict:
-    """The base's keyword arguments from a config: ``vocabulary`` (``MODEL.DIFFSEG.VOCABULARY``, else
-    the classes of ``DATASETS.TEST[0]``, else None), ``thing_classes`` (that dataset's, else None:
-    every class but background) and ``panoptic_min_area`` (None when ``PANOPTIC.ENABLED`` is off)."""
+def vocabulary_args_from_config(cfg) -> Dict:
+    """``vocabulary`` (``MODEL.DIFFSEG.VOCABULARY``, else the classes of ``DATASETS.TEST[0]``, else
+    None) and ``thing_classes`` (that dataset's, else None: every class but background)."""
     vocabulary, things = list(cfg.MODEL.DIFFSEG.VOCABULARY) or None, None
     if vocabulary is None and len(cfg.DATASETS.TEST):
         vocabulary, things = classes_from_metadata(cfg.DATASETS.TEST[0])
+    return dict(vocabulary=vocabulary, thing_classes=things)
+
+
+def open_vocab_args_from_config(cfg) -> Dict:
+    """The training-free base's keyword arguments from a config: :func:`vocabulary_args_from_config`
+    and ``panoptic_min_area`` (None when ``PANOPTIC.ENABLED`` is off)."""
     panoptic = cfg.MODEL.DIFFSEG.PANOPTIC
-    return dict(vocabulary=vocabulary, thing_classes=things,
+    return dict(**vocabulary_args_from_config(cfg),
                 panoptic_min_area=float(panoptic.MIN_AREA) if panoptic.ENABLED else None)
 
 
-class OpenVocabularySegmenter(nn.Module):
+class OpenVocabularyMixin:
+    """The vocabulary of a segmenter: its classes and which of them are things.
+
+    A model calls ``_init_vocabulary()`` in its ``__init__`` and may override
+    ``_check_vocabulary(names)`` to reject a vocabulary before it is used.
+    """
+
+    def _init_vocabulary(self) -> None:
+        self._vocabulary: Optional[List[str]] = None
+        self._things: List[bool] = []
+
+    @property
+    def vocabulary(self) -> Optional[List[str]]:
+        return None if self._vocabulary is None else list(self._vocabulary)
+
+    def set_vocabulary(self, names, thing_classes: Optional[Sequence[str]] = None) -> None:
+        """Set the classes to segment (a list, or a comma-separated string of names), checked before use.
+
+        Args:
+            names: class names; within a list entry, commas separate synonyms.
+            thing_classes: the names that are countable things (instances, ``panoptic_seg``'s
+                ``isthing``); None: every class except "background".
+        """
+        names = parse_vocabulary(names)
+        self._check_vocabulary(names)
+        self._vocabulary, self._things = names, thing_flags(names, thing_classes)
+
+    def set_vocabulary_from_dataset(self, dataset_name: str) -> None:
+        """Use the classes and thing classes of a dataset's metadata (the one being evaluated)."""
+        self.set_vocabulary(*classes_from_metadata(dataset_name))
+
+    def _check_vocabulary(self, names: Sequence[str]) -> None:
+        """Raise if ``names`` cannot be segmented (a subclass hook; may warm its caches)."""
+
+    def _input_vocabulary(self, x: Dict) -> Tuple[List[str], List[bool]]:
+        """``(names, thing flags)`` for one input dict: its own ``vocabulary`` key, else the model's."""
+        if "vocabulary" in x:
+            names = parse_vocabulary(x["vocabulary"])
+            self._check_vocabulary(names)
+            return names, thing_flags(names)
+        if self._vocabulary is None:
+            raise ValueError(
+                f"{type(self).__name__} has no vocabulary: set MODEL.DIFFSEG.VOCABULARY or DATASETS.TEST, call "
+                "model.set_vocabulary([...]), or pass 'vocabulary' in the input dict."
+            )
+        return self._vocabulary, self._things
+
+
+class OpenVocabularySegmenter(OpenVocabularyMixin, nn.Module):
     """Base of the training-free segmenters (``sem_seg`` output, one channel per class, and ``panoptic_seg``).
 
     Subclasses call ``super().__init__(input_format=..., panoptic_min_area=...)`` first and
@@ -59,8 +113,7 @@ class OpenVocabularySegmenter(nn.Module):
                              f"got {panoptic_min_area}.")
         self.input_format = input_format
         self.panoptic_min_area = panoptic_min_area
-        self._vocabulary: Optional[List[str]] = None
-        self._things: List[bool] = []
+        self._init_vocabulary()
         self._cache = LRUCache(_CACHE_SIZE)
         # An empty buffer that follows .to(): where the model lives (cfg.MODEL.DEVICE).
         self.register_buffer("_device_anchor", torch.zeros(0), persistent=False)
@@ -70,28 +123,6 @@ class OpenVocabularySegmenter(nn.Module):
     @property
     def device(self) -> torch.device:
         return self._device_anchor.device
-
-    @property
-    def vocabulary(self) -> Optional[List[str]]:
-        return None if self._vocabulary is None else list(self._vocabulary)
-
-    def set_vocabulary(self, names, thing_classes: Optional[Sequence[str]] = None) -> None:
-        """Set the classes to segment (a list or a comma-separated string), checked before use.
-
-        Args:
-            thing_classes: the names that are things (split into instances in ``panoptic_seg``);
-                None: every class except "background".
-        """
-        names = parse_vocabulary(names)
-        self._check_vocabulary(names)
-        self._vocabulary, self._things = names, thing_flags(names, thing_classes)
-
-    def set_vocabulary_from_dataset(self, dataset_name: str) -> None:
-        """Use the classes and thing classes of a dataset's metadata (the one being evaluated)."""
-        self.set_vocabulary(*classes_from_metadata(dataset_name))
-
-    def _check_vocabulary(self, names: Sequence[str]) -> None:
-        """Raise if ``names`` cannot be segmented (a subclass hook; may warm its caches)."""
 
     def _cached(self, key: Tuple, compute: Callable[[], object]):
         """A small LRU cache for per-vocabulary work (encoded prompts, class prototypes)."""
@@ -116,17 +147,7 @@ class OpenVocabularySegmenter(nn.Module):
             raise RuntimeError(f"{name} is training-free: run it in eval mode (tools/train_net.py --eval-only).")
         results = []
         for x in batched_inputs:
-            if "vocabulary" in x:
-                names = parse_vocabulary(x["vocabulary"])
-                self._check_vocabulary(names)
-                things = thing_flags(names)
-            elif self._vocabulary is not None:
-                names, things = self._vocabulary, self._things
-            else:
-                raise ValueError(
-                    f"{name} has no vocabulary: set MODEL.DIFFSEG.VOCABULARY or DATASETS.TEST, call "
-                    "model.set_vocabulary([...]), or pass 'vocabulary' in the input dict."
-                )
+            names, things = self._input_vocabulary(x)
             image = self._rgb(x["image"])
             out_size = (int(x.get("height", image.shape[-2])), int(x.get("width", image.shape[-1])))
             scores = require_finite(self.segment(image, names, out_size), f"{name}'s score computation")

@@ -1,6 +1,6 @@
-"""Where model weights come from: a hub id, a local folder, or the ``tiny`` preset.
+"""Where model weights come from: a hub id, a local folder, or a preset (``tiny``, ``micro``, ``random:<architecture>``).
 
-Every model the package loads (Stable Diffusion, CLIP, the captioner) names its
+Every model the package loads (Stable Diffusion, CLIP, DINOv2, the captioner) names its
 weights with one config string. ``resolve_weights`` turns that string into a
 location and checks a local folder before anything is loaded, so a missing or
 incomplete folder gives an error that names the config key, not a stack trace
@@ -15,15 +15,17 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Collection, Optional, Sequence
 
-from .paths import cache_dir
+from ..paths import cache_dir
 
 logger = logging.getLogger(__name__)
 
 TINY = "tiny"
 # The micro-world models trained by the project (diffseg_d2/microworld/weights/).
 MICRO = "micro"
+# Random weights of a real architecture, built in memory: for speed and memory measurements.
+RANDOM_PREFIX = "random:"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -99,7 +101,7 @@ def resolve_weights(
     if value == MICRO:
         if micro is None:
             raise MissingWeightsError(f"{config_key}: there is no 'micro' (micro-world) model of this kind.")
-        folder = Path(__file__).resolve().parent / "microworld" / "weights" / micro
+        folder = Path(__file__).resolve().parent.parent / "microworld" / "weights" / micro
         if not folder.is_dir():
             raise MissingWeightsError(
                 f"{config_key} = 'micro': the micro-world weights are not in {folder}. They ship with the "
@@ -135,3 +137,21 @@ def hub_load_error(location: WeightsLocation, what: str, error: Exception) -> Mi
         f"{location.config_key} to its local folder (and set HF_HUB_OFFLINE=1 on a machine without network, "
         "so that the hub client does not retry)."
     )
+
+
+def random_architecture(value: str, *, config_key: str, choices: Collection[str]) -> Optional[str]:
+    """The architecture a ``random:<architecture>`` weights string names, or None for any other string.
+
+    Random weights segment nothing: the preset exists so that speed and memory can be measured on
+    the real architectures without downloading them.
+    """
+    value = (value or "").strip()
+    if not value.startswith(RANDOM_PREFIX):
+        return None
+    architecture = value[len(RANDOM_PREFIX):]
+    if architecture not in choices:
+        raise MissingWeightsError(
+            f"{config_key} = '{value}': there is no random architecture '{architecture}' for this model; "
+            f"choose one of {', '.join(RANDOM_PREFIX + c for c in sorted(choices))}."
+        )
+    return architecture

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .clip import OpenCLIP
+from ...pretrained.clip import OpenCLIP
 
 
 class ImplicitCaptioner(nn.Module):

@@ -1,4 +1,10 @@
-"""Frozen pretrained parts that live inside a trainable model but not in its checkpoints.
+"""Frozen pretrained models: one base for freezing and loading them, and keeping them out of checkpoints.
+
+``FrozenModel`` is the base of every pretrained model the package wraps (Stable
+Diffusion, CLIP, DINOv2, BLIP): its parameters never train and it stays in eval
+mode whatever its parent model does. ``load_pretrained`` runs a loader on a
+resolved weights location and turns a hub failure into an error that names the
+config key.
 
 ODISE's backbone holds the whole Stable Diffusion and a CLIP (several GB) next
 to a few MB of trainable projections. ``exclude_from_checkpoints(owner, names)``
@@ -14,9 +20,42 @@ Their weights come from ``MODEL.DIFFSEG.SD.WEIGHTS`` / ``CLIP.WEIGHTS`` at build
 """
 from __future__ import annotations
 
-from typing import Sequence
+import logging
+from typing import Callable, Sequence, Tuple, Type, TypeVar
 
 from torch import nn
+
+from .weights import WeightsLocation, hub_load_error
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class FrozenModel(nn.Module):
+    """Base of a pretrained model that never trains: call :meth:`freeze` once its parts are set."""
+
+    def freeze(self) -> None:
+        """No parameter needs a gradient; eval mode (dropout off) from now on."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "FrozenModel":
+        # Frozen: stays in eval mode whatever the parent model does.
+        return super().train(False)
+
+
+def load_pretrained(location: WeightsLocation, what: str, loader: Callable[[], T],
+                    errors: Tuple[Type[BaseException], ...] = (OSError,)) -> T:
+    """``loader()``, with a failure to load ``what`` from a hub id (offline, unknown id, ...) turned
+    into a ``MissingWeightsError`` that names the config key; errors of a local folder pass as they are."""
+    logger.info("loading the %s from %s", what, location.path)
+    try:
+        return loader()
+    except errors as e:
+        if location.is_local:
+            raise
+        raise hub_load_error(location, what, e) from e
 
 
 def exclude_from_checkpoints(owner: nn.Module, names: Sequence[str]) -> None:

@@ -1,33 +1,37 @@
 """CLIP image and text embeddings (open_clip), with prompt templates and a text cache.
 
-One home for CLIP in the package: the category filter uses it now, later
-methods (FreeDA keys, ODISE classification) reuse it.
+One home for CLIP in the package: DiffSegmenter's category filter, FreeDA's keys
+and global score, ODISE's captioner, classifier and ensemble all use it.
 """
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..diffusion.prompts import find_subsequence, token_mean_table
 from ..lru import LRUCache
 from ..numerics import require_finite
 from ..optional_imports import require
-from ..random_models import TINY_CLIP_FOLDER, build_tiny_open_clip
 from ..vocabulary import split_synonyms
-from ..weights import hub_load_error, resolve_weights
+from .frozen import FrozenModel, load_pretrained
+from .tokens import find_subsequence, token_mean_table
+from .weights import random_architecture, resolve_weights
 
 logger = logging.getLogger(__name__)
 
 CLIP_WEIGHTS_KEY = "MODEL.DIFFSEG.CLIP.WEIGHTS"
+TINY_CLIP_FOLDER = "tiny-open-clip-v1"
+TINY_SEED = 0
 # Vocabularies whose text embeddings are kept (least recently used dropped first).
 _TEXT_CACHE_SIZE = 64
 
 
-class OpenCLIP(nn.Module):
+class OpenCLIP(FrozenModel):
     """A frozen open_clip model.
 
     Args:
@@ -41,9 +45,7 @@ class OpenCLIP(nn.Module):
         super().__init__()
         if not templates or any("{}" not in t for t in templates):
             raise ValueError(f"MODEL.DIFFSEG.CLIP.TEMPLATES must be templates with '{{}}', got {list(templates)}.")
-        self.model = model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        self.model = model
         self.tokenizer = tokenizer
         self.templates = list(templates)
         size = model.visual.image_size
@@ -54,15 +56,17 @@ class OpenCLIP(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
         # Bounded: ODISE's grounding loss encodes a new noun set every batch.
         self._text_cache = LRUCache(_TEXT_CACHE_SIZE)
-
-    def train(self, mode: bool = True) -> "OpenCLIP":
-        # Frozen: stays in eval mode whatever the parent model does.
-        return super().train(False)
+        self.freeze()
 
     @classmethod
     def from_weights(cls, weights: str, templates: Sequence[str]) -> "OpenCLIP":
-        """Load from a hub id, a local open_clip folder, or ``"tiny"`` (``MODEL.DIFFSEG.CLIP.WEIGHTS``)."""
+        """Load from a hub id, a local open_clip folder, ``"tiny"``, ``"micro"``, or ``"random:<open_clip
+        model name>"`` (random weights, e.g. ``random:ViT-L-14-336``) (``MODEL.DIFFSEG.CLIP.WEIGHTS``)."""
         open_clip = require("open_clip", "open_clip_torch", "The CLIP model")
+        architecture = random_architecture(weights, config_key=CLIP_WEIGHTS_KEY, choices=open_clip.list_models())
+        if architecture is not None:
+            torch.manual_seed(TINY_SEED)
+            return cls(open_clip.create_model(architecture), open_clip.get_tokenizer(architecture), templates)
         location = resolve_weights(
             weights,
             config_key=CLIP_WEIGHTS_KEY,
@@ -71,13 +75,12 @@ class OpenCLIP(nn.Module):
             micro="clip",
         )
         name = ("local-dir:" if location.is_local else "hf-hub:") + location.path
-        try:
-            model = open_clip.create_model(name, weights_only=True, require_pretrained=True)
-            tokenizer = open_clip.get_tokenizer(name)
-        except (OSError, RuntimeError) as e:
-            if location.is_local:
-                raise
-            raise hub_load_error(location, "CLIP model", e) from e
+        model, tokenizer = load_pretrained(
+            location, "CLIP model",
+            lambda: (open_clip.create_model(name, weights_only=True, require_pretrained=True),
+                     open_clip.get_tokenizer(name)),
+            errors=(OSError, RuntimeError),
+        )
         return cls(model, tokenizer, templates)
 
     @property
@@ -299,31 +302,21 @@ class OpenCLIP(nn.Module):
         return (scale * img @ txt.T).softmax(dim=-1)
 
 
-class CategoryFilter(nn.Module):
-    """Drops classes that CLIP judges absent from the image.
-
-    A class is kept when its CLIP probability (softmax over the candidate
-    classes) is at least ``threshold``; at most ``top_k`` classes are kept
-    (0 = no cap); the most probable class is always kept.
-    """
-
-    def __init__(self, clip: OpenCLIP, threshold: float, top_k: int = 0):
-        super().__init__()
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"MODEL.DIFFSEG.CATEGORY_FILTER.THRESHOLD must be in [0, 1], got {threshold}.")
-        if top_k < 0:
-            raise ValueError(f"MODEL.DIFFSEG.CATEGORY_FILTER.TOP_K must be >= 0, got {top_k}.")
-        self.clip = clip
-        self.threshold = float(threshold)
-        self.top_k = int(top_k)
-
-    @torch.no_grad()
-    def forward(self, image: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
-        """Which names to keep: image (3, H, W) RGB in [0, 255] -> bool (K,)."""
-        probs = self.clip.class_probabilities(image[None], names)[0]
-        keep = probs >= self.threshold
-        if self.top_k and int(keep.sum()) > self.top_k:
-            keep = torch.zeros_like(keep)
-            keep[probs.topk(self.top_k).indices] = True
-        keep[probs.argmax()] = True
-        return keep.cpu()
+def build_tiny_open_clip(folder: Path) -> None:
+    """Save a tiny open_clip model (ViT image tower, 64 px) as an open_clip local folder."""
+    open_clip = require("open_clip", "open_clip_torch", "The tiny CLIP preset")
+    safetensors_torch = require("safetensors.torch", "safetensors", "The tiny CLIP preset")
+    model_cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+    }
+    preprocess_cfg = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
+    torch.manual_seed(TINY_SEED)
+    model = open_clip.CLIP(**model_cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2), encoding="utf-8"
+    )
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    safetensors_torch.save_file(state, str(folder / "open_clip_model.safetensors"))

@@ -6,6 +6,7 @@ inside noun masks, the test-time segmenter pools them inside superpixels.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -13,15 +14,16 @@ from torch import nn
 
 from ..numerics import require_finite
 from ..optional_imports import require
-from ..random_models import TINY_DINO_FOLDER, build_tiny_dino
-from ..weights import hub_load_error, resolve_weights
+from .frozen import FrozenModel, load_pretrained
+from .weights import random_architecture, resolve_weights
 
 logger = logging.getLogger(__name__)
 
 DINO_WEIGHTS_KEY = "MODEL.DIFFSEG.DINO.WEIGHTS"
+TINY_SEED = 0
 
 
-class DenseDINO(nn.Module):
+class DenseDINO(FrozenModel):
     """A frozen timm ViT (DINOv2) returning its patch tokens as a feature map.
 
     Args:
@@ -30,9 +32,7 @@ class DenseDINO(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.model = model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        self.model = model
         patch = model.patch_embed.patch_size
         self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
         self.embed_dim = int(model.embed_dim)
@@ -42,11 +42,16 @@ class DenseDINO(nn.Module):
         std = cfg.get("std", (0.229, 0.224, 0.225))
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
+        self.freeze()
 
     @classmethod
     def from_weights(cls, weights: str) -> "DenseDINO":
-        """Load from a hub id, a local timm folder, or ``"tiny"`` (``MODEL.DIFFSEG.DINO.WEIGHTS``)."""
+        """Load from a hub id, a local timm folder, ``"tiny"``, ``"micro"``, or ``"random:<architecture>"``
+        (random weights of a ``DINO_ARCHITECTURES`` entry, e.g. ``random:vitl14``) (``MODEL.DIFFSEG.DINO.WEIGHTS``)."""
         timm = require("timm", "timm", "The DINOv2 encoder")
+        architecture = random_architecture(weights, config_key=DINO_WEIGHTS_KEY, choices=DINO_ARCHITECTURES)
+        if architecture is not None:
+            return cls(random_dino(architecture))
         location = resolve_weights(
             weights,
             config_key=DINO_WEIGHTS_KEY,
@@ -55,14 +60,10 @@ class DenseDINO(nn.Module):
             micro="dense",
         )
         name = ("local-dir:" if location.is_local else "hf-hub:") + location.path
-        logger.info("loading DINOv2 from %s", location.path)
-        try:
-            # dynamic_img_size: the position embedding is interpolated to each window's size.
-            model = timm.create_model(name, pretrained=True, dynamic_img_size=True)
-        except (OSError, RuntimeError) as e:
-            if location.is_local:
-                raise
-            raise hub_load_error(location, "DINOv2 model", e) from e
+        # dynamic_img_size: the position embedding is interpolated to each window's size.
+        model = load_pretrained(location, "DINOv2 model",
+                                lambda: timm.create_model(name, pretrained=True, dynamic_img_size=True),
+                                errors=(OSError, RuntimeError))
         return cls(model)
 
     @property
@@ -97,3 +98,33 @@ class DenseDINO(nn.Module):
         if (gh * p, gw * p) != (h, w):
             x = F.interpolate(x, size=(gh * p, gw * p), mode="bilinear", antialias=True, align_corners=False)
         return self._tokens((x - self.pixel_mean) / self.pixel_std)
+
+
+TINY_DINO_FOLDER = "tiny-dinov2-v1"
+# timm architecture and sizes of the random DINOv2-shaped encoders built here.
+DINO_ARCHITECTURES = {
+    # DINOv2's ViT with patch 14, 2 blocks of width 32: a few hundred kB.
+    "tiny": dict(architecture="vit_small_patch14_dinov2", img_size=56, embed_dim=32, depth=2, num_heads=2),
+    # DINOv2 ViT-B/14 (86M parameters), the FreeDA reference encoder.
+    "vitb14": dict(architecture="vit_base_patch14_dinov2"),
+    "vitl14": dict(architecture="vit_large_patch14_dinov2"),
+}
+
+
+def random_dino(architecture: str, seed: int = TINY_SEED):
+    """A timm DINOv2 ViT with random weights (``DINO_ARCHITECTURES`` key), accepting any input size."""
+    timm = require("timm", "timm", "Random DINOv2 models")
+    args = dict(DINO_ARCHITECTURES[architecture])
+    name = args.pop("architecture")
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, dynamic_img_size=True, **args)
+
+
+def build_tiny_dino(folder: Path) -> None:
+    """Save a tiny DINOv2-shaped timm ViT as a timm local folder (config.json + model.safetensors)."""
+    timm_hub = require("timm.models._hub", "timm", "The tiny DINOv2 preset")
+    args = dict(DINO_ARCHITECTURES["tiny"])
+    args.pop("architecture")
+    model = random_dino("tiny")
+    # model_args go into config.json, so timm's "local-dir:" loading rebuilds the same sizes.
+    timm_hub.save_for_hf(model, str(folder), model_args=args, safe_serialization=True)

@@ -45,20 +45,17 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..data.datasets import builtin_meta as bm
-from ..data.datasets.register_panoptic import (
+from . import builtin_meta as bm
+from .coco_format import coco_rle, mask_bbox_xywh, save_json, save_png
+from .register_panoptic import (
     attach_instance_annotations,
-    coco_rle,
-    mask_bbox_xywh,
-    save_json,
-    save_png,
     load_panoptic_json,
     panoptic_metadata,
     register_lazy_dataset,
 )
-from ..data.datasets.register_semseg import build_label_lut, semseg_metadata
-from ..paths import cache_dir, write_atomically
-from .scenes import COLOUR_SHAPE_CLASSES, IMAGE_SIZE, SHAPES, SPLITS, Scene, render_scene, scene_seeds
+from .register_semseg import build_label_lut, semseg_metadata
+from ...paths import cache_dir, write_atomically
+from ...microworld.scenes import COLOUR_SHAPE_CLASSES, IMAGE_SIZE, SHAPES, SPLITS, Scene, render_scene, scene_seeds
 
 
 __all__ = [
