@@ -4,6 +4,8 @@
     python tools/train_net.py --config-file configs/tiny/diffsegmenter.yaml --eval-only
     python tools/train_net.py --config-file configs/diffsegmenter/voc21.yaml --eval-only MODEL.DEVICE cuda
     python tools/train_net.py --config-file configs/tiny/odise.yaml               # trains on CPU
+    python tools/train_net.py --config-file configs/tiny/odise.yaml --num-gpus 2 --dist-url auto
+        # on a machine without CUDA: 2 CPU processes joined by GLOO (--num-gpus counts processes)
     python tools/train_net.py --config-file configs/tiny/odise.yaml --eval-only MODEL.WEIGHTS output/tiny_odise/model_final.pth
 
 Training-free models (DiffSegmenter, FreeDA, DAAM) only run with --eval-only.
@@ -27,10 +29,10 @@ from diffseg_d2.engine import DiffSegTrainer, StrictCheckpointer
 from diffseg_d2.evaluation import format_results_table
 from diffseg_d2.freeda.bank import BankError
 from diffseg_d2.freeda.captions import CaptionsError
-from diffseg_d2.modeling.odise_released import ReleasedCheckpointError
+from diffseg_d2.modeling.odise.released import ReleasedCheckpointError
 from diffseg_d2.numerics import NonFiniteError
+from diffseg_d2.pretrained.weights import MissingWeightsError
 from diffseg_d2.vocabulary import VocabularyError
-from diffseg_d2.weights import MissingWeightsError
 
 # Errors that mean the request is wrong, not the code: each carries a message that says what to do.
 EXPECTED_ERRORS = (ConfigKeyError, UnknownDatasetError, MissingWeightsError, VocabularyError, BankError,

@@ -6,6 +6,8 @@
   require grad (frozen Stable Diffusion and CLIP have none), with the backbone's
   learning-rate multiplier and ``SOLVER.CLIP_GRADIENTS`` (also "full_model": one norm over all gradients).
 * Checkpoints: ``StrictCheckpointer`` (weights_only loading, exact key match).
+* Several processes (``launch`` with GLOO on a CPU, NCCL on GPUs): the model is wrapped in
+  DistributedDataParallel without ``device_ids`` when it lives on the CPU (see ``wrap_for_processes``).
 * At test time each dataset in ``DATASETS.TEST`` is evaluated with its own
   vocabulary (its metadata's classes), never the training set's.
 """
@@ -18,11 +20,12 @@ from collections import OrderedDict
 
 import torch
 from detectron2.data import build_detection_train_loader
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ..evaluation import build_evaluator
 from .checkpoint import StrictCheckpointer
@@ -49,11 +52,37 @@ def _clip_full_model_norm(optimizer: type, max_norm: float, norm_type: float) ->
 
 class DiffSegTrainer(DefaultTrainer):
     def __init__(self, cfg):
-        super().__init__(cfg)
-        # Same arguments as DefaultTrainer's own checkpointer, with strict, weights_only loading.
-        self.checkpointer = StrictCheckpointer(
-            self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
-        )
+        # DefaultTrainer.__init__'s steps in its order, with two changes: the model is wrapped by
+        # ``wrap_for_processes`` (detectron2's wrapping always passes a CUDA device id, which
+        # DistributedDataParallel refuses for a CPU model), and the checkpointer is a StrictCheckpointer.
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):  # setup_logger not called yet
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = self.wrap_for_processes(model)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = StrictCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @staticmethod
+    def wrap_for_processes(model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` in DistributedDataParallel when several processes train, else ``model`` itself.
+
+        A CPU model gets ``device_ids=None``: DistributedDataParallel raises a ValueError for a CPU
+        model given device ids, and detectron2's ``create_ddp_model`` gives the local rank's CUDA
+        device by default. A GPU model keeps that default. ``broadcast_buffers=False`` as in
+        DefaultTrainer.
+        """
+        on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+        extra = {"device_ids": None} if on_cpu else {}
+        return create_ddp_model(model, broadcast_buffers=False, **extra)
 
     @classmethod
     def build_train_loader(cls, cfg):
