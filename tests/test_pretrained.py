@@ -1,0 +1,41 @@
+"""The frozen pretrained models share one base: no parameter trains and a parent's train() leaves them in
+eval mode; the random:<architecture> presets are refused with the choices when unknown."""
+import pytest
+import torch
+from torch import nn
+
+from diffseg_d2.diffusion import FrozenStableDiffusion, load_stable_diffusion
+from diffseg_d2.pretrained import FrozenModel, MissingWeightsError
+from diffseg_d2.pretrained.blip import BlipCaptioner
+from diffseg_d2.pretrained.clip import OpenCLIP
+from diffseg_d2.pretrained.dino import DenseDINO
+
+
+def test_every_pretrained_wrapper_is_frozen_and_stays_in_eval_under_a_training_parent():
+    assert issubclass(BlipCaptioner, FrozenModel)  # BLIP has no tiny preset; same base as the others
+    parent = nn.ModuleDict({
+        "sd": FrozenStableDiffusion(load_stable_diffusion("tiny")),
+        "clip": OpenCLIP.from_weights("tiny", ["a photo of a {}."]),
+        "dino": DenseDINO.from_weights("tiny"),
+        "head": nn.Linear(2, 2),
+    })
+    parent.train()
+    assert parent["head"].training  # the trainable part trains ...
+    for name in ("sd", "clip", "dino"):
+        frozen = parent[name]
+        assert isinstance(frozen, FrozenModel)
+        assert not any(m.training for m in frozen.modules()), f"{name} left eval mode"
+        assert not any(p.requires_grad for p in frozen.parameters()), f"{name} has trainable parameters"
+
+
+def test_random_presets_build_the_named_architecture_and_refuse_unknown_ones():
+    dino = DenseDINO.from_weights("random:tiny")
+    assert dino.embed_dim == 32 and dino.patch_size == 14
+    with torch.no_grad():
+        assert dino(torch.rand(1, 3, 28, 28) * 255).shape == (1, 32, 2, 2)
+    with pytest.raises(MissingWeightsError, match="random:vitl14"):
+        DenseDINO.from_weights("random:vit-huge")
+    with pytest.raises(MissingWeightsError, match="random:sd15"):
+        load_stable_diffusion("random:sd99")
+    parts = load_stable_diffusion("random:tiny")
+    assert parts.unet.config.block_out_channels == (32, 64, 64)
