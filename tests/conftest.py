@@ -6,9 +6,47 @@ from pathlib import Path
 import pytest
 
 
+# Tests that take the ``model_device`` fixture build their models on this device ("cpu" when unset);
+# tools/gpu_check.sh sets it to "cuda". Every other test stays on the CPU.
+TEST_DEVICE_VARIABLE = "DIFFSEG_D2_TEST_DEVICE"
+
+
+def _requested_test_device() -> str:
+    return os.environ.get(TEST_DEVICE_VARIABLE, "").strip() or "cpu"
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slow: end-to-end tests that start processes or browsers (make test-fast leaves them out)")
+    config.addinivalue_line(
+        "markers", f"device: builds its models on ${TEST_DEVICE_VARIABLE} (set from the model_device fixture)")
+
+
+def pytest_report_header(config):
+    return f"model_device: {_requested_test_device()!r} (${TEST_DEVICE_VARIABLE})"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    # `-m device` selects the tests that run on the chosen device, without a list to keep up to date.
+    for item in items:
+        if "model_device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)
+
+
+@pytest.fixture(scope="session")
+def model_device() -> str:
+    """``MODEL.DEVICE`` for the tests that take it: ``$DIFFSEG_D2_TEST_DEVICE``, "cpu" when unset.
+
+    A device this machine lacks fails those tests with the config check's message (never a silent skip)."""
+    from diffseg_d2.config import check_device
+
+    device = _requested_test_device()
+    try:
+        check_device(device)
+    except ValueError as e:
+        pytest.fail(f"${TEST_DEVICE_VARIABLE}={device}: {e}", pytrace=False)
+    return device
 
 
 @contextlib.contextmanager

@@ -35,12 +35,14 @@ def _count_unet_calls(model, monkeypatch):
     return calls
 
 
-def test_default_predictor_returns_sem_seg_for_a_real_image(tiny_cfg_path, sample_rgb):
-    cfg = get_diffseg_cfg(tiny_cfg_path, ["DATASETS.TEST", "()", "MODEL.DIFFSEG.VOCABULARY", str(VOCAB)])
+def test_default_predictor_returns_sem_seg_for_a_real_image(tiny_cfg_path, sample_rgb, model_device):
+    cfg = get_diffseg_cfg(tiny_cfg_path, ["DATASETS.TEST", "()", "MODEL.DIFFSEG.VOCABULARY", str(VOCAB),
+                                          "MODEL.DEVICE", model_device])
     predictor = DefaultPredictor(cfg)
     out = predictor(np.ascontiguousarray(sample_rgb[:, :, ::-1]))  # BGR, like cv2.imread
     sem_seg = out["sem_seg"]
     assert sem_seg.shape == (len(VOCAB), 375, 500)
+    assert sem_seg.device.type == torch.device(model_device).type
     assert torch.all(sem_seg[0] == cfg.MODEL.DIFFSEG.BACKGROUND_THRESHOLD)
     kept = sem_seg[1:].flatten(1).max(dim=1).values > DROPPED_SCORE
     assert kept.any()
