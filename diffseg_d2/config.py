@@ -32,7 +32,9 @@ def add_diffseg_config(cfg: CN) -> CN:
     # --- the shared Stable Diffusion substrate -----------------------------------
     _c.SD = CN()
     # Hub id, local diffusers folder (model_index.json + unet/ vae/ text_encoder/
-    # tokenizer/ scheduler/), or "tiny" (small random weights built once into the cache).
+    # tokenizer/ scheduler/), "tiny" (small random weights built once into the cache), "micro"
+    # (the micro-world model) or "random:<architecture>" (random weights of "sd15", "micro" or
+    # "tiny" built in memory, for speed measurements; every weights key below has such presets).
     _c.SD.WEIGHTS = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     # Hub revision (branch, tag or commit); empty for the default branch.
     _c.SD.REVISION = ""
