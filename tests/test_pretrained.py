@@ -39,3 +39,16 @@ def test_random_presets_build_the_named_architecture_and_refuse_unknown_ones():
         load_stable_diffusion("random:sd99")
     parts = load_stable_diffusion("random:tiny")
     assert parts.unet.config.block_out_channels == (32, 64, 64)
+
+
+def test_building_random_weights_leaves_the_callers_random_state_alone():
+    """A preset built in the middle of a run (or on one rank of several) must not reseed it."""
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = DenseDINO.from_weights("random:tiny")
+    assert torch.equal(torch.rand(3), expected)
+    # ... and the weights still come from the preset's own seed.
+    second = DenseDINO.from_weights("random:tiny")
+    for a, b in zip(first.parameters(), second.parameters()):
+        assert torch.equal(a, b)

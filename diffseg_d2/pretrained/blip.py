@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..optional_imports import require
-from .frozen import FrozenModel, load_pretrained
+from .frozen import FrozenModel, load_pretrained, random_init
 from .weights import random_architecture, resolve_weights
 
 logger = logging.getLogger(__name__)
@@ -103,5 +103,6 @@ def random_blip_large(seed: int = TINY_SEED):
         vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                            image_size=384, patch_size=16),
     )
-    torch.manual_seed(seed)
-    return transformers.BlipForConditionalGeneration(config).eval(), processor
+    with random_init(seed):
+        model = transformers.BlipForConditionalGeneration(config)
+    return model.eval(), processor

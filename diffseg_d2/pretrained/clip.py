@@ -18,7 +18,7 @@ from ..lru import LRUCache
 from ..numerics import require_finite
 from ..optional_imports import require
 from ..vocabulary import split_synonyms
-from .frozen import FrozenModel, load_pretrained
+from .frozen import FrozenModel, load_pretrained, random_init
 from .tokens import find_subsequence, token_mean_table
 from .weights import random_architecture, resolve_weights
 
@@ -65,8 +65,9 @@ class OpenCLIP(FrozenModel):
         open_clip = require("open_clip", "open_clip_torch", "The CLIP model")
         architecture = random_architecture(weights, config_key=CLIP_WEIGHTS_KEY, choices=open_clip.list_models())
         if architecture is not None:
-            torch.manual_seed(TINY_SEED)
-            return cls(open_clip.create_model(architecture), open_clip.get_tokenizer(architecture), templates)
+            with random_init(TINY_SEED):
+                model = open_clip.create_model(architecture)
+            return cls(model, open_clip.get_tokenizer(architecture), templates)
         location = resolve_weights(
             weights,
             config_key=CLIP_WEIGHTS_KEY,
@@ -312,8 +313,8 @@ def build_tiny_open_clip(folder: Path) -> None:
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
     }
     preprocess_cfg = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
-    torch.manual_seed(TINY_SEED)
-    model = open_clip.CLIP(**model_cfg)
+    with random_init(TINY_SEED):
+        model = open_clip.CLIP(**model_cfg)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "open_clip_config.json").write_text(
         json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2), encoding="utf-8"

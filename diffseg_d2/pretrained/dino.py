@@ -14,7 +14,7 @@ from torch import nn
 
 from ..numerics import require_finite
 from ..optional_imports import require
-from .frozen import FrozenModel, load_pretrained
+from .frozen import FrozenModel, load_pretrained, random_init
 from .weights import random_architecture, resolve_weights
 
 logger = logging.getLogger(__name__)
@@ -116,8 +116,8 @@ def random_dino(architecture: str, seed: int = TINY_SEED):
     timm = require("timm", "timm", "Random DINOv2 models")
     args = dict(DINO_ARCHITECTURES[architecture])
     name = args.pop("architecture")
-    torch.manual_seed(seed)
-    return timm.create_model(name, pretrained=False, dynamic_img_size=True, **args)
+    with random_init(seed):
+        return timm.create_model(name, pretrained=False, dynamic_img_size=True, **args)
 
 
 def build_tiny_dino(folder: Path) -> None:

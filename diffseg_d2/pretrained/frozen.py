@@ -20,9 +20,11 @@ Their weights come from ``MODEL.DIFFSEG.SD.WEIGHTS`` / ``CLIP.WEIGHTS`` at build
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Callable, Sequence, Tuple, Type, TypeVar
+from typing import Callable, Iterator, Sequence, Tuple, Type, TypeVar
 
+import torch
 from torch import nn
 
 from .weights import WeightsLocation, hub_load_error
@@ -43,6 +45,15 @@ class FrozenModel(nn.Module):
     def train(self, mode: bool = True) -> "FrozenModel":
         # Frozen: stays in eval mode whatever the parent model does.
         return super().train(False)
+
+
+@contextlib.contextmanager
+def random_init(seed: int) -> Iterator[None]:
+    """Random weights initialised from ``seed`` without touching the caller's torch random state
+    (building a preset must not reseed a training that is running, or make ranks alike)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def load_pretrained(location: WeightsLocation, what: str, loader: Callable[[], T],

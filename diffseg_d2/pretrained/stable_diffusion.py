@@ -17,10 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
 from ..optional_imports import require
-from .frozen import load_pretrained
+from .frozen import load_pretrained, random_init
 from .tokens import write_clip_tokenizer_files
 from .weights import TINY, WeightsLocation, random_architecture, resolve_weights
 
@@ -106,20 +104,20 @@ def random_stable_diffusion(architecture: str, tokenizer, seed: int = TINY_SEED)
     diffusers = require("diffusers", "diffusers", "Random Stable Diffusion models")
     transformers = require("transformers", "transformers", "Random Stable Diffusion models")
     sizes = SD_ARCHITECTURES[architecture]
-    torch.manual_seed(seed)
-    unet = diffusers.UNet2DConditionModel(in_channels=4, out_channels=4, **sizes["unet"])
-    n_vae = len(sizes["vae"]["block_out_channels"])
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * n_vae, up_block_types=("UpDecoderBlock2D",) * n_vae,
-        **sizes["vae"],
-    )
-    text_encoder = transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(
-            vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sizes["text"],
+    with random_init(seed):
+        unet = diffusers.UNet2DConditionModel(in_channels=4, out_channels=4, **sizes["unet"])
+        n_vae = len(sizes["vae"]["block_out_channels"])
+        vae = diffusers.AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * n_vae, up_block_types=("UpDecoderBlock2D",) * n_vae,
+            **sizes["vae"],
         )
-    )
+        text_encoder = transformers.CLIPTextModel(
+            transformers.CLIPTextConfig(
+                vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sizes["text"],
+            )
+        )
     # SD 1.x's training noise schedule.
     scheduler = diffusers.DDIMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
