@@ -1,7 +1,6 @@
 """Image captions from a BLIP model (transformers), for DiffSegmenter's caption-augmented prompts."""
 from __future__ import annotations
 
-import logging
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -10,13 +9,10 @@ import torch
 from torch import nn
 
 from ..optional_imports import require
-from .frozen import FrozenModel, load_pretrained, random_init
+from .frozen import RANDOM_SEED, FrozenModel, load_pretrained, random_init
 from .weights import random_architecture, resolve_weights
 
-logger = logging.getLogger(__name__)
-
 CAPTION_WEIGHTS_KEY = "MODEL.DIFFSEG.CAPTION.WEIGHTS"
-TINY_SEED = 0
 
 
 class BlipCaptioner(FrozenModel):
@@ -81,7 +77,7 @@ class BlipCaptioner(FrozenModel):
         return self._generate(self._inputs(image, prompt))[len(prompt):]
 
 
-def random_blip_large(seed: int = TINY_SEED):
+def random_blip_large(seed: int = RANDOM_SEED):
     """BLIP large's captioning architecture (ViT-L/16 at 384 + BERT-base decoder, 470M parameters)
     with random weights, and a processor with a synthetic vocabulary of BLIP's size, for
     benchmarks: ``(BlipForConditionalGeneration, BlipProcessor)``, float32, CPU."""

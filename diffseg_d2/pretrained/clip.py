@@ -6,7 +6,6 @@ and global score, ODISE's captioner, classifier and ensemble all use it.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -22,11 +21,8 @@ from .frozen import FrozenModel, load_pretrained, random_init
 from .tokens import find_subsequence, token_mean_table
 from .weights import random_architecture, resolve_weights
 
-logger = logging.getLogger(__name__)
-
 CLIP_WEIGHTS_KEY = "MODEL.DIFFSEG.CLIP.WEIGHTS"
 TINY_CLIP_FOLDER = "tiny-open-clip-v1"
-TINY_SEED = 0
 # Vocabularies whose text embeddings are kept (least recently used dropped first).
 _TEXT_CACHE_SIZE = 64
 
@@ -65,7 +61,7 @@ class OpenCLIP(FrozenModel):
         open_clip = require("open_clip", "open_clip_torch", "The CLIP model")
         architecture = random_architecture(weights, config_key=CLIP_WEIGHTS_KEY, choices=open_clip.list_models())
         if architecture is not None:
-            with random_init(TINY_SEED):
+            with random_init():
                 model = open_clip.create_model(architecture)
             return cls(model, open_clip.get_tokenizer(architecture), templates)
         location = resolve_weights(
@@ -313,7 +309,7 @@ def build_tiny_open_clip(folder: Path) -> None:
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
     }
     preprocess_cfg = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
-    with random_init(TINY_SEED):
+    with random_init():
         model = open_clip.CLIP(**model_cfg)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "open_clip_config.json").write_text(

@@ -5,7 +5,6 @@ inside noun masks, the test-time segmenter pools them inside superpixels.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
@@ -14,13 +13,10 @@ from torch import nn
 
 from ..numerics import require_finite
 from ..optional_imports import require
-from .frozen import FrozenModel, load_pretrained, random_init
+from .frozen import RANDOM_SEED, FrozenModel, load_pretrained, random_init
 from .weights import random_architecture, resolve_weights
 
-logger = logging.getLogger(__name__)
-
 DINO_WEIGHTS_KEY = "MODEL.DIFFSEG.DINO.WEIGHTS"
-TINY_SEED = 0
 
 
 class DenseDINO(FrozenModel):
@@ -111,7 +107,7 @@ DINO_ARCHITECTURES = {
 }
 
 
-def random_dino(architecture: str, seed: int = TINY_SEED):
+def random_dino(architecture: str, seed: int = RANDOM_SEED):
     """A timm DINOv2 ViT with random weights (``DINO_ARCHITECTURES`` key), accepting any input size."""
     timm = require("timm", "timm", "Random DINOv2 models")
     args = dict(DINO_ARCHITECTURES[architecture])

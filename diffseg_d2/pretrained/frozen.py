@@ -31,6 +31,8 @@ from .weights import WeightsLocation, hub_load_error
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+# The seed every random preset's weights are drawn from (tiny presets, random:<architecture>).
+RANDOM_SEED = 0
 
 
 class FrozenModel(nn.Module):
@@ -48,7 +50,7 @@ class FrozenModel(nn.Module):
 
 
 @contextlib.contextmanager
-def random_init(seed: int) -> Iterator[None]:
+def random_init(seed: int = RANDOM_SEED) -> Iterator[None]:
     """Random weights initialised from ``seed`` without touching the caller's torch random state
     (building a preset must not reseed a training that is running, or make ranks alike)."""
     with torch.random.fork_rng(devices=[]):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..optional_imports import require
-from .frozen import load_pretrained, random_init
+from .frozen import RANDOM_SEED, load_pretrained, random_init
 from .tokens import write_clip_tokenizer_files
 from .weights import TINY, WeightsLocation, random_architecture, resolve_weights
 
@@ -35,7 +35,6 @@ SD_REQUIRED_FILES = (
     "scheduler/scheduler_config.json",
 )
 TINY_SD_FOLDER = "tiny-stable-diffusion-v1"
-TINY_SEED = 0
 # The square side the tiny SD preset works at: its VAE downsamples by 8 to a 16x16 latent.
 TINY_SD_IMAGE_SIZE = 128
 
@@ -91,7 +90,7 @@ SD_ARCHITECTURES = {
 }
 
 
-def random_stable_diffusion(architecture: str, tokenizer, seed: int = TINY_SEED):
+def random_stable_diffusion(architecture: str, tokenizer, seed: int = RANDOM_SEED):
     """UNet, VAE, text encoder and SD 1.x's DDIM noise schedule with random weights.
 
     Args:

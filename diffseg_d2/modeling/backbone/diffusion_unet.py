@@ -48,10 +48,10 @@ from ...checkpoint_safety import refuse_partial_loads
 from ...config import check_config
 from ...diffusion import FrozenStableDiffusion, decoder_inputs, feature_taps, load_stable_diffusion, record_inputs, tap_modules
 from ...diffusion.features import PARTS
-from ..odise.captioner import ImplicitCaptioner
 from ...pretrained.clip import OpenCLIP
 from ...pretrained.frozen import exclude_from_checkpoints
 from ...tiling import window_starts
+from ..odise.captioner import ImplicitCaptioner
 
 logger = logging.getLogger(__name__)
 
