@@ -46,7 +46,8 @@ def test_sd15_configs_carry_the_reference_settings():
     assert (d.CONDITIONING, d.REFINEMENT, d.VAE_LATENT, d.RESIZE_ANTIALIAS) == ("per_class", "own", "sample", False)
     assert (d.CLASS_TOKEN_WEIGHT, d.TOKEN_SELECTION, d.ING_RULE) == (1.21, "first", True)
     assert d.CAPTION.ENABLED and d.CAPTION.CONDITIONED and d.CAPTION.WEIGHTS == "Salesforce/blip-image-captioning-large"
-    assert not d.CATEGORY_FILTER.ENABLED
+    # the reference prompts only each image's listed classes; the CLIP filter stands in for its label files
+    assert d.CATEGORY_FILTER.ENABLED and d.CATEGORY_FILTER.THRESHOLD == 0.02
     assert "dining table=table" in d.PROMPT_NAMES and "person=people" in d.PROMPT_NAMES
     coco = get_diffseg_cfg(os.path.join(ROOT, "configs", "diffsegmenter", "coco_object.yaml")).MODEL.DIFFSEG
     assert (coco.PROMPT_TEMPLATE, coco.TOKEN_SELECTION) == ("a photography of {}", "last")
