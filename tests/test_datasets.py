@@ -448,7 +448,7 @@ def test_build_evaluator_rejects_unknown_type():
     name = "diffseg_test_only_cityscapes_type"
     MetadataCatalog.get(name).set(evaluator_type="cityscapes_sem_seg")
     try:
-        with pytest.raises(ValueError, match="'cityscapes_sem_seg', supported: \['sem_seg', 'coco_panoptic_seg'\]"):
+        with pytest.raises(ValueError, match=r"'cityscapes_sem_seg', supported: \['sem_seg', 'coco_panoptic_seg'\]"):
             build_evaluator(name)
     finally:
         MetadataCatalog.remove(name)

@@ -133,6 +133,23 @@ def test_category_filter_drops_classes(tiny_model, sample_rgb):
     assert set(out.argmax(0).unique().tolist()) <= {0} | (set(range(1, 5)) - set(dropped))
 
 
+def test_reference_mode_runs_unet_passes_only_for_kept_classes(tiny_model, sample_rgb, monkeypatch):
+    """As the reference, which loops over each image's listed classes only: one pass per kept class."""
+    batch_sizes = []
+    original = tiny_model.diffusion.unet_forward
+
+    def counting(latents, *args, **kwargs):
+        batch_sizes.append(latents.shape[0])
+        return original(latents, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_model.diffusion, "unet_forward", counting)
+    assert (tiny_model.conditioning, tiny_model.refinement) == ("per_class", "own")
+    with patched(tiny_model.category_filter, top_k=2, threshold=0.0):
+        out = tiny_model([{"image": _image(sample_rgb), "vocabulary": VOCAB}])[0]["sem_seg"]
+    assert sum(batch_sizes) == 2
+    assert sum(bool(torch.all(out[k] == DROPPED_SCORE)) for k in range(1, 5)) == 2
+
+
 def test_category_filter_threshold_and_top_k(tiny_model, sample_rgb):
     flt = tiny_model.category_filter
     names = tiny_model.vocabulary[1:]

@@ -31,9 +31,9 @@ def test_micro_diffsegmenter_beats_all_background(monkeypatch):
     from diffseg_d2 import get_diffseg_cfg
 
     monkeypatch.setenv("DIFFSEG_D2_MICROWORLD_COUNT", "val=40")
-    cfg = get_diffseg_cfg(MICRO, ["MODEL.DIFFSEG.CATEGORY_FILTER.ENABLED", "False"])
-    model = build_model(cfg).eval()
+    model = build_model(get_diffseg_cfg(MICRO)).eval()
     assert model.vocabulary == ["background", "circle", "square", "triangle", "cross"]
+    assert model.category_filter is not None  # reference mode: only the classes the micro CLIP keeps
 
     def segment(record):
         image = torch.from_numpy(read_image(record["file_name"], format="RGB").copy()).permute(2, 0, 1)
@@ -46,4 +46,5 @@ def test_micro_diffsegmenter_beats_all_background(monkeypatch):
         return scores
 
     baseline, micro = _miou(background), _miou(segment)
-    assert micro > baseline + 5.0, (micro, baseline)
+    # measured 2026-12-01: 52.9 against 16.8 (without the category filter: 43.4 on 50 val scenes)
+    assert micro > baseline + 25.0, (micro, baseline)

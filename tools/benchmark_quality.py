@@ -55,12 +55,12 @@ FREEDA_OURS_ALL = [
     "MODEL.DIFFSEG.FREEDA.QUERY_TEMPLATES", "['a photo of a {}.', 'a photo of the {}.', 'there is a {} in the scene.']",
     "MODEL.DIFFSEG.FREEDA.LOCAL_SIGMOID", "False", "MODEL.DIFFSEG.FREEDA.MIN_KEY_SIMILARITY", "0.5",
 ]
-# Every departure of ours from the reference at once: the package's default before reference mode.
+# Every departure of ours from the reference at once (the package's default before reference mode,
+# which had the category filter too; the filter is part of reference mode now).
 OURS_ALL = [
     "MODEL.DIFFSEG.CONDITIONING", "shared", "MODEL.DIFFSEG.VAE_LATENT", "mean",
     "MODEL.DIFFSEG.TOKEN_SELECTION", "mean", "MODEL.DIFFSEG.CLASS_TOKEN_WEIGHT", "1.0",
     "MODEL.DIFFSEG.ING_RULE", "False", "MODEL.DIFFSEG.RESIZE_ANTIALIAS", "True",
-    "MODEL.DIFFSEG.CATEGORY_FILTER.ENABLED", "True",
 ]
 PLAIN_WEIGHTS = os.path.join(ROOT, "diffseg_d2", "microworld", "weights", "diffusion_plain")
 # Built from train scenes when missing; the configs' own output folders, so that following a
@@ -145,7 +145,8 @@ class Row(NamedTuple):
     against: Optional[str] = None
 
 
-DIFFSEG_REF = "DiffSegmenter, reference mode (the paper configs' computation, no captioner)"
+DIFFSEG_REF = ("DiffSegmenter, reference mode (the paper configs' computation: only the classes the micro CLIP "
+               "filter keeps are prompted; no captioner)")
 FREEDA_REF = (f"FreeDA, reference mode (bank: {FREEDA_CAPTIONS} train captions, micro diffusion + dense encoder "
               "+ CLIP)")
 ODISE_REF = "ODISE, reference mode (head trained on the panoptic train split; colour-shapes are open-vocabulary)"
@@ -173,9 +174,10 @@ ROWS = [
         ["MODEL.DIFFSEG.CLASS_TOKEN_WEIGHT", "1.0"], against=DIFFSEG_REF),
     Row("DiffSegmenter, ours: antialiased resize", DIFFSEGMENTER, ["MODEL.DIFFSEG.RESIZE_ANTIALIAS", "True"],
         against=DIFFSEG_REF),
-    Row("DiffSegmenter, ours: + category filter (micro CLIP)", DIFFSEGMENTER,
-        ["MODEL.DIFFSEG.CATEGORY_FILTER.ENABLED", "True"], against=DIFFSEG_REF),
-    Row("DiffSegmenter, ours: all of the above (the former default)", DIFFSEGMENTER, OURS_ALL, against=DIFFSEG_REF),
+    Row("DiffSegmenter, without the category filter (every class of the vocabulary prompted)", DIFFSEGMENTER,
+        ["MODEL.DIFFSEG.CATEGORY_FILTER.ENABLED", "False"], against=DIFFSEG_REF),
+    Row("DiffSegmenter, ours: all of the above at once (the former default, which also filtered)", DIFFSEGMENTER,
+        OURS_ALL, against=DIFFSEG_REF),
     Row("DiffSegmenter, reference mode, model trained WITHOUT the alignment loss", DIFFSEGMENTER,
         ["MODEL.DIFFSEG.SD.WEIGHTS", PLAIN_WEIGHTS], against=DIFFSEG_REF),
     Row(FREEDA_REF, FREEDA, [], prepare=freeda_bank, panoptic=True),

@@ -88,7 +88,7 @@ class ClipTrainingSettings:
     """Everything that decides the trained micro CLIP (saved in training.json)."""
 
     seed: int = 0
-    steps: int = 600
+    steps: int = 2400
     # Whole scenes and object crops per step (each with one text).
     scenes_per_step: int = 64
     crops_per_step: int = 64
