@@ -1,9 +1,10 @@
 """DiffSegmenter: training-free segmentation from a diffusion UNet's attention.
 
-One image: resize to a square, VAE-encode, add noise at a fixed timestep, run
-the UNet ONCE while recording attention; each class's cross-attention on its
-word tokens is its segmentation score, refined by the self-attention; a fixed
-background score decides where no class is.
+One image: keep the classes the category filter judges present, resize to a
+square, VAE-encode, add noise at a fixed timestep, run the UNet (one pass per
+kept class in reference mode) while recording attention; each class's
+cross-attention on its word tokens is its segmentation score, refined by the
+self-attention; a fixed background score decides where no class is.
 """
 from __future__ import annotations
 
@@ -390,7 +391,8 @@ def parse_prompt_names(pairs: Sequence[str]) -> Dict[str, str]:
 
 
 class CategoryFilter(nn.Module):
-    """Drops classes that CLIP judges absent from the image.
+    """Drops classes that CLIP judges absent from the image (reference mode: the reference prompts
+    only each image's classes from label files made by an unreleased procedure; this stands in).
 
     A class is kept when its CLIP probability (softmax over the candidate
     classes) is at least ``threshold``; at most ``top_k`` classes are kept
