@@ -139,8 +139,9 @@ def measure_segment(model, image, num_classes: int, repeats: int, device: str) -
 
 # ====================================================================== how the configurations are built
 def model_cfg(preset: str, device: str, dtype: str, conditioning: str, captions: bool = False):
-    """The config of the preset's DiffSegmenter, category filter off; with ``captions`` (sd15), BLIP
-    large's architecture continues every class prompt."""
+    """The config of the preset's DiffSegmenter, category filter off so that every row's classes are
+    prompted (in reference mode, a row's class count stands for the classes the filter keeps); with
+    ``captions`` (sd15), BLIP large's architecture continues every class prompt."""
     from diffseg_d2 import get_diffseg_cfg
 
     opts = [
