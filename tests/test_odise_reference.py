@@ -101,7 +101,7 @@ def test_captioner_gates_and_time_path_have_the_reference_shapes():
     cap = ImplicitCaptioner(_ClipStub(), context_length=77, text_dim=768, time_embed_dim=1280)
     assert cap.gate.shape == (1, 77, 768) and cap.positional_embedding.shape == (1, 77, 768)
     assert cap.time_gate.shape == (1280,) and cap.time_project.out_features == 1280
-    assert 0.01 < float(cap.positional_embedding.std()) < 0.03  # truncated normal, std 0.02
+    assert 0.01 < float(cap.positional_embedding.detach().std()) < 0.03  # truncated normal, std 0.02
     empty = torch.randn(1, 77, 768)
     context, time = cap(torch.zeros(2, 3, 32, 32), empty)
     torch.testing.assert_close(context, empty.expand(2, -1, -1))  # closed gates: the empty prompt
