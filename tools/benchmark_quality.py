@@ -26,9 +26,10 @@ Two rows need something built first, from TRAIN scenes only, which this tool doe
 when it is missing (and continues when it was interrupted):
 
 * FreeDA: the prototype bank (``tools/make_microworld.py --captions``, then
-  ``tools/build_freeda_bank.py``) in ``output/micro_freeda/``, about 14 min;
+  ``tools/build_freeda_bank.py``) in ``output/micro_freeda/``: 17 min (2026-12-01, on one thread
+  while three other jobs shared the two cores);
 * ODISE: the head trained on the panoptic train split (``tools/train_net.py``) in
-  ``output/micro_odise/``, about 25 min (2026-12-01, sharing the CPUs with the bank build);
+  ``output/micro_odise/``: 32 min (the same day, one thread, beside the bank build);
   the row without the VAE decoder taps trains its own head in ``output/micro_odise_no_vae_decoder/``.
 
 Delete those folders to rebuild them after a change of their configs.
