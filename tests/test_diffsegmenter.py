@@ -135,14 +135,7 @@ def test_category_filter_drops_classes(tiny_model, sample_rgb):
 
 def test_reference_mode_runs_unet_passes_only_for_kept_classes(tiny_model, sample_rgb, monkeypatch):
     """As the reference, which loops over each image's listed classes only: one pass per kept class."""
-    batch_sizes = []
-    original = tiny_model.diffusion.unet_forward
-
-    def counting(latents, *args, **kwargs):
-        batch_sizes.append(latents.shape[0])
-        return original(latents, *args, **kwargs)
-
-    monkeypatch.setattr(tiny_model.diffusion, "unet_forward", counting)
+    batch_sizes = _count_unet_calls(tiny_model, monkeypatch)
     assert (tiny_model.conditioning, tiny_model.refinement) == ("per_class", "own")
     with patched(tiny_model.category_filter, top_k=2, threshold=0.0):
         out = tiny_model([{"image": _image(sample_rgb), "vocabulary": VOCAB}])[0]["sem_seg"]
