@@ -128,8 +128,8 @@ def odise_checkpoint_in(folder: str, train_opts: Sequence[str] = ()) -> Callable
 
 
 odise_checkpoint = odise_checkpoint_in(ODISE_DIR)
-# The backbone without the reference's VAE decoder taps (with them it costs 1.30x plain on SD 1.5, see
-# BENCHMARKS.md): a head of its own, trained on the same split and schedule.
+# The backbone without the reference's VAE decoder taps (with them it costs 1.35x plain's operations on
+# SD 1.5, see BENCHMARKS.md): a head of its own, trained on the same split and schedule.
 NO_DECODER = ["MODEL.DIFFSEG.ODISE.BACKBONE.VAE_DECODER_BLOCKS", "[]"]
 odise_no_decoder_checkpoint = odise_checkpoint_in(os.path.join(ROOT, "output", "micro_odise_no_vae_decoder"), NO_DECODER)
 
