@@ -21,7 +21,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from . import data  # noqa: F401  (registers datasets)
 from . import modeling  # noqa: F401  (registers meta-architectures)
-from .config import add_diffseg_config, get_diffseg_cfg
+from .config import add_diffseg_config, get_diffseg_cfg, merge_config_file
 
 __version__ = "0.1.0"
-__all__ = ["add_diffseg_config", "get_diffseg_cfg", "__version__"]
+__all__ = ["add_diffseg_config", "get_diffseg_cfg", "merge_config_file", "__version__"]

@@ -6,9 +6,12 @@ detectron2's stock ``DetectionCheckpointer`` under ``DefaultPredictor`` or
 
 * ``check_checkpoint_file`` runs while the model is BUILT (every ``from_config`` of
   the package calls it through ``config.check_config``), so before any checkpointer
-  opens ``MODEL.WEIGHTS``. It refuses pickles (``.pkl``/``.pyth``: detectron2 would
-  ``pickle.load`` them, which runs whatever code the file carries) and any local
-  file that ``torch.load(weights_only=True)`` cannot read.
+  opens ``MODEL.WEIGHTS``, and again in ``SafeCheckpointer`` on the file a
+  checkpointer actually reads (``--resume``'s ``last_checkpoint`` included). It looks
+  at the path detectron2 will read (``checkpoint_read_path``: the query of a URL or
+  file name taken off, as ``DetectionCheckpointer.load`` does), refuses pickles
+  (``.pkl``/``.pyth``: detectron2 would ``pickle.load`` them, which runs whatever code
+  the file carries) and any local file that ``torch.load(weights_only=True)`` cannot read.
 * ``refuse_partial_loads(module)`` installs a load-state-dict pre-hook that runs
   before a single tensor is copied and raises ``CheckpointMismatchError`` when the
   given keys are not exactly the module's own (missing, unexpected or of another
@@ -19,6 +22,7 @@ from __future__ import annotations
 import os
 import pickle
 from typing import Dict, Iterable, List, Optional, Tuple
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -36,26 +40,52 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint whose model keys are not the model's."""
 
 
+def checkpoint_read_path(path: str) -> str:
+    """The path detectron2's ``DetectionCheckpointer.load`` reads for ``path``: its query taken off
+    (``model.pkl?dl=1`` -> ``model.pkl``), for URLs and local names alike.
+
+    Every check of a checkpoint path must look at this path, not the string it was given: a check
+    of the raw string let ``http://host/model.pkl?dl=1`` (or a weights-only file named
+    ``m.pkl?dl=1`` beside a pickle ``m.pkl``) through, and detectron2 then unpickled ``model.pkl``.
+    """
+    return urlparse(path)._replace(query="").geturl()
+
+
+def _is_remote(path: str) -> bool:
+    return path.startswith(_REMOTE_PREFIXES)
+
+
 def check_checkpoint_file(path: str, config_key: str = "MODEL.WEIGHTS") -> None:
     """Raise unless ``path`` is empty or a checkpoint that loads with ``weights_only=True``.
 
-    Remote paths (URLs, ``detectron2://``) are only checked by suffix here; the file they
-    download to is read by a checkpointer whose ``torch.load`` is weights-only by default
-    (torch >= 2.6, which the package requires).
+    The path checked is the one detectron2 reads (:func:`checkpoint_read_path`). Remote paths
+    (URLs, ``detectron2://``) are only checked by suffix here; the file they download to is
+    checked again by ``SafeCheckpointer`` before it is read, and read by any detectron2
+    checkpointer with a ``torch.load`` that is weights-only by default (torch >= 2.6, which the
+    package requires), unless ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` turns that off: then a remote
+    path is refused, since nothing here would read it weights-only.
     """
     if not path:
         return
-    if path.lower().endswith(PICKLE_SUFFIXES):
+    read = checkpoint_read_path(path)
+    shown = repr(path) if read == path else f"{path!r} (read as {read!r})"
+    if read.lower().endswith(PICKLE_SUFFIXES):
         raise UnsafeCheckpointError(
-            f"{config_key} = {path!r} is a pickle file; it is not loaded, because unpickling can run "
+            f"{config_key} = {shown} is a pickle file; it is not loaded, because unpickling can run "
             "arbitrary code. Convert it to a .pth state dict of tensors (torch.save(model.state_dict()) "
             "in a trusted environment) and point the key there."
         )
-    if path.startswith(_REMOTE_PREFIXES):
+    if _is_remote(read):
+        if os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() not in ("", "0", "false"):
+            raise UnsafeCheckpointError(
+                f"{config_key} = {shown} is downloaded and read by detectron2's checkpointer, and "
+                "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set, so torch.load would unpickle it. Unset that "
+                "variable, or download the file and give its local path."
+            )
         return
-    local = os.path.expanduser(path)
-    if not os.path.isfile(local):
-        raise FileNotFoundError(f"{config_key} = {path!r}: no such file. Give the path of a .pth checkpoint, or '' for none.")
+    if not os.path.isfile(read):
+        raise FileNotFoundError(f"{config_key} = {shown}: no such file. Give the path of a .pth checkpoint, or '' for none.")
+    local = read
     try:
         try:  # a zip-format checkpoint is only mapped: its tensors are not read here
             torch.load(local, map_location="cpu", weights_only=True, mmap=True)
@@ -65,7 +95,7 @@ def check_checkpoint_file(path: str, config_key: str = "MODEL.WEIGHTS") -> None:
             torch.load(local, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
         raise UnsafeCheckpointError(
-            f"{config_key} = {path!r} cannot be read weights-only (torch.load(weights_only=True)), so it is "
+            f"{config_key} = {shown} cannot be read weights-only (torch.load(weights_only=True)), so it is "
             f"not loaded: it holds objects other than tensors and plain containers, or it is damaged. "
             f"Load it once in a trusted environment and save its state dict alone. ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''})"

@@ -3,7 +3,8 @@
 ``add_diffseg_config(cfg)`` adds the node with the reference settings as defaults
 and is idempotent, so it can be called after (or before) other projects'
 ``add_*_config``. ``get_diffseg_cfg(config_file, opts)`` is the one setup helper
-used by the tools, the tests and user code.
+used by the tools, the tests and user code; ``merge_config_file(cfg, path)`` is how
+it (and any project that builds its own config) reads a yaml file: as data only.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Optional, Sequence
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
-__all__ = ["add_diffseg_config", "get_diffseg_cfg"]
+__all__ = ["add_diffseg_config", "get_diffseg_cfg", "merge_config_file"]
 
 
 def add_diffseg_config(cfg: CN) -> CN:
@@ -43,13 +44,19 @@ def add_diffseg_config(cfg: CN) -> CN:
 
     # --- panoptic output of the training-free methods (DiffSegmenter, FreeDA, DAAM) ----------
     # Their panoptic_seg is made from the semantic argmax: a stuff class's pixels are one segment,
-    # a thing class (the dataset's thing_classes; with MODEL.DIFFSEG.VOCABULARY every class but
-    # "background") is split into connected regions. None of the papers makes one: ours.
+    # a thing class is split into connected regions. With a dataset's vocabulary its thing_classes
+    # are the things (its other classes, "background" included, stuff); with a vocabulary of the
+    # user's (MODEL.DIFFSEG.VOCABULARY, set_vocabulary, the input's "vocabulary") "background" is
+    # void (id 0, no segment, as in detectron2 and Mask2Former) and every other class is a thing
+    # unless STUFF_CLASSES names it. None of the papers makes panoptic output: ours.
     _c.PANOPTIC = CN()
     # Return panoptic_seg next to sem_seg (False: sem_seg only).
     _c.PANOPTIC.ENABLED = True
     # Segments under this fraction of the image's pixels are dropped (their pixels: no segment).
     _c.PANOPTIC.MIN_AREA = 0.001
+    # The classes of a user's vocabulary that are stuff (one segment each, never split), e.g.
+    # ["sky", "grass"]; [] makes every class but "background" a thing.
+    _c.PANOPTIC.STUFF_CLASSES = []
 
     # --- DiffSegmenter (defaults: the reference code's computation) -------------------------
     # Side of the square the image is resized to before the VAE (512 for SD 1.5).
@@ -389,25 +396,60 @@ class ConfigKeyError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class UnsafeConfigError(ConfigKeyError):
+    """A config file with a yaml tag that would construct a Python object (and so run code)."""
+
+
+def merge_config_file(cfg: CN, config_file: str) -> CN:
+    """Merge a yaml config file and its ``_BASE_`` chain into ``cfg`` (in place), read as data only.
+
+    detectron2's ``merge_from_file`` allows "unsafe" yaml by default: when a file holds a Python tag
+    (``!!python/object/apply:...``), fvcore reads it again with ``yaml.unsafe_load``, which calls
+    whatever the tag names while the file is read. Here every file of the chain is read with
+    ``yaml.safe_load`` only.
+
+    Raises:
+        UnsafeConfigError: a file of the chain holds such a tag (the message names the file and line).
+        ConfigKeyError: the file does not exist.
+    """
+    import yaml
+
+    if not os.path.isfile(config_file):
+        raise ConfigKeyError(f"The config file {config_file} does not exist (configs/ holds the shipped ones).")
+    try:
+        cfg.merge_from_file(config_file, allow_unsafe=False)
+    except yaml.constructor.ConstructorError as e:
+        mark = e.problem_mark
+        where = f"{mark.name}, line {mark.line + 1}" if mark is not None else config_file
+        raise UnsafeConfigError(
+            f"{where}: {e.problem or 'a tag that constructs an object'}. Config files are read as data "
+            "only (such a tag would make the yaml reader construct a Python object, that is, run code): "
+            "write a plain value instead."
+        ) from None
+    return cfg
+
+
 def get_diffseg_cfg(config_file: Optional[str] = None, opts: Optional[Sequence[str]] = None) -> CN:
     """A detectron2 config with the diffseg_d2 keys, merged from a yaml and ``KEY VALUE`` opts.
 
     Every registry entry a config may name exists by now: importing this module ran
-    ``diffseg_d2/__init__.py``, which registers the meta-architectures and datasets.
+    ``diffseg_d2/__init__.py``, which registers the meta-architectures and datasets. The yaml is
+    read as data only (:func:`merge_config_file`).
 
     Raises:
         ConfigKeyError: ``config_file`` does not exist, or it or ``opts`` name an unknown key.
+        UnsafeConfigError: ``config_file`` (or a ``_BASE_`` of it) holds a Python yaml tag.
     """
     cfg = get_cfg()
     add_diffseg_config(cfg)
-    if config_file and not os.path.isfile(config_file):
-        raise ConfigKeyError(f"The config file {config_file} does not exist (configs/ holds the shipped ones).")
-    merges = [(config_file, cfg.merge_from_file, config_file)] if config_file else []
+    merges = [(config_file, lambda path: merge_config_file(cfg, path), config_file)] if config_file else []
     if opts:
         merges.append(("the KEY VALUE overrides", cfg.merge_from_list, list(opts)))
     for source, merge, value in merges:
         try:
             merge(value)
+        except ConfigKeyError:
+            raise
         except (AssertionError, KeyError) as e:
             # yacs reports unknown keys with a bare assert; say where the known ones are.
             raise ConfigKeyError(

@@ -51,12 +51,28 @@ def parse_vocabulary(names: Union[str, Iterable[str]]) -> List[str]:
     return names
 
 
+def _classes_of_text(text: str) -> List[str]:
+    """``"person,sofa;couch"`` -> ``["person", "sofa, couch"]``: commas separate classes, semicolons the
+    synonyms of one class (the package's own synonym separator is the comma inside a name)."""
+    return [", ".join(part.strip() for part in entry.split(";")) for entry in text.split(",")]
+
+
+def _checked(entries: List[str]) -> List[str]:
+    """``parse_vocabulary`` plus the check that no class has an empty synonym."""
+    names = parse_vocabulary(entries)
+    for name in names:
+        if any(not part.strip() for part in name.split(",")):
+            raise VocabularyError(f"The class {name!r} has an empty synonym: remove the extra separator.")
+    return names
+
+
 def vocabulary_from_command_line(text: str) -> List[str]:
     """The vocabulary of a command-line argument, as the package's list of class names.
 
     ``"person,sofa;couch,dog"``: commas separate classes, semicolons separate the synonyms of one
     class (it scores the best of them). ``"@classes.txt"``: a file with one class per line, commas
     separating synonyms, ``#`` starting a comment. Validated as ``parse_vocabulary`` does.
+    Text from anyone but the user running the command goes to :func:`vocabulary_from_untrusted_text`.
     """
     if text.startswith("@"):
         path = text[1:]
@@ -65,15 +81,41 @@ def vocabulary_from_command_line(text: str) -> List[str]:
                 lines = [line.split("#", 1)[0].strip() for line in f]
         except OSError as e:
             raise VocabularyError(f"Cannot read the vocabulary file {path!r}: {e.strerror or e}.") from None
-        entries = [line for line in lines if line]
-    else:
-        entries = text.split(",")
-        entries = [", ".join(part.strip() for part in entry.split(";")) for entry in entries]
-    names = parse_vocabulary(entries)
-    for name in names:
-        if any(not part.strip() for part in name.split(",")):
-            raise VocabularyError(f"The class {name!r} has an empty synonym: remove the extra separator.")
-    return names
+        return _checked([line for line in lines if line])
+    return _checked(_classes_of_text(text))
+
+
+def vocabulary_from_untrusted_text(text: str, *, max_classes: Optional[int] = None,
+                                   max_chars: Optional[int] = None) -> List[str]:
+    """The vocabulary of text typed by someone else (a web form, an API request): never opens a file.
+
+    The same syntax as :func:`vocabulary_from_command_line` without its ``@file`` form: commas between
+    classes, semicolons between synonyms. A class starting with ``@`` is refused with a message (it
+    would read a file on the command line; here it is almost surely that mistake, and a name of ours
+    never starts so).
+
+    Args:
+        max_classes: the most classes accepted (each one is a prompt the model encodes); None: no cap.
+        max_chars: the most characters accepted, checked before the text is split; None: no cap.
+
+    Raises:
+        VocabularyError: ``@``, over a cap, or what :func:`parse_vocabulary` refuses.
+    """
+    text = text or ""
+    if max_chars is not None and len(text) > max_chars:
+        raise VocabularyError(
+            f"The vocabulary is {len(text):,} characters long; at most {max_chars:,} are accepted here. "
+            "Give fewer or shorter class names.")
+    entries = _classes_of_text(text)
+    if any(synonym.lstrip().startswith("@") for entry in entries for synonym in entry.split(",")):
+        raise VocabularyError(
+            "A name starting with '@' would read a vocabulary file on the command line; no file is read "
+            "here. Type the class names themselves, separated by commas.")
+    if max_classes is not None and len(entries) > max_classes:
+        raise VocabularyError(
+            f"The vocabulary has {len(entries)} classes; at most {max_classes} are accepted here. "
+            "Give fewer classes.")
+    return _checked(entries)
 
 
 def background_index(names: Sequence[str]) -> Optional[int]:
@@ -123,14 +165,37 @@ def classes_from_metadata(dataset_name: str) -> Tuple[List[str], List[str]]:
     return classes, list(MetadataCatalog.get(dataset_name).get("thing_classes", []) or [])
 
 
-def thing_flags(names: Sequence[str], thing_classes: Optional[Sequence[str]] = None) -> List[bool]:
-    """Per class of ``names``, whether it is a thing (instances, panoptic ``isthing``).
+#: Roles of a class in panoptic output (``panoptic_roles``).
+THING, STUFF, VOID = "thing", "stuff", "void"
+
+
+def panoptic_roles(names: Sequence[str], thing_classes: Optional[Sequence[str]] = None,
+                   stuff_classes: Optional[Sequence[str]] = None) -> List[str]:
+    """Per class of ``names``, its role in ``panoptic_seg``: ``THING`` (split into instances),
+    ``STUFF`` (one segment) or ``VOID`` (its pixels belong to no segment, id 0).
 
     Args:
-        thing_classes: the names that are things (compared case-insensitively); None when nobody
-            says, which makes every class except "background" a thing.
+        thing_classes: a dataset's thing classes (its metadata), compared case-insensitively: those
+            are things and every other class is stuff, "background" included when the dataset
+            lists it (it is a category of that dataset's ground truth).
+        stuff_classes: for a vocabulary of the user's (``thing_classes`` None): the classes that are
+            stuff. The others are things, and "background" is void, as in detectron2 and
+            Mask2Former, where pixels of no category get segment id 0.
+
+    Raises:
+        VocabularyError: ``stuff_classes`` names a class that is not in ``names``, or both lists are given.
     """
-    if thing_classes is None:
-        return [n.strip().lower() != BACKGROUND for n in names]
-    thing_set = {t.strip().lower() for t in thing_classes}
-    return [n.strip().lower() in thing_set for n in names]
+    key = lambda n: " ".join(str(n).lower().split())  # noqa: E731
+    if thing_classes is not None:
+        if stuff_classes:
+            raise VocabularyError("Give thing_classes (a dataset's) or stuff_classes (for your vocabulary), not both.")
+        thing_set = {key(t) for t in thing_classes}
+        return [THING if key(n) in thing_set else STUFF for n in names]
+    stuff_set = {key(t) for t in stuff_classes or ()}
+    unknown = sorted(stuff_set - {key(n) for n in names})
+    if unknown:
+        raise VocabularyError(
+            f"The stuff classes {unknown} are not in the vocabulary {list(names)}: name each as it appears "
+            "there (MODEL.DIFFSEG.PANOPTIC.STUFF_CLASSES, or the input's 'stuff_classes')."
+        )
+    return [VOID if key(n) == BACKGROUND else STUFF if key(n) in stuff_set else THING for n in names]

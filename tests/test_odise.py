@@ -345,7 +345,7 @@ def test_example_project_builds_panoptic_fpn_on_the_diffusion_backbone(batch):
 
     cfg = get_cfg()
     diffseg_d2.add_diffseg_config(cfg)
-    cfg.merge_from_file(PANOPTIC_FPN)
+    diffseg_d2.merge_config_file(cfg, PANOPTIC_FPN)
     model = build_model(cfg)
     assert isinstance(model, PanopticFPN) and isinstance(model.backbone.bottom_up, DiffusionUNetBackbone)
     assert list(model.backbone.output_shape()) == ["p2", "p3", "p4", "p5", "p6"]

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from diffseg_d2.modeling.meta_arch.semantic_to_panoptic import semantic_to_panoptic
+from diffseg_d2.vocabulary import STUFF, THING
 
 
 def _scores(labels, classes):
@@ -18,7 +19,7 @@ def test_stuff_is_one_segment_things_are_split_into_regions_and_small_ones_dropp
     labels[18, 0] = 1  # a lone pixel: under the minimum area
     labels[0:3, 15:20] = 2  # stuff class 2 in two places: still one segment
     labels[17:20, 15:20] = 2
-    ids, segments = semantic_to_panoptic(_scores(labels, 3), [False, True, False], min_area=2 / 400)
+    ids, segments = semantic_to_panoptic(_scores(labels, 3), [STUFF, THING, STUFF], min_area=2 / 400)
     ids = ids.numpy()
     by_class = {}
     for s in segments:
@@ -35,11 +36,11 @@ def test_stuff_is_one_segment_things_are_split_into_regions_and_small_ones_dropp
 
 def test_min_area_zero_keeps_everything_and_bad_shapes_are_refused():
     labels = np.array([[0, 1], [1, 0]])
-    ids, segments = semantic_to_panoptic(_scores(labels, 2), [True, True], min_area=0.0)
+    ids, segments = semantic_to_panoptic(_scores(labels, 2), [THING, THING], min_area=0.0)
     assert len(segments) == 2  # each class's two diagonal pixels are one 8-connected region
     assert (ids.numpy() > 0).all()
     with pytest.raises(ValueError, match="classes"):
-        semantic_to_panoptic(_scores(labels, 2), [True], min_area=0.0)
+        semantic_to_panoptic(_scores(labels, 2), [THING], min_area=0.0)
 
 
 def test_training_free_predictor_returns_panoptic_with_the_datasets_things(tiny_cfg_path):

@@ -396,17 +396,29 @@ class _Recording:
     layers: FrozenSet[Tuple[str, int]]  # (kind, factor) pairs to record
 
 
-def _install_recording_processors(unet) -> Callable[[SharedInstrumentation], Callable[[], None]]:
-    def install(instrumentation: SharedInstrumentation) -> Callable[[], None]:
-        originals = dict(unet.attn_processors)
-        layers = attention_layers(unet)
-        unet.set_attn_processor({
-            name: _RecordingProcessor(proc, *layers.get(name, (None, None)), instrumentation)
-            for name, proc in originals.items()
-        })
-        return lambda: unet.set_attn_processor(originals)
+def _install_recording_processors(unet, instrumentation: SharedInstrumentation) -> Callable[[], None]:
+    """Wrap every attention processor of ``unet`` in a ``_RecordingProcessor``; return the undo."""
+    originals = dict(unet.attn_processors)
+    layers = attention_layers(unet)
+    unet.set_attn_processor({
+        name: _RecordingProcessor(proc, *layers.get(name, (None, None)), instrumentation)
+        for name, proc in originals.items()
+    })
 
-    return install
+    def uninstall() -> None:
+        # A layer whose processor was replaced while calls recorded (the user's set_attn_processor)
+        # keeps the replacement: only our own wrappers are taken away.
+        current = unet.attn_processors
+        unet.set_attn_processor({
+            name: originals[name] if _is_ours(proc, instrumentation) and name in originals else proc
+            for name, proc in current.items()
+        })
+
+    return uninstall
+
+
+def _is_ours(processor, instrumentation: SharedInstrumentation) -> bool:
+    return isinstance(processor, _RecordingProcessor) and processor.instrumentation is instrumentation
 
 
 @contextlib.contextmanager
@@ -433,6 +445,6 @@ def record_attention(
                 f"it has them at {available_factors(unet, kind)}."
             )
     layers = frozenset([("cross", int(f)) for f in cross_factors] + [("self", int(f)) for f in self_factors])
-    instrumentation = shared_instrumentation(unet, "attention-recording", _install_recording_processors(unet))
+    instrumentation = shared_instrumentation(unet, "attention-recording", _install_recording_processors)
     with instrumentation.active(_Recording(store, layers)):
         yield store

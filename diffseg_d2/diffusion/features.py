@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -136,18 +136,16 @@ class InputRecording:
         return list(self.inputs)
 
 
-def _install_input_hook(module: nn.Module):
-    def install(instrumentation):
-        def hook(mod, args):
-            recording = instrumentation.current()
-            index = None if recording is None else recording.index.get(id(mod))
-            if index is not None:
-                recording.inputs[index] = args[0]
+def _install_input_hook(module: nn.Module, instrumentation) -> Callable[[], None]:
+    """A forward pre-hook on ``module`` that hands its first input to this thread's recording."""
 
-        handle = module.register_forward_pre_hook(hook)
-        return handle.remove
+    def hook(mod, args):
+        recording = instrumentation.current()
+        index = None if recording is None else recording.index.get(id(mod))
+        if index is not None:
+            recording.inputs[index] = args[0]
 
-    return install
+    return module.register_forward_pre_hook(hook).remove
 
 
 @contextlib.contextmanager
@@ -158,7 +156,7 @@ def record_inputs(modules: Sequence[nn.Module]) -> Iterator[InputRecording]:
     recording = InputRecording(modules)
     with contextlib.ExitStack() as stack:
         for m in modules:
-            stack.enter_context(shared_instrumentation(m, "input-recording", _install_input_hook(m)).active(recording))
+            stack.enter_context(shared_instrumentation(m, "input-recording", _install_input_hook).active(recording))
         yield recording
 
 

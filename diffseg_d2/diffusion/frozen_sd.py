@@ -8,7 +8,7 @@ Its parameters never train and it stays in eval mode.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -220,14 +220,14 @@ class FrozenStableDiffusion(FrozenModel):
         return cached
 
 
+def _install_time_offset_hook(time_embedding, instrumentation) -> Callable[[], None]:
+    def hook(module, args, output):
+        offset = instrumentation.current()
+        return output if offset is None else output + offset
+
+    return time_embedding.register_forward_hook(hook).remove
+
+
 def _time_offsets(unet):
     """The shared hook that adds this thread's offset to ``unet.time_embedding``'s output."""
-
-    def install(instrumentation):
-        def hook(module, args, output):
-            offset = instrumentation.current()
-            return output if offset is None else output + offset
-
-        return unet.time_embedding.register_forward_hook(hook).remove
-
-    return shared_instrumentation(unet.time_embedding, "time-offset", install)
+    return shared_instrumentation(unet.time_embedding, "time-offset", _install_time_offset_hook)

@@ -1,5 +1,5 @@
 """Training and evaluation loops on top of detectron2's DefaultTrainer."""
-from .checkpoint import CheckpointMismatchError, StrictCheckpointer
+from .checkpoint import CheckpointMismatchError, SafeCheckpointer, StrictCheckpointer
 from .trainer import DiffSegTrainer
 
-__all__ = ["CheckpointMismatchError", "DiffSegTrainer", "StrictCheckpointer"]
+__all__ = ["CheckpointMismatchError", "DiffSegTrainer", "SafeCheckpointer", "StrictCheckpointer"]

@@ -1,4 +1,5 @@
-"""A detectron2 checkpointer that loads only safe files and only exact matches.
+"""detectron2 checkpointers that load only safe files (``SafeCheckpointer``), and only exact
+matches (``StrictCheckpointer``).
 
 * ``.pth`` files are read with ``torch.load(weights_only=True)``; pickled ``.pkl``
   and ``.pyth`` files are refused (unpickling runs arbitrary code). The same checks
@@ -18,10 +19,18 @@ from fvcore.common.checkpoint import _strip_prefix_if_present
 
 from ..checkpoint_safety import CheckpointMismatchError, check_checkpoint_file, require_fit
 
-__all__ = ["CheckpointMismatchError", "StrictCheckpointer"]
+__all__ = ["CheckpointMismatchError", "SafeCheckpointer", "StrictCheckpointer"]
 
 
-class StrictCheckpointer(DetectionCheckpointer):
+class SafeCheckpointer(DetectionCheckpointer):
+    """detectron2's checkpointer, but every file it reads (``MODEL.WEIGHTS``, the file that
+    ``--resume`` finds in ``last_checkpoint``, a download) is checked by ``check_checkpoint_file``
+    first and read with ``torch.load(weights_only=True)``: a pickle is refused, never opened.
+
+    ``_load_file`` is where detectron2 reads the final local path, after the query is taken off and
+    a URL is downloaded, so this one check covers every route of ``load`` and ``resume_or_load``.
+    """
+
     def _load_file(self, filename: str):
         check_checkpoint_file(filename, "the checkpoint")
         return super()._load_file(filename)
@@ -29,6 +38,16 @@ class StrictCheckpointer(DetectionCheckpointer):
     def _torch_load(self, f: str):
         with PathManager.open(f, "rb") as fh:
             return torch.load(fh, map_location=torch.device("cpu"), weights_only=True)
+
+    @classmethod
+    def like(cls, checkpointer: DetectionCheckpointer) -> "SafeCheckpointer":
+        """A ``cls`` with ``checkpointer``'s model, folder and checkpointables (to replace the
+        ``DetectionCheckpointer`` that ``DefaultTrainer.__init__`` makes)."""
+        return cls(checkpointer.model, checkpointer.save_dir, save_to_disk=checkpointer.save_to_disk,
+                   **checkpointer.checkpointables)
+
+
+class StrictCheckpointer(SafeCheckpointer):
 
     def _load_model(self, checkpoint):
         # DDP's "module." prefix goes exactly as fvcore's loader would take it off (only when every

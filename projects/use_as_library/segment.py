@@ -7,7 +7,7 @@ from detectron2.config import get_cfg
 from detectron2.engine import DefaultPredictor
 
 import diffseg_d2  # noqa: F401  (registers DiffSegmenter and the datasets)
-from diffseg_d2 import add_diffseg_config
+from diffseg_d2 import add_diffseg_config, merge_config_file
 from diffseg_d2.data.image import read_image_rgb
 
 
@@ -20,7 +20,7 @@ def main(argv=None):
 
     cfg = get_cfg()
     add_diffseg_config(cfg)  # coexists with any other add_*_config of your project
-    cfg.merge_from_file(args.config_file)
+    merge_config_file(cfg, args.config_file)  # read as data: a yaml tag that would run code is refused
     cfg.MODEL.DIFFSEG.VOCABULARY = ["background"] + [n.strip() for n in args.vocab.split(",")]
     cfg.DATASETS.TEST = ()
     predictor = DefaultPredictor(cfg)

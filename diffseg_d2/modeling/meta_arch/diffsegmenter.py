@@ -56,6 +56,7 @@ class DiffSegmenter(OpenVocabularySegmenter):
         diffusion: FrozenStableDiffusion,
         vocabulary: Optional[Sequence[str]] = None,
         thing_classes: Optional[Sequence[str]] = None,
+        stuff_classes: Optional[Sequence[str]] = None,
         panoptic_min_area: Optional[float] = None,
         image_size: int = 512,
         resize_antialias: bool = False,
@@ -90,7 +91,10 @@ class DiffSegmenter(OpenVocabularySegmenter):
             vocabulary: class names, the channel order of ``sem_seg``; a class
                 named "background" gets the constant ``background_threshold``.
                 May be set later with ``set_vocabulary`` or per input.
-            thing_classes: the vocabulary's thing classes (None: all but background).
+            thing_classes: the vocabulary's thing classes, a dataset's (None: see ``stuff_classes``).
+            stuff_classes: with a vocabulary of the user's, the classes that are stuff in
+                ``panoptic_seg``; the others are things and "background" is void
+                (``MODEL.DIFFSEG.PANOPTIC.STUFF_CLASSES``; see ``panoptic_roles``).
             panoptic_min_area: smallest panoptic segment, a fraction of the image (None: no
                 ``panoptic_seg``); see ``OpenVocabularySegmenter``.
             image_size: side of the square the image is resized to for the VAE.
@@ -123,7 +127,7 @@ class DiffSegmenter(OpenVocabularySegmenter):
                 appended to every prompt (ours, one generation per image).
             input_format: "RGB" or "BGR", the channel order of input images.
         """
-        super().__init__(input_format=input_format, panoptic_min_area=panoptic_min_area)
+        super().__init__(input_format=input_format, panoptic_min_area=panoptic_min_area, stuff_classes=stuff_classes)
         choices = {
             "CONDITIONING": (conditioning, ("shared", "per_class")),
             "REFINEMENT": (refinement, ("own", "averaged")),

@@ -9,6 +9,7 @@ score); ``score = w * local + (1 - w) * global`` per superpixel.
 """
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
 from typing import Dict, Optional, Sequence, Tuple
@@ -37,6 +38,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["FreeDA"]
 
 _WINDOW_BATCH = 8  # DINOv2 windows per forward call
+# (id of the model, its stage timings) of this thread's last segment call: FreeDA.last_timings.
+_LAST_TIMINGS: contextvars.ContextVar = contextvars.ContextVar("freeda_last_timings", default=(None, {}))
 
 
 @META_ARCH_REGISTRY.register()
@@ -52,6 +55,7 @@ class FreeDA(OpenVocabularySegmenter):
         dino: nn.Module,
         vocabulary: Optional[Sequence[str]] = None,
         thing_classes: Optional[Sequence[str]] = None,
+        stuff_classes: Optional[Sequence[str]] = None,
         panoptic_min_area: Optional[float] = None,
         top_k: int = 350,
         min_key_similarity: float = -1.0,
@@ -81,7 +85,10 @@ class FreeDA(OpenVocabularySegmenter):
             dino: ``DenseDINO``, the model that made the bank's prototypes.
             vocabulary: class names, the channel order of ``sem_seg``; a class
                 named "background" gets the constant ``background_score``.
-            thing_classes: the vocabulary's thing classes (None: all but background).
+            thing_classes: the vocabulary's thing classes, a dataset's (None: see ``stuff_classes``).
+            stuff_classes: with a vocabulary of the user's, the classes that are stuff in
+                ``panoptic_seg``; the others are things and "background" is void
+                (``MODEL.DIFFSEG.PANOPTIC.STUFF_CLASSES``; see ``panoptic_roles``).
             panoptic_min_area: smallest panoptic segment, a fraction of the image (None: no
                 ``panoptic_seg``); see ``OpenVocabularySegmenter``.
             top_k: keys retrieved per class.
@@ -104,7 +111,7 @@ class FreeDA(OpenVocabularySegmenter):
             resize: with "window", "cv2" (OpenCV on 8-bit values, the reference) or "torch" (ours).
             input_format: "RGB" or "BGR", the channel order of input images.
         """
-        super().__init__(input_format=input_format, panoptic_min_area=panoptic_min_area)
+        super().__init__(input_format=input_format, panoptic_min_area=panoptic_min_area, stuff_classes=stuff_classes)
         if not query_templates or any("{}" not in t for t in query_templates):
             raise ValueError(f"MODEL.DIFFSEG.FREEDA.QUERY_TEMPLATES need '{{}}' in each, got {list(query_templates)}.")
         if not 0.0 <= local_weight <= 1.0:
@@ -141,8 +148,6 @@ class FreeDA(OpenVocabularySegmenter):
         self.short_side = int(short_side)
         self.window = int(window)
         self.stride = int(stride)
-        #: seconds spent per stage on the last image (superpixels, dino, clip, scoring), for benchmarks
-        self.last_timings: Dict[str, float] = {}
         if vocabulary:
             self.set_vocabulary(vocabulary, thing_classes)
 
@@ -211,6 +216,14 @@ class FreeDA(OpenVocabularySegmenter):
 
         return self._cached(("prototypes", names, self.top_k, self.min_key_similarity, self.query), compute)
 
+    @property
+    def last_timings(self) -> Dict[str, float]:
+        """Seconds spent per stage (superpixels, dino, clip, scoring) on the last image this thread
+        segmented with this model, for benchmarks. Kept per thread (a context variable), not on the
+        model, so concurrent calls never read each other's."""
+        owner, timings = _LAST_TIMINGS.get()
+        return dict(timings) if owner == id(self) else {}
+
     def class_text(self, names: Sequence[str]) -> torch.Tensor:
         """The classes' text embeddings for the global score (and the "sentence" query): CLIP sentence
         embeddings of ``query_templates``, averaged as they come and normalised (as the reference), ``(K, C)``."""
@@ -258,7 +271,7 @@ class FreeDA(OpenVocabularySegmenter):
         ids = F.interpolate(labels[None, None].float(), size=out_size, mode="nearest")[0, 0].long()
         scores = table[:, ids]
         timings["scoring"] = time.perf_counter() - start
-        self.last_timings = timings
+        _LAST_TIMINGS.set((id(self), timings))
         return scores
 
     def _superpixel_features(self, image: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -312,7 +325,7 @@ class FreeDA(OpenVocabularySegmenter):
         scores = torch.full((len(names), *out_size), self.background_score, device=self.device)
         scores[list(prompted)] = averaged[0]
         timings["scoring"] += time.perf_counter() - start
-        self.last_timings = timings
+        _LAST_TIMINGS.set((id(self), timings))
         return scores
 
     def window_scores(

@@ -48,7 +48,7 @@ from ..heads import (
     caption_grounding_loss,
 )
 from ..odise.classifier import OpenVocabClassifier, max_over_synonyms
-from .open_vocab import OpenVocabularyMixin, vocabulary_args_from_config
+from .open_vocab import OpenVocabularyMixin, thing_mask, vocabulary_args_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,8 @@ class ODISE(OpenVocabularyMixin, nn.Module):
         pixel_mean, pixel_std: input normalisation (the backbone reads RGB in [-1, 1]).
         input_format: "RGB" or "BGR".
         train_classes: the training vocabulary (classes of ``DATASETS.TRAIN[0]``).
-        vocabulary, thing_classes: the test vocabulary at build time (or None).
+        vocabulary, thing_classes, stuff_classes: the test vocabulary at build time (or None) and
+            which of its classes are things or stuff (see ``panoptic_roles``).
         semantic_on, panoptic_on, instance_on: which outputs inference returns.
         object_mask_threshold, overlap_threshold: panoptic segment filters.
         detections_per_image: instances kept per image.
@@ -112,6 +113,7 @@ class ODISE(OpenVocabularyMixin, nn.Module):
         train_classes: Sequence[str] = (),
         vocabulary: Optional[Sequence[str]] = None,
         thing_classes: Optional[Sequence[str]] = None,
+        stuff_classes: Optional[Sequence[str]] = None,
         semantic_on: bool = True,
         panoptic_on: bool = True,
         instance_on: bool = True,
@@ -172,7 +174,7 @@ class ODISE(OpenVocabularyMixin, nn.Module):
         self.variant = variant
         # The head's class prompts: bare names (label-trained) or the grounding prompt (caption-trained).
         self.head_template = "{}" if variant == "label" else grounding_template
-        self._init_vocabulary()
+        self._init_vocabulary(stuff_classes)
         if vocabulary:
             self.set_vocabulary(vocabulary, thing_classes)
 
@@ -374,7 +376,8 @@ class ODISE(OpenVocabularyMixin, nn.Module):
         outputs = self._predict(images)
         results = []
         for i, x in enumerate(batched_inputs):
-            names, things = self._input_vocabulary(x)
+            names, roles = self._input_vocabulary(x)
+            things = thing_mask(roles)  # ODISE's own panoptic inference: a class is a thing or not
             h, w = images.image_sizes[i]
             out_h, out_w = int(x.get("height", h)), int(x.get("width", w))
             masks = F.interpolate(

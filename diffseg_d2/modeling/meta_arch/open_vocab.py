@@ -18,19 +18,23 @@ from torch import nn
 from ...checkpoint_safety import refuse_partial_loads
 from ...lru import LRUCache
 from ...numerics import require_finite
-from ...vocabulary import classes_from_metadata, parse_vocabulary, thing_flags
+from ...vocabulary import THING, classes_from_metadata, panoptic_roles, parse_vocabulary
 from .semantic_to_panoptic import semantic_to_panoptic
 
 _CACHE_SIZE = 8
 
 
 def vocabulary_args_from_config(cfg) -> Dict:
-    """``vocabulary`` (``MODEL.DIFFSEG.VOCABULARY``, else the classes of ``DATASETS.TEST[0]``, else
-    None) and ``thing_classes`` (that dataset's, else None: every class but background)."""
+    """``vocabulary`` (``MODEL.DIFFSEG.VOCABULARY``, else ``DATASETS.TEST[0]``'s classes, else
+    None), ``thing_classes`` (that dataset's, else None) and ``stuff_classes``
+    (``MODEL.DIFFSEG.PANOPTIC.STUFF_CLASSES``: which classes of the user's vocabulary are stuff)."""
     vocabulary, things = list(cfg.MODEL.DIFFSEG.VOCABULARY) or None, None
+    stuff = list(cfg.MODEL.DIFFSEG.PANOPTIC.STUFF_CLASSES) or None
+    if vocabulary is not None and stuff:
+        panoptic_roles(parse_vocabulary(vocabulary), None, stuff)  # a misspelt stuff class is named now
     if vocabulary is None and len(cfg.DATASETS.TEST):
         vocabulary, things = classes_from_metadata(cfg.DATASETS.TEST[0])
-    return dict(vocabulary=vocabulary, thing_classes=things)
+    return dict(vocabulary=vocabulary, thing_classes=things, stuff_classes=stuff)
 
 
 def open_vocab_args_from_config(cfg) -> Dict:
@@ -48,51 +52,73 @@ class OpenVocabularyMixin:
     ``_check_vocabulary(names)`` to reject a vocabulary before it is used.
     """
 
-    def _init_vocabulary(self) -> None:
+    def _init_vocabulary(self, stuff_classes: Optional[Sequence[str]] = None) -> None:
         self._vocabulary: Optional[List[str]] = None
-        self._things: List[bool] = []
+        self._roles: List[str] = []
+        # The classes that are stuff whenever a vocabulary of the user's names them
+        # (MODEL.DIFFSEG.PANOPTIC.STUFF_CLASSES).
+        self._stuff_classes: List[str] = list(stuff_classes or ())
 
     @property
     def vocabulary(self) -> Optional[List[str]]:
         return None if self._vocabulary is None else list(self._vocabulary)
 
-    def set_vocabulary(self, names, thing_classes: Optional[Sequence[str]] = None) -> None:
+    def set_vocabulary(self, names, thing_classes: Optional[Sequence[str]] = None,
+                       stuff_classes: Optional[Sequence[str]] = None) -> None:
         """Set the classes to segment (a list, or a comma-separated string of names), checked before use.
 
         Args:
             names: class names; within a list entry, commas separate synonyms.
-            thing_classes: the names that are countable things (instances, ``panoptic_seg``'s
-                ``isthing``); None: every class except "background".
+            thing_classes: a dataset's countable things (instances, ``panoptic_seg``'s ``isthing``);
+                its other classes are stuff.
+            stuff_classes: without ``thing_classes``: the classes that are stuff (None: those of
+                ``MODEL.DIFFSEG.PANOPTIC.STUFF_CLASSES`` that ``names`` holds); the others are
+                things, and "background" is void (no segment). See ``panoptic_roles``.
         """
         names = parse_vocabulary(names)
+        roles = self._roles_of(names, thing_classes, stuff_classes)
         self._check_vocabulary(names)
-        self._vocabulary, self._things = names, thing_flags(names, thing_classes)
+        self._vocabulary, self._roles = names, roles
 
     def set_vocabulary_from_dataset(self, dataset_name: str) -> None:
         """Use the classes and thing classes of a dataset's metadata (the one being evaluated)."""
         self.set_vocabulary(*classes_from_metadata(dataset_name))
 
+    def _roles_of(self, names: Sequence[str], thing_classes, stuff_classes) -> List[str]:
+        if thing_classes is None and stuff_classes is None:
+            present = {" ".join(n.lower().split()) for n in names}
+            stuff_classes = [c for c in self._stuff_classes if " ".join(c.lower().split()) in present]
+        return panoptic_roles(names, thing_classes, stuff_classes)
+
     def _check_vocabulary(self, names: Sequence[str]) -> None:
         """Raise if ``names`` cannot be segmented (a subclass hook; may warm its caches)."""
 
-    def _input_vocabulary(self, x: Dict) -> Tuple[List[str], List[bool]]:
-        """``(names, thing flags)`` for one input dict: its own ``vocabulary`` key, else the model's."""
+    def _input_vocabulary(self, x: Dict) -> Tuple[List[str], List[str]]:
+        """``(names, panoptic roles)`` for one input dict: its own ``vocabulary`` (and optional
+        ``thing_classes`` / ``stuff_classes``) key, else the model's. Nothing of the model changes,
+        so concurrent calls with different vocabularies stay apart."""
         if "vocabulary" in x:
             names = parse_vocabulary(x["vocabulary"])
+            roles = self._roles_of(names, x.get("thing_classes"), x.get("stuff_classes"))
             self._check_vocabulary(names)
-            return names, thing_flags(names)
+            return names, roles
         if self._vocabulary is None:
             raise ValueError(
                 f"{type(self).__name__} has no vocabulary: set MODEL.DIFFSEG.VOCABULARY or DATASETS.TEST, call "
                 "model.set_vocabulary([...]), or pass 'vocabulary' in the input dict."
             )
-        return self._vocabulary, self._things
+        return self._vocabulary, self._roles
+
+
+def thing_mask(roles: Sequence[str]) -> List[bool]:
+    """Per class, whether its ``panoptic_roles`` role is a thing."""
+    return [r == THING for r in roles]
 
 
 class OpenVocabularySegmenter(OpenVocabularyMixin, nn.Module):
     """Base of the training-free segmenters (``sem_seg`` output, one channel per class, and ``panoptic_seg``).
 
-    Subclasses call ``super().__init__(input_format=..., panoptic_min_area=...)`` first and
+    Subclasses call ``super().__init__(input_format=..., panoptic_min_area=..., stuff_classes=...)`` first and
     ``set_vocabulary`` last, once the modules that check a vocabulary exist.
 
     Args:
@@ -104,7 +130,8 @@ class OpenVocabularySegmenter(OpenVocabularyMixin, nn.Module):
     # Read by tools/train_net.py: a training-free model is only ever evaluated.
     TRAINING_FREE = True
 
-    def __init__(self, *, input_format: str = "RGB", panoptic_min_area: Optional[float] = None):
+    def __init__(self, *, input_format: str = "RGB", panoptic_min_area: Optional[float] = None,
+                 stuff_classes: Optional[Sequence[str]] = None):
         super().__init__()
         if input_format not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT must be 'RGB' or 'BGR' for {type(self).__name__}, not {input_format!r}.")
@@ -113,7 +140,7 @@ class OpenVocabularySegmenter(OpenVocabularyMixin, nn.Module):
                              f"got {panoptic_min_area}.")
         self.input_format = input_format
         self.panoptic_min_area = panoptic_min_area
-        self._init_vocabulary()
+        self._init_vocabulary(stuff_classes)
         self._cache = LRUCache(_CACHE_SIZE)
         # An empty buffer that follows .to(): where the model lives (cfg.MODEL.DEVICE).
         self.register_buffer("_device_anchor", torch.zeros(0), persistent=False)
@@ -147,13 +174,13 @@ class OpenVocabularySegmenter(OpenVocabularyMixin, nn.Module):
             raise RuntimeError(f"{name} is training-free: run it in eval mode (tools/train_net.py --eval-only).")
         results = []
         for x in batched_inputs:
-            names, things = self._input_vocabulary(x)
+            names, roles = self._input_vocabulary(x)
             image = self._rgb(x["image"])
             out_size = (int(x.get("height", image.shape[-2])), int(x.get("width", image.shape[-1])))
             scores = require_finite(self.segment(image, names, out_size), f"{name}'s score computation")
             result = {"sem_seg": scores}
             if self.panoptic_min_area is not None:
-                result["panoptic_seg"] = semantic_to_panoptic(scores, things, self.panoptic_min_area)
+                result["panoptic_seg"] = semantic_to_panoptic(scores, roles, self.panoptic_min_area)
             results.append(result)
         return results
 
