@@ -16,6 +16,10 @@ from detectron2.config import get_cfg
 
 __all__ = ["add_diffseg_config", "get_diffseg_cfg", "merge_config_file"]
 
+#: DiffSegmenter's carrier prompt for ``CONDITIONING: shared`` (and DAAM's joint prompt), "{}" -> the
+#: joined class names: the config default and the model's.
+CARRIER_TEMPLATE = "a photograph of {}."
+
 
 def add_diffseg_config(cfg: CN) -> CN:
     """Add the ``MODEL.DIFFSEG`` node to ``cfg`` (in place; a no-op if present)."""
@@ -92,7 +96,7 @@ def add_diffseg_config(cfg: CN) -> CN:
     # self-attention of its own pass (the reference); "averaged" (ours) with the mean over all passes.
     _c.REFINEMENT = "own"
     # Carrier prompt of "shared" conditioning; "{}" is replaced by the comma-joined class names.
-    _c.CARRIER_TEMPLATE = "a photograph of {}."
+    _c.CARRIER_TEMPLATE = CARRIER_TEMPLATE
     # Most class prompts per batched UNet call with "per_class" conditioning (larger vocabularies are
     # chunked). 4 keeps the peak memory of 20 classes on SD 1.5 within 1.5x a plain UNet pass at the
     # same speed on CPU as 8 (BENCHMARKS.md, sd15); larger chunks can be faster on a GPU.
@@ -381,6 +385,10 @@ def add_diffseg_config(cfg: CN) -> CN:
     # to the mask's patches, at CLIP's input size) or "pooled_patches" (ours: final-layer patch
     # tokens averaged under the soft mask).
     _c.ODISE.TEST.ENSEMBLE_CLIP = "maskclip"
+    # What CLIP's side reads: "padded" (the reference: the head's masks over the padded batch, the
+    # image over its own extent, misaligned on sizes that are not multiples of the backbone's 64) or
+    # "image" (ours: the masks upsampled and cropped to the image).
+    _c.ODISE.TEST.CLIP_MASK_EXTENT = "padded"
     # CLIP's prompt for each class synonym on the ensemble's side.
     _c.ODISE.TEST.ENSEMBLE_TEMPLATE = "a photo of a {}."
 

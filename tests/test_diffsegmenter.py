@@ -195,3 +195,24 @@ def test_a_150_class_vocabulary_in_one_pass(tiny_model, sample_rgb, monkeypatch)
     with patched(tiny_model, category_filter=None, conditioning="shared"):
         out = tiny_model([{"image": _image(sample_rgb), "vocabulary": names}])[0]["sem_seg"]
     assert out.shape == (150, 375, 500) and calls == [1]
+
+
+def test_a_seed_draws_the_same_noise_whatever_the_models_device(tiny_model, sample_rgb, monkeypatch):
+    """The VAE sample and the noise come from a CPU generator and are moved, as diffusers draws its
+    latents: a generator on the model's device would give other numbers on CUDA than on the CPU for
+    the same SEED. Shown by reporting another device for the model: the draws do not change."""
+    from diffseg_d2.modeling.meta_arch.diffsegmenter import DiffSegmenter
+
+    image = torch.from_numpy(sample_rgb).permute(2, 0, 1).float()
+    expected = tiny_model.noisy_latents(image)
+    monkeypatch.setattr(DiffSegmenter, "device", property(lambda self: torch.device("meta")))
+    torch.testing.assert_close(tiny_model.noisy_latents(image), expected, rtol=0, atol=0)
+
+
+def test_the_carrier_template_has_one_default():
+    from diffseg_d2.config import CARRIER_TEMPLATE
+    from diffseg_d2.modeling.meta_arch.diffsegmenter import DiffSegmenter
+
+    cfg = get_diffseg_cfg()
+    assert cfg.MODEL.DIFFSEG.CARRIER_TEMPLATE == CARRIER_TEMPLATE
+    assert DiffSegmenter.__init__.__wrapped__.__kwdefaults__["carrier_template"] == CARRIER_TEMPLATE

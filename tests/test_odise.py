@@ -394,3 +394,100 @@ def test_panoptic_overlap_ratio_is_the_whole_owned_area_over_the_mask(odise):
     # |own| / |mask| = 22 / 20 >= 0.95: kept (the intersection alone, 18 / 20 = 0.9, would drop it).
     assert [s["category_id"] for s in segments] == [0, 1]
     assert int((ids == 1).sum()) == 18  # only its pixels >= 0.5 are painted
+
+
+# ------------------------------------------------------------------ reference inference, by hand
+def _probability_inputs(model, batch):
+    image = batch[0]["image"].float()
+    g = torch.Generator().manual_seed(3)
+    embeds = torch.randn(model.decoder.query_feat.weight.shape[0], model.classifier.text_proj.out_features, generator=g)
+    masks = torch.randn(embeds.shape[0], 32, 32, generator=g)
+    return embeds, masks, image
+
+
+def test_ensemble_is_the_geometric_formula_with_clips_own_probabilities(odise, batch):
+    """p = p_head^(1 - a) p_clip^a renormalised over the classes, times the head's object
+    probability; a = 0.3 for seen classes, 0.7 for novel ones (the defaults), computed here with
+    powers (not the model's log space) from the head's logits and MaskCLIP's region embeddings."""
+    import torch.nn.functional as F
+
+    model = copy.deepcopy(odise).eval()
+    assert (model.ensemble_alpha, model.ensemble_beta) == (0.3, 0.7)
+    embeds, masks, image = _probability_inputs(model, batch)
+    names = ["person", "giraffe"]  # seen, novel
+    K = len(names)
+    got = model._class_probabilities(embeds, masks, image, names)
+
+    text, owner = model._text(names, model.head_template)
+    logits = model.classifier(embeds[None], text, owner, K)[0]
+    full = logits.softmax(-1)
+    p_head = full[:, :K] / full[:, :K].sum(-1, keepdim=True)
+    void = full[:, K]
+    clip_text, clip_owner = model._text(names, model.ensemble_template)
+    regions = model.clip.encode_masked(image[None], masks[None])[0]
+    cos = F.normalize(regions, dim=-1) @ F.normalize(clip_text, dim=-1).T  # (Q, synonyms)
+    per_class = torch.stack([cos[:, clip_owner == k].max(-1).values for k in range(K)], dim=-1)
+    p_clip = (model.clip.model.logit_scale.exp().clamp(max=100) * per_class).softmax(-1)
+    a = torch.tensor([0.3, 0.7])
+    geometric = p_head ** (1 - a) * p_clip ** a
+    expected = torch.cat([geometric / geometric.sum(-1, keepdim=True) * (1 - void)[:, None], void[:, None]], -1)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant, ensemble, through_log", [
+    ("label", True, True), ("label", False, False), ("caption", True, True), ("caption", False, True)])
+def test_reference_inference_reads_the_probabilities_through_log_and_softmax(odise, batch, monkeypatch, variant,
+                                                                            ensemble, through_log):
+    """The reference hands Mask2Former's inference log(p + 1e-8) of the ensembled (or the
+    caption-trained model's) probabilities, and that inference takes their softmax: the model's
+    probabilities are exactly that round trip of the plain formula, bit for bit (exact ties among
+    queries then resolve as in the reference). The label-trained model without the ensemble hands
+    over logits, whose softmax is the plain one."""
+    from diffseg_d2.modeling.meta_arch import odise as odise_module
+
+    model = copy.deepcopy(odise).eval()
+    model.ensemble = ensemble
+    embeds, masks, image = _probability_inputs(model, batch)
+    binary = torch.randn(embeds.shape[0], 2, generator=torch.Generator().manual_seed(4)) if variant == "caption" else None
+    names = ["person", "giraffe", "chair"]
+    final = model._class_probabilities(embeds, masks, image, names, binary)
+    monkeypatch.setattr(odise_module, "_through_log", lambda p: p)
+    plain = model._class_probabilities(embeds, masks, image, names, binary)
+    if through_log:
+        assert torch.equal(final, torch.log(plain + 1e-8).softmax(-1))
+        assert not torch.equal(final, plain)
+    else:
+        assert torch.equal(final, plain)
+
+
+def test_seen_classes_are_exact_synonym_strings(odise):
+    """The reference tests a class against the training synonyms as exact strings."""
+    assert odise.seen_classes(["person", "Person", "chair, seat", "giraffe"]).tolist() == [True, False, True, False]
+
+
+def _clip_inputs(model, monkeypatch, images, **vocab):
+    seen = []
+    original = model.clip.encode_masked
+
+    def spy(image, mask_logits):
+        seen.append((tuple(image.shape), tuple(mask_logits.shape)))
+        return original(image, mask_logits)
+
+    monkeypatch.setattr(model.clip, "encode_masked", spy)
+    with torch.no_grad():
+        model([{"image": im, "vocabulary": ["person", "chair"]} for im in images])
+    return seen
+
+
+def test_clip_reads_the_masks_over_the_padded_batch_as_the_reference(odise, monkeypatch):
+    """At a size that is not a multiple of 64 (72 x 90: padded to 128 x 128, masks at 32 x 32) the
+    reference gives MaskCLIP the head's masks over the whole padded batch and the image padded only
+    to the batch's largest image; ``CLIP_MASK_EXTENT image`` (ours) crops the masks to the image."""
+    model = copy.deepcopy(odise).eval()
+    Q = model.decoder.query_feat.weight.shape[0]
+    small, large = torch.rand(3, 72, 90) * 255, torch.rand(3, 80, 100) * 255
+    assert _clip_inputs(model, monkeypatch, [small]) == [((1, 3, 72, 90), (1, Q, 32, 32))]
+    assert _clip_inputs(model, monkeypatch, [small, large]) == [((1, 3, 80, 100), (1, Q, 32, 32))] * 2
+    model.clip_mask_extent = "image"
+    assert _clip_inputs(model, monkeypatch, [small, large]) == [((1, 3, 72, 90), (1, Q, 72, 90)),
+                                                                ((1, 3, 80, 100), (1, Q, 80, 100))]

@@ -93,14 +93,14 @@ class DAAM(DiffSegmenter):
         """Summed cross-attention ``(len(rows), h, w)`` at the finest cross-attention resolution."""
         d = self.diffusion
         prompts, context = self._vocabulary_prompts(tuple(names[r] for r in rows))
-        latents = self.encode(image, torch.Generator(device=self.device).manual_seed(self.seed))
+        latents = self.encode(image, torch.Generator().manual_seed(self.seed))  # CPU draws: see noisy_latents
         # The UNet runs on the joint prompt itself, so each layer's own attention is read:
         # one softmax per layer, each class taken from its tokens.
         store = AttentionStore(latents.shape[-2:], prompts.token_index, prompts.token_weight)
         with record_attention(d.unet, store, self.cross_attn_factors):
             for t in self.timesteps:
                 # The same noise sample at every timestep: points on one forward trajectory.
-                generator = torch.Generator(device=latents.device).manual_seed(self.seed)
+                generator = torch.Generator().manual_seed(self.seed)
                 d.unet_forward(d.add_noise(latents, t, generator), t, context)
         return self._combine(store)
 

@@ -17,7 +17,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
-from ...config import check_config
+from ...config import CARRIER_TEMPLATE, check_config
 from ...diffusion import (
     AttentionStore,
     ClassPrompts,
@@ -70,7 +70,7 @@ class DiffSegmenter(OpenVocabularySegmenter):
         ing_rule: bool = True,
         conditioning: str = "per_class",
         refinement: str = "own",
-        carrier_template: str = "a photograph of {}",
+        carrier_template: str = CARRIER_TEMPLATE,
         class_chunk_size: int = 4,
         cross_attn_factors: Sequence[int] = (8, 4, 2, 1),
         cross_attn_weights: Sequence[float] = (0.3, 0.5, 0.1, 0.1),
@@ -314,8 +314,10 @@ class DiffSegmenter(OpenVocabularySegmenter):
 
     def noisy_latents(self, image: torch.Tensor) -> torch.Tensor:
         """The latents ``(1, C, h, w)`` the UNet reads: encoded, then noised at ``NOISE_STEP``.
-        Both draws (VAE sample, noise) come from one generator seeded with ``SEED``, in that order."""
-        generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        Both draws (VAE sample, noise) come from one generator seeded with ``SEED``, in that order.
+        The generator is a CPU one whatever the model's device (the draws are moved), so a seed gives
+        the same noise on CUDA as on the CPU, as diffusers draws its latents."""
+        generator = torch.Generator().manual_seed(self.seed)
         latents = self.encode(image, generator)
         return self.diffusion.add_noise(latents, self.noise_step, generator)
 

@@ -15,7 +15,8 @@ Data flow of one batch::
                instance outputs
 
 Every default is the released ODISE's computation; ``MODEL.DIFFSEG.ODISE.TEST.ENSEMBLE_CLIP
-pooled_patches`` is ours (mask-pooled final-layer patch tokens instead of MaskCLIP).
+pooled_patches`` is ours (mask-pooled final-layer patch tokens instead of MaskCLIP), and so is
+``TEST.CLIP_MASK_EXTENT image`` (CLIP reads the masks cropped to the image).
 
 Training classes come from ``DATASETS.TRAIN[0]``'s metadata; at test time the
 vocabulary is the evaluated dataset's (``set_vocabulary_from_dataset``), one given
@@ -55,9 +56,12 @@ logger = logging.getLogger(__name__)
 _KEY = "MODEL.DIFFSEG.ODISE"
 
 
-def _synonyms(name: str) -> List[str]:
-    """A class's synonyms, lower-cased: how seen (training) classes are recognised."""
-    return [s.lower() for s in split_synonyms(name)]
+def _through_log(probs: torch.Tensor) -> torch.Tensor:
+    """``softmax(log(p + 1e-8))``: the reference hands Mask2Former's inference ``log(p + 1e-8)`` of
+    its ensembled (or caption-trained) probabilities, and that inference takes a softmax of it again.
+    Equal to ``p`` up to ~1e-8, but computed as the reference computes it, so that exact ties among
+    queries resolve the same way there and here."""
+    return torch.log(probs + 1e-8).softmax(-1)
 
 
 @META_ARCH_REGISTRY.register()
@@ -83,6 +87,10 @@ class ODISE(OpenVocabularyMixin, nn.Module):
         ensemble: ensemble with CLIP's classifier at inference.
         ensemble_alpha, ensemble_beta: CLIP's exponent for seen / novel classes.
         ensemble_clip: "maskclip" (the reference) or "pooled_patches" (ours).
+        clip_mask_extent: what CLIP's side reads: "padded" (the reference: the masks over the
+            padded batch, the image over its own extent, so the two are misaligned unless the image
+            fills the padded size) or "image" (ours: the masks cropped to the image, at full
+            resolution).
         ensemble_template: CLIP's prompt for the class synonyms on the ensemble's side.
         nouns: callable caption -> nouns for the grounding loss, or None (no grounding).
         grounding_template: prompt of each noun for the grounding loss.
@@ -124,6 +132,7 @@ class ODISE(OpenVocabularyMixin, nn.Module):
         ensemble_alpha: float = 0.3,
         ensemble_beta: float = 0.7,
         ensemble_clip: str = "maskclip",
+        clip_mask_extent: str = "padded",
         ensemble_template: str = "a photo of a {}.",
         nouns=None,
         grounding_template: str = "a photo of a {}.",
@@ -163,13 +172,18 @@ class ODISE(OpenVocabularyMixin, nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
         self.input_format = input_format
         self.train_classes = parse_vocabulary(list(train_classes)) if train_classes else []
-        self._seen = {s for name in self.train_classes for s in _synonyms(name)}
+        # A class is "seen" when one of its synonyms IS a training synonym: exact strings, as the
+        # reference compares them ("Person" is not "person").
+        self._seen = {s for name in self.train_classes for s in split_synonyms(name)}
         self.semantic_on, self.panoptic_on, self.instance_on = semantic_on, panoptic_on, instance_on
         self.object_mask_threshold = float(object_mask_threshold)
         self.overlap_threshold = float(overlap_threshold)
         self.detections_per_image = int(detections_per_image)
         self.ensemble, self.ensemble_alpha, self.ensemble_beta = ensemble, float(ensemble_alpha), float(ensemble_beta)
         self.ensemble_clip, self.ensemble_template = ensemble_clip, ensemble_template
+        if clip_mask_extent not in ("padded", "image"):
+            raise ValueError(f"{_KEY}.TEST.CLIP_MASK_EXTENT must be 'padded' or 'image', not {clip_mask_extent!r}.")
+        self.clip_mask_extent = clip_mask_extent
         self.nouns, self.grounding_template = nouns, grounding_template
         self.variant = variant
         # The head's class prompts: bare names (label-trained) or the grounding prompt (caption-trained).
@@ -228,7 +242,7 @@ class ODISE(OpenVocabularyMixin, nn.Module):
             from ...nouns import ListNouns  # the noun finder of FreeDA's bank builder too
 
             nouns = ListNouns.from_file(loss.GROUNDING_NOUNS) if loss.GROUNDING_NOUNS else ListNouns(
-                [s for name in train_classes for s in _synonyms(name)]
+                [s.lower() for name in train_classes for s in split_synonyms(name)]
             )
         return dict(
             backbone=backbone,
@@ -255,6 +269,7 @@ class ODISE(OpenVocabularyMixin, nn.Module):
             ensemble_alpha=o.TEST.ENSEMBLE_ALPHA,
             ensemble_beta=o.TEST.ENSEMBLE_BETA,
             ensemble_clip=o.TEST.ENSEMBLE_CLIP,
+            clip_mask_extent=o.TEST.CLIP_MASK_EXTENT,
             ensemble_template=o.TEST.ENSEMBLE_TEMPLATE,
             nouns=nouns,
             grounding_template=loss.GROUNDING_TEMPLATE,
@@ -386,11 +401,9 @@ class ODISE(OpenVocabularyMixin, nn.Module):
             )[0]
             valid = masks[:, :h, :w]  # (Q, h, w) logits on the input image
             require_finite(valid, "ODISE's mask head (MODEL.WEIGHTS)")
-            low = outputs["pred_masks"][i]  # (Q, H / 4, W / 4): the resolution CLIP's side reads
-            fh = round(h * low.shape[-2] / images.tensor.shape[-2])
-            fw = round(w * low.shape[-1] / images.tensor.shape[-1])
+            clip_image, clip_masks = self._clip_view(raw, i, outputs["pred_masks"][i], valid)
             probs = require_finite(
-                self._class_probabilities(outputs["pred_embeds"][i], low[:, :fh, :fw], raw[i], names,
+                self._class_probabilities(outputs["pred_embeds"][i], clip_masks, clip_image, names,
                                           outputs["pred_binary"][i] if "pred_binary" in outputs else None),
                 "ODISE's classifier",
             )
@@ -404,6 +417,28 @@ class ODISE(OpenVocabularyMixin, nn.Module):
                 result["instances"] = self._instances(probs, masks, things)
             results.append(result)
         return results
+
+    def seen_classes(self, names: Sequence[str]) -> torch.Tensor:
+        """(K,) bool: whether each class was seen in training (one of its synonyms is, as an exact
+        string, a training class's synonym), which picks ENSEMBLE_ALPHA over ENSEMBLE_BETA."""
+        return torch.tensor([any(s in self._seen for s in split_synonyms(n)) for n in names], dtype=torch.bool)
+
+    def _clip_view(self, raw: List[torch.Tensor], i: int, low: torch.Tensor,
+                   valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The image (3, h', w') in [0, 255] and mask logits (Q, h'', w'') that CLIP's side of the
+        ensemble reads for image ``i`` of the batch (``TEST.CLIP_MASK_EXTENT``).
+
+        "padded", the reference: the head's masks at their own resolution (H / 4, W / 4) over the
+        whole padded batch, and the image padded with black only to the batch's largest image (its
+        batch of images /255 is padded without size divisibility); CLIP resizes both to its input
+        square, so unless the image fills the padded size the masks land shifted and stretched on it.
+        "image", ours: ``valid``, the masks upsampled and cropped to the image exactly, and the image.
+        """
+        if self.clip_mask_extent == "image":
+            return raw[i], valid
+        h = max(r.shape[-2] for r in raw)
+        w = max(r.shape[-1] for r in raw)
+        return F.pad(raw[i], (0, w - raw[i].shape[-1], 0, h - raw[i].shape[-2])), low
 
     def _class_probabilities(
         self, embeds: torch.Tensor, masks: torch.Tensor, image: torch.Tensor, names: Sequence[str],
@@ -428,7 +463,7 @@ class ODISE(OpenVocabularyMixin, nn.Module):
         if binary is not None:  # caption-trained: classes from the text, "no object" from the binary head
             void = binary.float().softmax(-1)[:, 1:]
             if not self.ensemble:
-                return torch.cat([log_head.exp() * (1 - void), void], dim=-1)
+                return _through_log(torch.cat([log_head.exp() * (1 - void), void], dim=-1))
         else:
             probs = logits.softmax(-1)
             if not self.ensemble:
@@ -444,10 +479,9 @@ class ODISE(OpenVocabularyMixin, nn.Module):
             regions = torch.einsum("qhw,dhw->qd", weights, dense) / weights.sum((1, 2)).clamp(min=1e-6)[:, None]
         scale = self.clip.model.logit_scale.exp().float().clamp(max=100.0) if hasattr(self.clip.model, "logit_scale") else 100.0
         log_clip = max_over_synonyms(scale * F.normalize(regions, dim=-1) @ clip_text.T, clip_owner, K).log_softmax(-1)
-        seen = torch.tensor([any(s in self._seen for s in _synonyms(n)) for n in names], device=logits.device)
-        alpha = torch.where(seen, self.ensemble_alpha, self.ensemble_beta)
+        alpha = torch.where(self.seen_classes(names).to(logits.device), self.ensemble_alpha, self.ensemble_beta)
         mixed = ((1 - alpha) * log_head + alpha * log_clip).softmax(-1) * (1 - void)
-        return torch.cat([mixed, void], dim=-1)
+        return _through_log(torch.cat([mixed, void], dim=-1))
 
     def _panoptic(self, probs: torch.Tensor, masks: torch.Tensor, things: Sequence[bool]):
         """Panoptic output: ids (h, w) int32 (0 = no segment) and segments_info (detectron2's format)."""
