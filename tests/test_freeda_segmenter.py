@@ -258,3 +258,36 @@ def test_demo_writes_overlay_and_label_images(tiny_freeda_cfg_path, freeda_bank,
     assert label.shape == (90, 130)
     np.testing.assert_array_equal(overlay[:270:3, :390:3], sample_rgb[:90, :130])
     assert label.max() <= 3  # background + 3 classes
+
+
+def test_whole_pipeline_averages_each_pixels_features_over_its_windows(model):
+    """PIPELINE whole: where windows overlap, a pixel's feature is the MEAN over the windows that
+    cover it (each counts once), and a superpixel's feature the mean over its pixels; computed here
+    pixel by pixel from the windows' upsampled DINO features."""
+    import torch.nn.functional as F
+
+    from diffseg_d2.tiling import sliding_windows, window_shape
+
+    g = torch.Generator().manual_seed(5)
+    image = torch.rand(3, 40, 72, generator=g) * 255
+    labels = torch.randint(0, 6, (40, 72), generator=g)
+    labels[:, 30:42] = 6  # a superpixel across the overlap of the two 40-wide windows
+    window, stride = model.window, model.stride
+    try:
+        model.window, model.stride = 40, 32
+        wh, ww = window_shape(40, 72, 40)
+        corners = sliding_windows(40, 72, (wh, ww), 32)
+        assert len(corners) == 2  # columns 0..39 and 32..71: 8 shared columns
+        got = model._superpixel_features(image, labels)
+    finally:
+        model.window, model.stride = window, stride
+    total = torch.zeros(model.dino.embed_dim, 40, 72)
+    cover = torch.zeros(40, 72)
+    for y, x in corners:
+        f = model.dino(image[None, :, y:y + wh, x:x + ww])[0]
+        total[:, y:y + wh, x:x + ww] += F.interpolate(f[None].float(), size=(wh, ww), mode="bilinear",
+                                                      align_corners=False)[0]
+        cover[y:y + wh, x:x + ww] += 1
+    per_pixel = total / cover
+    expected = torch.stack([per_pixel[:, labels == s].mean(-1) for s in range(7)])
+    torch.testing.assert_close(got, F.normalize(expected, dim=-1), rtol=1e-4, atol=1e-5)

@@ -8,7 +8,7 @@ column per token, and is built by scattering each pixel's four bilinear weights.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -45,14 +45,16 @@ def _bilinear_taps(out_size: int, in_size: int) -> Tuple[torch.Tensor, torch.Ten
     return i0, i1, w1
 
 
-def pooling_matrix(labels: torch.Tensor, grid: Tuple[int, int], num_segments: int) -> torch.Tensor:
+def pooling_matrix(labels: torch.Tensor, grid: Tuple[int, int], num_segments: int,
+                   pixel_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``M`` (S, h*w): summed bilinear weights of each feature-grid token over each segment.
 
     Args:
         labels: (H, W) int64 segment ids in ``[0, num_segments)``.
         grid: ``(h, w)`` of the feature map that is upsampled to (H, W).
+        pixel_weights: (H, W) weight of each pixel's upsampled feature (None: 1).
 
-    Rows sum to the segments' pixel counts.
+    Rows sum to the segments' pixel counts (their summed pixel weights).
     """
     H, W = labels.shape
     h, w = grid
@@ -60,30 +62,35 @@ def pooling_matrix(labels: torch.Tensor, grid: Tuple[int, int], num_segments: in
     x0, x1, wx = _bilinear_taps(W, w)
     seg = labels.reshape(-1).long() * (h * w)
     m = torch.zeros(num_segments * h * w, dtype=torch.float64)
+    scale = None if pixel_weights is None else pixel_weights.reshape(-1).to(torch.float64)
     for ys, wy_ in ((y0, 1 - wy), (y1, wy)):
         for xs, wx_ in ((x0, 1 - wx), (x1, wx)):
             token = (ys[:, None] * w + xs[None, :]).reshape(-1)
             weight = (wy_[:, None] * wx_[None, :]).reshape(-1)
-            m.index_add_(0, seg + token, weight)
+            m.index_add_(0, seg + token, weight if scale is None else weight * scale)
     return m.view(num_segments, h * w).float()
 
 
-def pool_features(features: torch.Tensor, labels: torch.Tensor, num_segments: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Sum of bilinearly upsampled features over each segment.
+def pool_features(features: torch.Tensor, labels: torch.Tensor, num_segments: int,
+                  pixel_weights: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(Weighted) sum of bilinearly upsampled features over each segment.
 
     Args:
         features: (D, h, w) feature map covering the same area as ``labels``.
         labels: (H, W) segment ids.
+        pixel_weights: (H, W) weight of each pixel (None: 1 each).
 
     Returns:
-        ``(sums (S, D), pixel counts (S,))``; ``sums / counts`` is the mean of
+        ``(sums (S, D), weights (S,))``; ``sums / weights`` is the (weighted) mean of
         ``F.interpolate(features, (H, W), mode="bilinear")`` over each segment.
     """
     d, h, w = features.shape
-    m = pooling_matrix(labels.cpu(), (h, w), num_segments).to(features.device)
+    flat = labels.reshape(-1).cpu()
+    weights = None if pixel_weights is None else pixel_weights.cpu().to(torch.float64)
+    m = pooling_matrix(labels.cpu(), (h, w), num_segments, weights).to(features.device)
     sums = m @ features.reshape(d, h * w).T.float()
-    counts = torch.bincount(labels.reshape(-1).cpu(), minlength=num_segments).to(features.device).float()
-    return sums, counts
+    counts = torch.bincount(flat, weights=None if weights is None else weights.reshape(-1), minlength=num_segments)
+    return sums, counts.to(features.device).float()
 
 
 def token_grid_weights(labels: torch.Tensor, grid: Tuple[int, int], num_segments: int) -> torch.Tensor:

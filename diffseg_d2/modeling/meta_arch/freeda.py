@@ -284,17 +284,23 @@ class FreeDA(OpenVocabularySegmenter):
         num = int(labels.max()) + 1
         wh, ww = window_shape(h, w, self.window)
         corners = sliding_windows(h, w, (wh, ww), self.stride)
+        # Each window's pixel counts 1 / (the windows covering it): a pixel's feature is the mean of
+        # its windows' features, and a superpixel's the mean of its pixels' features.
+        cover = torch.zeros(h, w)
+        for y, x in corners:
+            cover[y : y + wh, x : x + ww] += 1
+        share = 1.0 / cover
         sums = torch.zeros(num, self.dino.embed_dim, device=self.device)
-        counts = torch.zeros(num, device=self.device)
+        weights = torch.zeros(num, device=self.device)
         for b in range(0, len(corners), _WINDOW_BATCH):
             batch = corners[b : b + _WINDOW_BATCH]
             crops = torch.stack([image[:, y : y + wh, x : x + ww] for y, x in batch])
             feats = self.dino(crops).to(self.device)  # (n, Dp, g, g)
             for (y, x), f in zip(batch, feats):
-                s, c = pool_features(f, labels[y : y + wh, x : x + ww], num)
+                s, c = pool_features(f, labels[y : y + wh, x : x + ww], num, share[y : y + wh, x : x + ww])
                 sums += s
-                counts += c
-        return F.normalize(sums / counts.clamp(min=1)[:, None], dim=-1)
+                weights += c
+        return F.normalize(sums / weights.clamp(min=1e-12)[:, None], dim=-1)
 
     # ------------------------------------------------------------------ the reference's per-window pipeline
     def _segment_by_windows(
