@@ -5,6 +5,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .vocabulary import display_name
+
 __all__ = ["MIN_OVERLAY_SIDE", "PALETTE", "label_colours", "render_overlay"]
 
 # Overlays of smaller images are magnified so the class names fit.
@@ -38,7 +40,7 @@ def render_overlay(rgb: np.ndarray, label: np.ndarray, names: Sequence[str]) -> 
     Args:
         rgb: (H, W, 3) uint8 image.
         label: (H, W) integer labels indexing ``names``.
-        names: the class names.
+        names: the class names (a class with synonyms is shown by its first).
 
     Returns:
         (H', W', 3) uint8.
@@ -51,6 +53,7 @@ def render_overlay(rgb: np.ndarray, label: np.ndarray, names: Sequence[str]) -> 
     present = [int(i) for i in np.unique(label)]
     font = max(10, min(rgb.shape[:2]) // 16)
     # Names on regions of at least 1 % of the image (smaller ones are listed under the panels only).
+    names = [display_name(n) for n in names]
     named = {i: names[i] for i in present if (label == i).mean() >= 0.01}
     labels = imgviz.label2rgb(label, image=None, alpha=1.0, label_names=named,
                               font_size=font, colormap=label_colours(len(names)), loc="centroid")

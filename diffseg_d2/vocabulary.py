@@ -131,6 +131,28 @@ def split_synonyms(name: str) -> List[str]:
     return [part.strip() for part in name.split(",") if part.strip()]
 
 
+def synonym_classes(names: Sequence[str]) -> Tuple[List[str], List[List[int]]]:
+    """Every synonym of ``names`` once, as a class of its own, and per class the indices of its
+    synonyms in that list: ``["person", "sofa, couch"]`` -> ``(["person", "sofa", "couch"],
+    [[0], [1, 2]])``. A vocabulary without synonyms comes back as it is."""
+    flat: List[str] = []
+    members: List[List[int]] = []
+    for name in names:
+        own = []
+        for part in split_synonyms(name) or [name]:
+            if part not in flat:
+                flat.append(part)
+            own.append(flat.index(part))
+        members.append(own)
+    return flat, members
+
+
+def display_name(name: str) -> str:
+    """How a class is shown (legends, tables, logs): its first synonym."""
+    parts = split_synonyms(name)
+    return parts[0] if parts else name
+
+
 def vocabulary_from_metadata(dataset_name: str) -> List[str]:
     """The classes of a dataset's metadata: its ``stuff_classes`` (all classes, Mask2Former's
     convention), else its ``thing_classes``.
