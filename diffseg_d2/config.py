@@ -140,6 +140,13 @@ def add_diffseg_config(cfg: CN) -> CN:
     _c.CATEGORY_FILTER.THRESHOLD = 0.02
     # Keep at most this many classes (the most probable); 0 = no cap.
     _c.CATEGORY_FILTER.TOP_K = 0
+    # The reference's own per-image class lists instead of the CLIP filter: the path of a label file
+    # in its format (dataset/voc12/predict_syn_txt_0.8_img_0.97.json of its repository: tables of
+    # image -> prompt words), matched by each input's file name; words map back to classes through
+    # PROMPT_NAMES. An image the file does not list is an error (the reference skips it).
+    _c.CATEGORY_FILTER.CLASS_LISTS = ""
+    # The tables of that file whose lists are joined per image (the reference's VOC script's choice).
+    _c.CATEGORY_FILTER.CLASS_LISTS_TABLES = ["image_similarity", "text_similarity"]
 
     # --- caption augmentation --------------------------------------------------------------
     _c.CAPTION = CN()

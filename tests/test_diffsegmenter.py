@@ -216,3 +216,54 @@ def test_the_carrier_template_has_one_default():
     cfg = get_diffseg_cfg()
     assert cfg.MODEL.DIFFSEG.CARRIER_TEMPLATE == CARRIER_TEMPLATE
     assert DiffSegmenter.__init__.__wrapped__.__kwdefaults__["carrier_template"] == CARRIER_TEMPLATE
+
+
+def _write_class_lists(path, entries):
+    import json
+
+    path.write_text(json.dumps(entries, indent=4))
+    return path
+
+
+def test_the_references_class_lists_choose_the_prompted_classes(tiny_cfg_path, sample_rgb, tmp_path, monkeypatch):
+    """CATEGORY_FILTER.CLASS_LISTS: the reference's label file (tables of image -> prompt words),
+    matched by the input's file name; its prompt words ("people", "table") map back to the classes
+    through PROMPT_NAMES; the image and text tables are joined; only listed classes are prompted."""
+    from detectron2.modeling import build_model
+
+    lists = _write_class_lists(tmp_path / "predict_syn_txt_0.8_img_0.97.json", {
+        "synonym_matching": {"/data/VOC2012/JPEGImages/2007_000129.jpg": ["bicycle", "people", "dog"]},
+        "image_similarity": {"/data/VOC2012/JPEGImages/2007_000129.jpg": ["people"],
+                             "/data/VOC2012/JPEGImages/2007_000033.jpg": ["plane"]},
+        "text_similarity": {"/data/VOC2012/JPEGImages/2007_000129.jpg": ["table", "people"],
+                            "/data/VOC2012/JPEGImages/2007_000033.jpg": []},
+    })
+    cfg = get_diffseg_cfg(tiny_cfg_path, ["MODEL.DIFFSEG.CATEGORY_FILTER.CLASS_LISTS", str(lists),
+                                          "MODEL.DIFFSEG.PROMPT_NAMES", "['person=people', 'dining table=table']"])
+    model = build_model(cfg).eval()
+    assert model.category_filter is None  # the CLIP filter is not even loaded
+    names = ["background", "person", "dining table", "dog", "bicycle"]
+    calls = _count_unet_calls(model, monkeypatch)
+    image = _image(sample_rgb)
+    out = model([{"image": image, "file_name": "elsewhere/2007_000129.jpg", "vocabulary": names}])[0]["sem_seg"]
+    assert sum(calls) == 2  # person and dining table: the image and text tables, not synonym_matching
+    dropped = [k for k in range(len(names)) if torch.all(out[k] == DROPPED_SCORE)]
+    assert dropped == [3, 4]
+    with pytest.raises(ValueError, match="no entry for the image '2008_000002.jpg'"):
+        model([{"image": image, "file_name": "2008_000002.jpg", "vocabulary": names}])
+    with pytest.raises(ValueError, match="need each input's 'file_name'"):
+        model([{"image": image, "vocabulary": names}])
+
+
+def test_a_class_list_file_that_cannot_be_used_is_named(tiny_cfg_path, tmp_path):
+    from detectron2.modeling import build_model
+
+    from diffseg_d2.modeling.meta_arch.class_lists import ClassListError
+
+    for content, message in (("{not json", "cannot be read as JSON"),
+                             ('{"image_similarity": {}}', "no table \\['text_similarity'\\]"),
+                             ('{"image_similarity": {"a.jpg": "dog"}, "text_similarity": {}}', "not a list of class words")):
+        path = tmp_path / "lists.json"
+        path.write_text(content)
+        with pytest.raises(ClassListError, match=message):
+            build_model(get_diffseg_cfg(tiny_cfg_path, ["MODEL.DIFFSEG.CATEGORY_FILTER.CLASS_LISTS", str(path)]))

@@ -29,6 +29,7 @@ from diffseg_d2.engine import DiffSegTrainer, StrictCheckpointer
 from diffseg_d2.evaluation import format_results_table
 from diffseg_d2.freeda.bank import BankError
 from diffseg_d2.freeda.captions import CaptionsError
+from diffseg_d2.modeling.meta_arch.class_lists import ClassListError
 from diffseg_d2.modeling.odise.released import ReleasedCheckpointError
 from diffseg_d2.numerics import NonFiniteError
 from diffseg_d2.pretrained.weights import MissingWeightsError
@@ -37,7 +38,7 @@ from diffseg_d2.vocabulary import VocabularyError
 # Errors that mean the request is wrong, not the code: each carries a message that says what to do.
 EXPECTED_ERRORS = (ConfigKeyError, UnknownDatasetError, MissingWeightsError, VocabularyError, BankError,
                    CaptionsError, CheckpointMismatchError, UnsafeCheckpointError, ReleasedCheckpointError,
-                   NonFiniteError)
+                   NonFiniteError, ClassListError)
 
 
 def setup(args):

@@ -32,6 +32,7 @@ from ...diffusion import (
 from ...pretrained.blip import BlipCaptioner
 from ...pretrained.clip import OpenCLIP
 from ...vocabulary import background_index
+from .class_lists import ImageClassLists
 from .open_vocab import OpenVocabularySegmenter, open_vocab_args_from_config
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class DiffSegmenter(OpenVocabularySegmenter):
         refine: bool = True,
         background_threshold: float = 0.4,
         category_filter: Optional[nn.Module] = None,
+        class_lists: Optional[ImageClassLists] = None,
         captioner: Optional[nn.Module] = None,
         caption_conditioned: bool = True,
         input_format: str = "RGB",
@@ -121,6 +123,8 @@ class DiffSegmenter(OpenVocabularySegmenter):
             refine: apply the self-attention refinement.
             background_threshold: score of the background channel.
             category_filter: optional module ``(image, names) -> keep (K,) bool``.
+            class_lists: the reference's per-image class lists (``CATEGORY_FILTER.CLASS_LISTS``);
+                when given, they decide which classes are prompted and ``category_filter`` is unused.
             captioner: optional BLIP captioner; its text continues the class prompts.
             caption_conditioned: True: one caption per class, generated FROM its prompt and
                 appended after the class word (the reference); False: one caption of the image
@@ -182,6 +186,7 @@ class DiffSegmenter(OpenVocabularySegmenter):
         self.refine = bool(refine)
         self.background_threshold = float(background_threshold)
         self.category_filter = category_filter
+        self.class_lists = class_lists
         self.captioner = captioner
         self.caption_conditioned = bool(caption_conditioned)
         # SD's VAE takes RGB in [-1, 1]: (x - 127.5) / 127.5. Fixed by the model, not a config choice.
@@ -194,8 +199,10 @@ class DiffSegmenter(OpenVocabularySegmenter):
     def from_config(cls, cfg) -> Dict:
         check_config(cfg)
         d = cfg.MODEL.DIFFSEG
-        category_filter = captioner = None
-        if d.CATEGORY_FILTER.ENABLED:
+        category_filter = captioner = class_lists = None
+        if d.CATEGORY_FILTER.CLASS_LISTS:  # the reference's own per-image lists: no CLIP filter
+            class_lists = ImageClassLists.from_file(d.CATEGORY_FILTER.CLASS_LISTS, d.CATEGORY_FILTER.CLASS_LISTS_TABLES)
+        elif d.CATEGORY_FILTER.ENABLED:
             category_filter = CategoryFilter(
                 OpenCLIP.from_weights(d.CLIP.WEIGHTS, d.CLIP.TEMPLATES),
                 threshold=d.CATEGORY_FILTER.THRESHOLD,
@@ -229,6 +236,7 @@ class DiffSegmenter(OpenVocabularySegmenter):
             "refine": d.REFINE,
             "background_threshold": d.BACKGROUND_THRESHOLD,
             "category_filter": category_filter,
+            "class_lists": class_lists,
             "captioner": captioner,
             "caption_conditioned": d.CAPTION.CONDITIONED,
             "input_format": cfg.INPUT.FORMAT,
@@ -278,10 +286,12 @@ class DiffSegmenter(OpenVocabularySegmenter):
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def segment(self, image: torch.Tensor, names: Sequence[str], out_size: Tuple[int, int]) -> torch.Tensor:
+    def segment(self, image: torch.Tensor, names: Sequence[str], out_size: Tuple[int, int],
+                file_name: Optional[str] = None) -> torch.Tensor:
         """Scores ``(K, *out_size)`` of one RGB image ``(3, H, W)`` in [0, 255] for ``names``:
         normalised maps in [0, 1] for prompted classes, ``background_threshold`` for
-        "background", -1 for classes the category filter dropped."""
+        "background", -1 for classes the category filter (or the image's class list, looked up
+        by ``file_name``) dropped."""
         bg = background_index(names)
         prompted = [i for i in range(len(names)) if i != bg]
         scores = torch.full((len(names), *out_size), DROPPED_SCORE, device=self.device)
@@ -290,7 +300,10 @@ class DiffSegmenter(OpenVocabularySegmenter):
         if not prompted:
             return scores
         kept = prompted
-        if self.category_filter is not None:
+        if self.class_lists is not None:
+            keep = self.class_lists.listed(file_name, [names[i] for i in prompted], self.prompt_name)
+            kept = [i for i, k in zip(prompted, keep) if k]
+        elif self.category_filter is not None:
             keep = self.category_filter(image, [names[i] for i in prompted])
             kept = [i for i, k in zip(prompted, keep.tolist()) if k]
         if not kept:

@@ -231,7 +231,8 @@ class FreeDA(OpenVocabularySegmenter):
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def segment(self, image: torch.Tensor, names: Sequence[str], out_size: Tuple[int, int]) -> torch.Tensor:
+    def segment(self, image: torch.Tensor, names: Sequence[str], out_size: Tuple[int, int],
+                file_name: Optional[str] = None) -> torch.Tensor:
         """Scores ``(K, *out_size)`` of one RGB image ``(3, H, W)`` in [0, 255] for ``names``:
         ``w * local + (1 - w) * global`` per superpixel for prompted classes (the global score
         alone for classes with no close key), ``background_score`` for "background"."""

@@ -177,26 +177,30 @@ class OpenVocabularySegmenter(OpenVocabularyMixin, nn.Module):
             names, roles = self._input_vocabulary(x)
             image = self._rgb(x["image"])
             out_size = (int(x.get("height", image.shape[-2])), int(x.get("width", image.shape[-1])))
-            scores = require_finite(self.segment_classes(image, names, out_size), f"{name}'s score computation")
+            scores = require_finite(self.segment_classes(image, names, out_size, x.get("file_name")),
+                                    f"{name}'s score computation")
             result = {"sem_seg": scores}
             if self.panoptic_min_area is not None:
                 result["panoptic_seg"] = semantic_to_panoptic(scores, roles, self.panoptic_min_area)
             results.append(result)
         return results
 
-    def segment_classes(self, image: torch.Tensor, names: Sequence[str], out_size: Tuple[int, int]) -> torch.Tensor:
+    def segment_classes(self, image: torch.Tensor, names: Sequence[str], out_size: Tuple[int, int],
+                        file_name: Optional[str] = None) -> torch.Tensor:
         """``segment`` with synonyms: each synonym of a class (``"sofa, couch"``) is scored as a class
         of its own, and the class scores the best of them, pixel by pixel (as ODISE's reference does
         with its synonym lists). A vocabulary without synonyms is ``segment`` itself."""
         flat, members = synonym_classes(names)
         if flat == list(names):
-            return self.segment(image, names, out_size)
-        scores = self.segment(image, flat, out_size)
+            return self.segment(image, names, out_size, file_name)
+        scores = self.segment(image, flat, out_size, file_name)
         return torch.stack([scores[idx].amax(0) for idx in members])
 
-    def segment(self, image: torch.Tensor, names: Sequence[str], out_size: Tuple[int, int]) -> torch.Tensor:
+    def segment(self, image: torch.Tensor, names: Sequence[str], out_size: Tuple[int, int],
+                file_name: Optional[str] = None) -> torch.Tensor:
         """Scores ``(K, *out_size)`` of one RGB image ``(3, H, W)`` in [0, 255] for ``names`` (each name
-        one prompt: synonyms are split by ``segment_classes``)."""
+        one prompt: synonyms are split by ``segment_classes``); ``file_name``: the input's, for
+        methods that look the image up (DiffSegmenter's per-image class lists)."""
         raise NotImplementedError
 
     def _rgb(self, image: torch.Tensor) -> torch.Tensor:
