@@ -367,6 +367,24 @@ def test_semantic_evaluator_scores_ground_truth_100(cache, name):
     assert results[True]["mIoU"] < 60 and results[True]["IoU-background"] < 100
 
 
+@pytest.mark.parametrize("kind, classes", [("shapes", 4), ("colourshapes", 16)])
+def test_objects_only_splits_ignore_the_background(cache, kind, classes):
+    """``*_objects_*``: the same scenes and label files, no "background" class and its pixels ignored
+    (as VOC20): a prediction of the objects alone scores 100 whatever it says on the background."""
+    name = f"diffseg_microworld_{kind}_objects_val"
+    meta = MetadataCatalog.get(name)
+    assert len(meta.stuff_classes) == classes and "background" not in meta.stuff_classes
+    full = MetadataCatalog.get(f"diffseg_microworld_{kind}_val").stuff_classes
+    assert list(meta.stuff_classes) == list(full[1:])
+    evaluator = build_evaluator(name, distributed=False)
+    evaluator.reset()
+    for record in DatasetCatalog.get(name):
+        raw = torch.as_tensor(png(record["sem_seg_file_name"]).astype(np.int64))
+        objects = (raw - 1).clamp(min=0)  # background pixels: any class, they are ignored
+        evaluator.process([record], [{"sem_seg": torch.nn.functional.one_hot(objects, classes).permute(2, 0, 1).float()}])
+    assert evaluator.evaluate()["sem_seg"]["mIoU"] == pytest.approx(100.0)
+
+
 def test_panoptic_evaluators_score_ground_truth_100(cache):
     name = "diffseg_microworld_panoptic_val"
     results = {}

@@ -5,6 +5,7 @@
     python tools/benchmark_quality.py --write BENCHMARKS.md    # and into its section of BENCHMARKS.md
     python tools/benchmark_quality.py --count 50 --rows DAAM   # a quick look: fewer scenes, some rows
     python tools/benchmark_quality.py --split test             # the test split instead of val
+    python tools/benchmark_quality.py --objects-only --rows FreeDA  # background pixels ignored, as VOC20
     python tools/benchmark_quality.py --split train --count 100 --rows FreeDA \
         --opts MODEL.DIFFSEG.BACKGROUND_THRESHOLD 0.3          # choosing a setting: on train scenes only
 
@@ -71,8 +72,11 @@ FREEDA_CAPTIONS = 600
 ODISE_DIR = os.path.join(ROOT, "output", "micro_odise")
 
 
-def semseg_datasets(split: str) -> List[str]:
-    return [f"diffseg_microworld_shapes_{split}", f"diffseg_microworld_colourshapes_{split}"]
+def semseg_datasets(split: str, objects_only: bool = False) -> List[str]:
+    """The semantic datasets of a split; ``objects_only``: their variants without a background class
+    (its pixels ignored, as VOC20 and the benchmarks of FreeDA's paper)."""
+    suffix = "_objects" if objects_only else ""
+    return [f"diffseg_microworld_shapes{suffix}_{split}", f"diffseg_microworld_colourshapes{suffix}_{split}"]
 
 
 def panoptic_dataset(split: str) -> str:
@@ -269,14 +273,16 @@ def run_row(row: Row, datasets: Sequence[str], panoptic: Optional[str], env) -> 
 
 
 def trivial_baselines(datasets, seed: int = 0) -> dict:
-    """mIoU of "all background" and "uniform random class" predictions through SemSegEvaluator."""
+    """mIoU of "all background" (all the first class) and "uniform random class" predictions
+    through SemSegEvaluator."""
     import numpy as np
     import torch
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     from diffseg_d2.evaluation import build_evaluator
 
-    out = {"all background": {"per_image": {}}, "random class per pixel": {"per_image": {}}}
+    first = MetadataCatalog.get(datasets[0]).stuff_classes[0]
+    out = {f"all {first}": {"per_image": {}}, "random class per pixel": {"per_image": {}}}
     for d in datasets:
         records = DatasetCatalog.get(d)
         k = len(MetadataCatalog.get(d).stuff_classes)
@@ -287,7 +293,7 @@ def trivial_baselines(datasets, seed: int = 0) -> dict:
             evaluator.reset()
             for r in records:
                 h, w = r["height"], r["width"]
-                if name == "all background":
+                if name.startswith("all "):
                     labels = torch.zeros(h, w, dtype=torch.long)
                 else:
                     labels = torch.from_numpy(rng.integers(0, k, (h, w)))
@@ -336,15 +342,18 @@ def render(rows, datasets, args, wall_s: float) -> str:
     columns = list(datasets) + (["PQ"] if any("PQ" in result for _, result, _ in rows) else [])
     intervals = interval_cells([r for r in rows if "error" not in r[1]], datasets)
     names = {d: d.replace("diffseg_microworld_", "").replace(f"_{args.split}", "") for d in datasets}
+    classes = ("shapes: 4 shapes; colourshapes: 16 colour-shape classes; background pixels ignored (as VOC20 "
+               "and FreeDA's benchmarks), no background class scored." if args.objects_only else
+               "shapes: background + 4 shapes; colourshapes: background + 16 colour-shape classes; "
+               "PQ: background stuff + 4 shape things.")
     names["PQ"] = f"PQ ({panoptic_dataset(args.split).replace('diffseg_microworld_', '')})"
     lines = [
-        f"### Micro-world quality: mIoU on {'held-out ' if args.split != 'train' else ''}{args.split} scenes "
-        "(micro models trained by the project)",
+        f"### Micro-world quality: mIoU on {'held-out ' if args.split != 'train' else ''}{args.split} scenes"
+        f"{', objects only' if args.objects_only else ''} (micro models trained by the project)",
         "",
         f"- Date: {date}; {args.count} {args.split} scenes per dataset; wall time {wall_s / 60:.1f} min",
         f"- Command: `{shlex.join(['python', 'tools/benchmark_quality.py', *sys.argv[1:]])}`",
-        "- shapes: background + 4 shapes; colourshapes: background + 16 colour-shape classes; "
-        "PQ: background stuff + 4 shape things.",
+        f"- {classes}",
         "- mIoU [95 % bootstrap interval over scenes]; on departure rows then the difference from the reference "
         "row it departs from [paired 95 % interval], `*` where that interval excludes 0. PQ without an interval.",
         "",
@@ -370,6 +379,8 @@ def main(argv=None):
                         "the trivial baselines always run")
     p.add_argument("--opts", nargs="+", metavar="KEY VALUE", default=[],
                    help="config overrides added to every method row (e.g. to compare settings on train scenes)")
+    p.add_argument("--objects-only", action="store_true",
+                   help="evaluate on the splits without a background class (its pixels ignored), no PQ")
     p.add_argument("--write", metavar="FILE", help="also replace this tool's section in FILE (e.g. BENCHMARKS.md)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
@@ -378,20 +389,22 @@ def main(argv=None):
         p.error(f"no row matches {args.rows}; rows: {[r.label for r in ROWS]}")
     os.environ["DIFFSEG_D2_MICROWORLD_COUNT"] = f"{args.split}={args.count}"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    datasets = semseg_datasets(args.split)
+    datasets = semseg_datasets(args.split, args.objects_only)
     start = time.perf_counter()
     rows = [(label, result, None) for label, result in trivial_baselines(datasets).items()]
     for row in rows_wanted:
         logger.info("%s", row.label)
         row = row._replace(opts=row.opts + args.opts)
-        rows.append((row.label, run_row(row, datasets, panoptic_dataset(args.split), env), row.against))
+        panoptic = None if args.objects_only else panoptic_dataset(args.split)
+        rows.append((row.label, run_row(row, datasets, panoptic, env), row.against))
         logger.info("  -> %s", {k: v for k, v in rows[-1][1].items() if k != "per_image"})
     section = render(rows, datasets, args, time.perf_counter() - start)
     print(section, flush=True)
     if args.write:
         from diffseg_d2.evaluation.report import update_marked_section
 
-        update_marked_section(args.write, SECTION if args.split == "val" else f"{SECTION} {args.split}", section)
+        name = SECTION + (" objects-only" if args.objects_only else "")
+        update_marked_section(args.write, name if args.split == "val" else f"{name} {args.split}", section)
     return rows
 
 

@@ -6,6 +6,9 @@ Registered names (registration lists no files and writes nothing):
   :data:`~diffseg_d2.microworld.scenes.SHAPES`), ``evaluator_type`` "sem_seg".
 - ``diffseg_microworld_colourshapes_{val,test}``: semantic, 17 classes ("background" = 0,
   then the 16 "<colour> <shape>" names of ``COLOUR_SHAPE_CLASSES``).
+- ``diffseg_microworld_{shapes,colourshapes}_objects_{val,test}``: the same scenes and label
+  files with the background pixels ignored and no "background" class (4 or 16 classes), as
+  VOC20 leaves out VOC's background: how FreeDA's paper evaluates.
 - ``diffseg_microworld_panoptic_{train,val}``: panoptic in the Mask2Former convention of the
   panoptic sample: the 4 shapes are things (contiguous 0..3, dataset ids 1..4), then
   "background", the one stuff class (contiguous 4, dataset id 5); ``evaluator_type``
@@ -82,10 +85,11 @@ COUNT_ENV = "DIFFSEG_D2_MICROWORLD_COUNT"
 #: Scenes per split when :data:`COUNT_ENV` does not say.
 DEFAULT_COUNTS: Dict[str, int] = {"train": 2000, "val": 500, "test": 500}
 
-# Semantic datasets: name -> (split, label kind).
-_SEMSEG: Dict[str, Tuple[str, str]] = {
-    f"diffseg_microworld_{kind}_{split}": (split, kind)
+# Semantic datasets: name -> (split, label kind, whether "background" is a class).
+_SEMSEG: Dict[str, Tuple[str, str, bool]] = {
+    f"diffseg_microworld_{kind}{'' if background else '_objects'}_{split}": (split, kind, background)
     for kind in ("shapes", "colourshapes")
+    for background in (True, False)
     for split in ("train", "val", "test")
 }
 # Panoptic datasets: name -> split.
@@ -368,15 +372,19 @@ def materialize_split(split: str, count: Optional[int] = None) -> MicroworldFile
 # --------------------------------------------------------------------------- #
 
 
-def microworld_semseg_metadata(kind: str) -> Dict[str, Any]:
+def microworld_semseg_metadata(kind: str, background: bool = True) -> Dict[str, Any]:
     """Metadata (paths excluded) of the semantic datasets of ``kind`` ("shapes" or "colourshapes").
 
     Classes are "background" (0) then the shapes (or the colour-shape names) in label order;
-    the label PNG values are the class ids (``gt_label_lut`` is the identity on them).
+    the label PNG values are the class ids (``gt_label_lut`` is the identity on them). Without
+    ``background`` the classes are the objects alone: PNG value ``v`` is class ``v - 1`` and the
+    background pixels (0) are ignored.
     """
 
-    names = {"shapes": SHAPES, "colourshapes": COLOUR_SHAPE_CLASSES}[kind]
-    classes = (bm.BACKGROUND,) + tuple(names)
+    names = tuple({"shapes": SHAPES, "colourshapes": COLOUR_SHAPE_CLASSES}[kind])
+    if not background:
+        return semseg_metadata(names, build_label_lut({i + 1: i for i in range(len(names))}), None)
+    classes = (bm.BACKGROUND,) + names
     return semseg_metadata(classes, build_label_lut({i: i for i in range(len(classes))}), 0)
 
 
@@ -472,12 +480,12 @@ def register_all_microworld() -> None:
     Path keys of the metadata (``image_root``, ``sem_seg_root``, ``panoptic_json``, ...)
     are computed when read, from ``$DIFFSEG_D2_CACHE`` and ``$DIFFSEG_D2_MICROWORLD_COUNT``.
     """
-    for name, (split, kind) in _SEMSEG.items():
+    for name, (split, kind, background) in _SEMSEG.items():
         register_lazy_dataset(
             name,
             functools.partial(load_microworld_semseg, split, kind),
             functools.partial(_semseg_paths, split, kind),
-            microworld_semseg_metadata(kind),
+            microworld_semseg_metadata(kind, background),
         )
     for name, split in _PANOPTIC.items():
         register_lazy_dataset(
