@@ -552,3 +552,60 @@ def test_a_few_steps_lower_the_loss():
     with torch.no_grad():
         after = total_loss(seed=123)
     assert torch.isfinite(after) and after < 0.8 * before
+
+
+# ------------------------------------------------------------------ the mask losses, by hand
+def _bilinear_by_hand(values: torch.Tensor, x: float, y: float) -> float:
+    """A (H, W) map at the normalised point (x, y): pixel centres at (i + 0.5) / W, zero outside."""
+    H, W = values.shape
+    px, py = x * W - 0.5, y * H - 0.5
+    x0, y0 = math.floor(px), math.floor(py)
+    total = 0.0
+    for yy, wy in ((y0, 1 - (py - y0)), (y0 + 1, py - y0)):
+        for xx, wx in ((x0, 1 - (px - x0)), (x0 + 1, px - x0)):
+            if 0 <= yy < H and 0 <= xx < W:
+                total += wy * wx * float(values[yy, xx])
+    return total
+
+
+def test_uncertain_points_are_the_most_uncertain_candidates_then_fresh_ones():
+    """PointRend's sampler, re-done by hand: 3 x 8 uniform candidates from the generator, the
+    0.75 x 8 = 6 whose bilinear logit is nearest 0 kept, then 2 fresh uniform points."""
+    from diffseg_d2.modeling.heads.matcher import uncertain_point_coords
+
+    logits = torch.randn(2, 1, 5, 7, generator=torch.Generator().manual_seed(0))
+    got = uncertain_point_coords(logits, lambda v: -v.abs(), 8, 3.0, 0.75, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    candidates = torch.rand(2, 24, 2, generator=g)
+    fresh = torch.rand(2, 2, 2, generator=g)
+    for n in range(2):
+        scored = [(-abs(_bilinear_by_hand(logits[n, 0], float(x), float(y))), i)
+                  for i, (x, y) in enumerate(candidates[n])]
+        best = [i for _, i in sorted(scored, key=lambda s: -s[0])[:6]]
+        assert sorted(best) == sorted(int(i) for i in torch.nonzero(
+            (got[n, :6, None, :] == candidates[n][None]).all(-1))[:, 1])
+        torch.testing.assert_close(got[n, 6:], fresh[n])
+
+
+def test_mask_bce_and_dice_by_hand_are_divided_by_the_number_of_target_masks(monkeypatch):
+    """loss_mask = sum over matched masks of the mean point BCE, / num_masks; loss_dice = sum of
+    1 - (2 sum(p y) + 1) / (sum(p) + sum(y) + 1), / num_masks (the global target count, here 3,
+    not the 2 matched)."""
+    from diffseg_d2.modeling.heads import criterion as criterion_module
+
+    pred = torch.tensor([[[[2.0, -1.0], [0.5, -3.0]], [[-0.2, 1.5], [4.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]]]])
+    target = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [1.0, 1.0]]])
+    centres = torch.tensor([[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]])  # the 4 pixel centres
+    monkeypatch.setattr(criterion_module, "uncertain_point_coords",
+                        lambda logits, *a, **k: centres.expand(logits.shape[0], -1, -1).clone())
+    criterion = SetCriterion(matcher=None, weight_dict={})
+    indices = [(torch.tensor([1, 0]), torch.tensor([1, 0]))]  # query 1 <-> target 1, query 0 <-> target 0
+    losses = criterion.mask_losses(pred, [{"masks": target}], indices, torch.tensor(3.0))
+    bce = dice = 0.0
+    for q, t in ((1, 1), (0, 0)):
+        x, y = pred[0, q].flatten().tolist(), target[t].flatten().tolist()
+        p = [1 / (1 + math.exp(-v)) for v in x]
+        bce += sum(-(yi * math.log(pi) + (1 - yi) * math.log(1 - pi)) for pi, yi in zip(p, y)) / 4
+        dice += 1 - (2 * sum(pi * yi for pi, yi in zip(p, y)) + 1) / (sum(p) + sum(y) + 1)
+    assert losses["loss_mask"].item() == pytest.approx(bce / 3, rel=1e-5)
+    assert losses["loss_dice"].item() == pytest.approx(dice / 3, rel=1e-5)
