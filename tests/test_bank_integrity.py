@@ -2,6 +2,10 @@
 folder (no absolute names, no ``..``, no symbolic link leading out), never read, write or delete anything
 else, and refuse a manifest whose counts differ from its shards and index, naming the entry that is wrong.
 
+A manifest names only the files the builder writes (shards by their naming pattern, the index by its name), each a
+regular file, and the index file must be one of the faiss types the builder writes, checked by its type tags before
+faiss reads it (faiss would otherwise open and map whatever file an index with on-disk lists names).
+
 Most tests build a small bank directly from random shards (no models: a second each); one runs the tool.
 """
 import os
@@ -10,9 +14,12 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
+from crafted_faiss import mapped_files, on_disk_ivf  # tests/crafted_faiss.py
 
 from diffseg_d2.freeda import BankError, PrototypeBank
 from diffseg_d2.freeda.bank import (
@@ -21,6 +28,7 @@ from diffseg_d2.freeda.bank import (
     Shard,
     finalize_bank,
     read_json,
+    read_shard,
     sha256_of,
     shard_name,
     write_json,
@@ -246,4 +254,207 @@ def test_a_manifest_listing_a_shard_twice_is_refused_even_when_its_counts_add_up
 
     edit_manifest(bank, list_shard_1_twice)
     with pytest.raises(BankError, match=r"(?s)'shards\[2\]\.captions' says \[3, 6\].*end at caption 6.*--resume"):
+        PrototypeBank.load(bank)
+
+
+# ------------------------------------------------------------------------- (e) entries name only the builder's files
+def files_of(folder: Path) -> dict:
+    """Every regular file under ``folder`` (links not followed) -> its bytes: what a test compares before and after."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.is_symlink()}
+
+
+# A shard entry naming something the builder never writes as a shard: the bank's own records, the index, a folder.
+NOT_A_SHARD = {
+    "manifest": MANIFEST_FILE,
+    "build record": SPEC_FILE,
+    "index": "index.faiss",
+    "bank folder": ".",
+    "shard folder": "shards",
+    "shard folder with a slash": "shards/",
+    "a shard by another spelling": "shards/./shard-00001.safetensors",
+}
+
+
+@pytest.mark.parametrize("entry", list(NOT_A_SHARD.values()), ids=list(NOT_A_SHARD))
+def test_resume_deletes_nothing_when_a_shard_entry_names_a_file_the_builder_does_not_write_as_a_shard(tmp_path, entry):
+    bank = small_bank(tmp_path / "bank")
+    edit_manifest(bank, lambda m: m["shards"][1].update(file=entry))
+    before = files_of(bank)
+    error = resume_error(bank)  # any other exception (IsADirectoryError, FileNotFoundError) fails the test
+    assert files_of(bank) == before, "--resume deleted or changed a file of the bank"
+    assert re.search(r"(?s)'shards\[1\]\.file'.*" + re.escape(repr(entry)), error), error
+    with pytest.raises(BankError, match=r"(?s)'shards\[1\]\.file'"):
+        PrototypeBank.load(bank)
+
+
+@pytest.mark.parametrize("entry", [MANIFEST_FILE, SPEC_FILE, shard_name(0), ".", "./index.faiss"])
+def test_an_index_entry_naming_another_file_than_the_index_is_refused_by_name(tmp_path, entry):
+    bank = small_bank(tmp_path / "bank")
+    edit_manifest(bank, lambda m: m["index"].update(file=entry))
+    before = files_of(bank)
+    with pytest.raises(BankError, match=r"(?s)'index\.file'.*" + re.escape(repr(entry))):
+        PrototypeBank.load(bank)
+    assert files_of(bank) == before
+
+
+def test_a_folder_where_a_shard_belongs_is_refused_and_nothing_is_deleted(tmp_path):
+    bank = small_bank(tmp_path / "bank")
+    (bank / shard_name(1)).unlink()
+    (bank / shard_name(1)).mkdir()
+    (bank / shard_name(1) / "kept.txt").write_text(VICTIM_TEXT, encoding="utf-8")
+    before = files_of(bank)
+    error = resume_error(bank)
+    assert files_of(bank) == before and (bank / shard_name(1)).is_dir()
+    assert re.search(r"(?s)'shards\[1\]\.file'.*not a regular file", error), error
+    with pytest.raises(BankError, match=r"(?s)'shards\[1\]\.file'.*not a regular file"):
+        PrototypeBank.load(bank)
+
+
+@pytest.mark.parametrize("record", [MANIFEST_FILE, SPEC_FILE, "index.faiss"])
+def test_a_shard_that_is_a_link_to_one_of_the_banks_records_is_refused_and_the_record_kept(tmp_path, record):
+    """A link inside the bank is fine (see above), but not one that makes a shard another of the bank's files:
+    --resume would delete it as a damaged shard and then write a shard over it."""
+    bank = small_bank(tmp_path / "bank")
+    link = bank / shard_name(1)
+    link.unlink()
+    link.symlink_to(Path("..") / record)
+    before = files_of(bank)
+    error = resume_error(bank)
+    assert files_of(bank) == before, "--resume deleted or changed one of the bank's records"
+    assert re.search(rf"(?s)'shards\[1\]\.file'.*{re.escape(record)}", error), error
+    with pytest.raises(BankError, match=r"(?s)'shards\[1\]\.file'"):
+        PrototypeBank.load(bank)
+
+
+def test_an_index_that_is_a_link_to_a_shard_is_refused(tmp_path):
+    """The other way round: finalize_bank would write the index over the shard the link leads to."""
+    bank = small_bank(tmp_path / "bank")
+    (bank / "index.faiss").unlink()
+    (bank / "index.faiss").symlink_to(shard_name(0))
+    before = files_of(bank)
+    with pytest.raises(BankError, match=r"(?s)'index\.file'.*'index\.faiss'.*symbolic link.*index\.faiss is a file "
+                                        r"of its own"):
+        PrototypeBank.load(bank)
+    with pytest.raises(BankError, match=r"index\.faiss is a file of its own"):
+        finalize_bank(bank, SPEC, FINGERPRINT, 3, {"kind": "flat"})
+    assert files_of(bank) == before
+
+
+def test_resume_deletes_only_the_temporary_files_of_a_killed_write(tmp_path):
+    """Not every dot file in ``shards/``: only the names a killed atomic write leaves (``.<name>.<pid>.<hex><suffix>``),
+    and never a folder."""
+    bank = small_bank(tmp_path / "bank")
+    shards = bank / "shards"
+    leftover = shards / f".shard-00003.4242.{'a' * 32}.safetensors"
+    leftover.write_bytes(b"half a shard")
+    (shards / ".notes").write_text(VICTIM_TEXT, encoding="utf-8")
+    (shards / ".cache").mkdir()
+    (shards / ".cache" / "kept.txt").write_text(VICTIM_TEXT, encoding="utf-8")
+    edit_manifest(bank, lambda m: m["counts"].update(prototypes=0))  # something to repair
+    assert resume(bank) is None
+    assert not leftover.exists()
+    assert (shards / ".notes").read_text(encoding="utf-8") == VICTIM_TEXT
+    assert (shards / ".cache" / "kept.txt").read_text(encoding="utf-8") == VICTIM_TEXT
+
+
+# ----------------------------------------------------------------------------- (f) the index file's type
+def test_an_index_with_on_disk_lists_naming_an_outside_file_is_refused_before_faiss_reads_it(tmp_path):
+    """faiss.read_index would open the file named inside the index ("r+") and map it read-write (shown by the
+    first assertions on a copy read directly); the bank refuses the index by its type tags before that."""
+    import faiss
+
+    bank = small_bank(tmp_path / "bank")
+    target = victim(tmp_path)
+    keys = np.concatenate([read_shard(bank / shard_name(i)).keys.numpy() for i in range(3)])
+    crafted = tmp_path / "crafted.index"
+    faiss.write_index(on_disk_ivf(keys, target), str(crafted))
+    target.write_text(VICTIM_TEXT, encoding="utf-8")  # the lists' file is the victim again
+    assert str(target).encode() in crafted.read_bytes()
+    direct = faiss.read_index(str(crafted))  # the hole, shown: faiss maps the path stored in the file
+    assert str(target) in mapped_files()
+    del direct
+    assert str(target) not in mapped_files()
+
+    shutil.copyfile(crafted, bank / "index.faiss")
+    edit_manifest(bank, lambda m: m["index"].update(bytes=crafted.stat().st_size, sha256=sha256_of(crafted)))
+    with pytest.raises(BankError, match=r"(?s)index\.faiss.*IndexIVFFlat, but its inverted lists are on-disk "
+                                        r"inverted lists.*Accepted: IndexFlatIP.*IndexHNSWFlat.*IndexIVFFlat") as info:
+        PrototypeBank.load(bank)
+    assert str(bank / "index.faiss") in str(info.value)
+    assert str(target) not in mapped_files()
+    assert target.read_text(encoding="utf-8") == VICTIM_TEXT
+    # and when the named file does not exist, nothing creates it
+    target.unlink()
+    with pytest.raises(BankError, match="on-disk inverted lists"):
+        PrototypeBank.load(bank)
+    assert not target.exists()
+    # --resume does what the message says: it keeps the shards and writes the index again from them
+    assert resume(bank) is None
+    finalize_bank(bank, SPEC, FINGERPRINT, 3, {"kind": "flat"})
+    assert len(PrototypeBank.load(bank)) == 11 and not target.exists()
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_every_index_kind_the_builder_writes_is_accepted(tmp_path, kind):
+    bank = small_bank(tmp_path / "bank")
+    (bank / MANIFEST_FILE).unlink()
+    finalize_bank(bank, SPEC, FINGERPRINT, 3, {"kind": kind, "ivf_nlist": 2})
+    loaded = PrototypeBank.load(bank)
+    assert len(loaded) == 11 and loaded.manifest["index"]["type"] == kind
+
+
+@pytest.mark.parametrize("layout", ["sparse lists", "array direct map", "hash table direct map", "L2 metric"])
+def test_the_type_walk_follows_every_layout_of_an_ivf_flat_index(tmp_path, layout):
+    """What faiss may write for an accepted kind is read whole: sparse inverted lists (most lists empty), the
+    direct maps an IVF index may keep, either metric; the index read equals the one written."""
+    import faiss
+
+    from diffseg_d2.freeda.bank import read_faiss_index
+
+    keys = F.normalize(torch.randn(300, DK, generator=torch.Generator().manual_seed(0)), dim=-1).numpy()
+    metric = faiss.METRIC_L2 if layout == "L2 metric" else faiss.METRIC_INNER_PRODUCT
+    quantizer = faiss.IndexFlatL2(DK) if layout == "L2 metric" else faiss.IndexFlatIP(DK)
+    index = faiss.IndexIVFFlat(quantizer, DK, 16, metric)
+    index.train(keys)
+    if layout == "array direct map":
+        index.make_direct_map()
+    if layout == "hash table direct map":
+        index.set_direct_map_type(faiss.DirectMap.Hashtable)
+    index.add(keys[:3] if layout == "sparse lists" else keys)
+    path = tmp_path / "index.faiss"
+    faiss.write_index(index, str(path))
+    assert (b"sprs" in path.read_bytes()) == (layout == "sparse lists")
+    read = read_faiss_index(path, "bank index")
+    index.nprobe = read.nprobe = 16
+    assert read.ntotal == index.ntotal
+    np.testing.assert_array_equal(read.search(keys[:5], 3)[1], index.search(keys[:5], 3)[1])
+
+
+@pytest.mark.parametrize("name", ["IndexIDMap", "IndexPQ", "IndexLSH", "IndexFlatL2 with trailing bytes", "truncated"])
+def test_an_index_of_a_type_the_builder_never_writes_is_refused_naming_it(tmp_path, name):
+    import faiss
+
+    bank = small_bank(tmp_path / "bank")
+    keys = np.concatenate([read_shard(bank / shard_name(i)).keys.numpy() for i in range(3)])
+    if name == "IndexIDMap":
+        index = faiss.IndexIDMap(faiss.IndexFlatIP(DK))
+        index.add_with_ids(keys, np.arange(len(keys)))
+    elif name == "IndexPQ":
+        index = faiss.IndexPQ(DK, 2, 2)
+        index.train(keys)
+        index.add(keys)
+    elif name == "IndexLSH":
+        index = faiss.IndexLSH(DK, 16)
+        index.add(keys)
+    else:
+        index = faiss.IndexFlatL2(DK)
+        index.add(keys)
+    data = faiss.serialize_index(index).tobytes()
+    data = data + b"\0" * 8 if "trailing" in name else data[:-4] if name == "truncated" else data
+    (bank / "index.faiss").write_bytes(data)
+    edit_manifest(bank, lambda m: m["index"].update(bytes=len(data), sha256=sha256_of(bank / "index.faiss")))
+    expected = {"IndexIDMap": "IndexIDMap", "IndexPQ": "IndexPQ", "IndexLSH": "IndexLSH",
+                "IndexFlatL2 with trailing bytes": "8 bytes after", "truncated": "ends early"}[name]
+    with pytest.raises(BankError, match=rf"(?s)index\.faiss.*{expected}"):
         PrototypeBank.load(bank)

@@ -1,12 +1,15 @@
 """The authors' released bank format: a faiss knn.index and one .npy prototype per key, numbered by
 sorted file name. Written here by the test at the tiny models' sizes and read through FreeDA."""
 import os
+import threading
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from detectron2.modeling import build_model
+
+from crafted_faiss import mapped_files, on_disk_ivf  # tests/crafted_faiss.py
 
 from diffseg_d2 import get_diffseg_cfg
 from diffseg_d2.freeda import BankError
@@ -103,3 +106,91 @@ def test_released_bank_needs_the_models_of_its_dimensions(released, models):
     bank._prototype_dim += 1
     with pytest.raises(BankError, match="DINOv2 of dimension .* MODEL.DIFFSEG.DINO.WEIGHTS"):
         bank.check_models(clip, dino)
+
+
+# The index kinds a released bank may hold (the reference sets efSearch on an IndexHNSWFlat), both metrics.
+ACCEPTED = {
+    "HNSWFlat IP": lambda d: faiss_index("IndexHNSWFlat", d, 8, "METRIC_INNER_PRODUCT"),
+    "HNSWFlat L2": lambda d: faiss_index("IndexHNSWFlat", d, 8),
+    "FlatIP": lambda d: faiss_index("IndexFlatIP", d),
+    "FlatL2": lambda d: faiss_index("IndexFlatL2", d),
+}
+
+
+def faiss_index(cls: str, *args):
+    import faiss
+
+    args = [getattr(faiss, a) if isinstance(a, str) else a for a in args]
+    return getattr(faiss, cls)(*args)
+
+
+@pytest.mark.parametrize("kind", list(ACCEPTED))
+def test_a_released_index_of_an_accepted_kind_loads(tmp_path, models, kind):
+    import faiss
+
+    clip, dino = models
+    folder = tmp_path / "bank"
+    keys, _ = write_released_bank(folder, clip.embed_dim, dino.embed_dim)
+    index = ACCEPTED[kind](clip.embed_dim)
+    index.add(keys)
+    faiss.write_index(index, str(folder / "faiss_index" / "knn.index"))
+    bank = load_bank(folder)
+    assert isinstance(bank, ReleasedBank) and bank.index.ntotal == M
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["IVF index", "HNSW index whose storage is an IVF index"])
+def test_a_released_index_with_on_disk_lists_is_refused_before_faiss_maps_the_file_it_names(released, tmp_path,
+                                                                                            nested):
+    """An index file with faiss's on-disk inverted lists names a file that faiss.read_index opens ("r+") and maps
+    read-write; nested as an HNSW index's storage too. The loader reads the type tags first and refuses it."""
+    import faiss
+
+    folder, keys, _ = released
+    target = tmp_path / "victim" / "lists.ivfdata"
+    target.parent.mkdir()
+    data = faiss.serialize_index(on_disk_ivf(keys, target)).tobytes()
+    if nested:  # an HNSW index's bytes up to its storage, then the IVF index as that storage
+        hnsw = faiss.IndexHNSWFlat(keys.shape[1], 8, faiss.METRIC_INNER_PRODUCT)
+        hnsw.add(keys)
+        head = faiss.serialize_index(hnsw).tobytes()
+        data = head[:head.index(b"IxFI")] + data
+    index_file = folder / "faiss_index" / "knn.index"
+    index_file.write_bytes(data)
+    target.write_bytes(b"victim\n")
+    direct = faiss.read_index(str(index_file))  # the hole, shown: faiss maps the file named inside the index
+    assert str(target) in mapped_files() and direct.ntotal == M
+    del direct
+    found = ("IndexHNSWFlat, but its storage is IndexIVFFlat" if nested
+             else "IndexIVFFlat, but its inverted lists are on-disk inverted lists")
+    with pytest.raises(BankError, match=rf"(?s){index_file}.*{found}.*Accepted: IndexFlatIP"):
+        load_bank(folder)
+    assert str(target) not in mapped_files() and target.read_bytes() == b"victim\n"
+
+
+def test_a_prototype_that_is_not_a_regular_file_is_refused_without_opening_it(released):
+    """A FIFO named like a prototype would block np.load until something writes to it: refused unopened. (A
+    helper thread opens the FIFO's other end whenever a reader waits, so that a reader fails instead of hanging.)"""
+    folder, _, _ = released
+    bank = load_bank(folder, top_k=5)
+    fifo = folder / "prototype_embeddings" / "img0000_noun.npy"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    stop, readers = threading.Event(), []
+
+    def release_readers():
+        while not stop.is_set():
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # succeeds only while a reader waits
+                readers.append(1)
+            except OSError:
+                stop.wait(0.05)
+
+    helper = threading.Thread(target=release_readers, daemon=True)
+    helper.start()
+    try:
+        with pytest.raises(BankError, match=r"(?s)img0000_noun\.npy.*not a regular file"):
+            bank.class_prototypes(torch.eye(bank.key_dim)[:bank.key_dim], M)
+    finally:
+        stop.set()
+        helper.join()
+    assert not readers, "the FIFO was opened"

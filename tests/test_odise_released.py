@@ -131,3 +131,68 @@ def test_the_tool_converts_a_released_file_into_a_checkpoint_that_loads_and_pred
     image = {"image": (torch.rand(3, 128, 128) * 255).byte()}
     with torch.no_grad():
         torch.testing.assert_close(target([image])[0]["sem_seg"], source([image])[0]["sem_seg"])
+
+
+# ----------------------------------------------------------------------------- shapes and collisions
+OUR_SHAPES = {
+    "backbone.captioner.time_positional_embedding": (1, 6),
+    "classifier.null_embed": (5,),
+    "classifier.text_proj.weight": (3, 4),
+    "pixel_decoder.output_convs.0.weight": (4, 2, 3, 3),
+    "decoder.query_feat.weight": (7, 4),
+}
+
+
+def shape_of(key):
+    return OUR_SHAPES.get(key)
+
+
+def test_the_reference_extra_leading_dimension_is_dropped_on_the_keys_that_have_it():
+    """The reference keeps the captioner's time positional embedding as (1, 1, T) (a positional linear layer over
+    one time step) and the "no object" embedding as (1, D) (CLIP's embedding of one empty text)."""
+    time = torch.randn(1, 1, 6)
+    null = torch.randn(1, 5)
+    out = convert_released_state_dict({
+        "backbone.feature_extractor.time_embed_project.positional_embedding": time,
+        "category_head.null_embed": null,
+    }, SD15_ORDER, shape_of)
+    assert out["backbone.captioner.time_positional_embedding"].shape == (1, 6)
+    torch.testing.assert_close(out["backbone.captioner.time_positional_embedding"], time[0])
+    assert out["classifier.null_embed"].shape == (5,)
+    torch.testing.assert_close(out["classifier.null_embed"], null[0])
+
+
+@pytest.mark.parametrize("key,value", [
+    # a transposed linear weight: (in, out) for our (out, in), the same 12 elements
+    ("category_head.text_proj.weight", torch.randn(4, 3)),
+    # a conv weight with its kernel and channel axes swapped, the same 72 elements
+    ("sem_seg_head.pixel_decoder.layer_1.weight", torch.randn(4, 3, 3, 2)),
+    # a flattened table
+    ("sem_seg_head.predictor.query_feat.weight", torch.randn(28)),
+    # even a known key, with another change than the reference's leading dimension
+    ("backbone.feature_extractor.time_embed_project.positional_embedding", torch.randn(6, 1)),
+    ("category_head.null_embed", torch.randn(5, 1)),
+], ids=["transposed linear", "permuted conv", "flattened", "time embedding transposed", "null embed transposed"])
+def test_a_shape_mismatch_with_the_same_element_count_is_refused_naming_the_key_and_both_shapes(key, value):
+    ours = {
+        "category_head.text_proj.weight": "classifier.text_proj.weight",
+        "sem_seg_head.pixel_decoder.layer_1.weight": "pixel_decoder.output_convs.0.weight",
+        "sem_seg_head.predictor.query_feat.weight": "decoder.query_feat.weight",
+        "backbone.feature_extractor.time_embed_project.positional_embedding":
+            "backbone.captioner.time_positional_embedding",
+        "category_head.null_embed": "classifier.null_embed",
+    }[key]
+    expected = shape_of(ours)
+    assert value.numel() == torch.Size(expected).numel()  # a reshape would have passed it silently
+    with pytest.raises(ReleasedCheckpointError, match=re.escape(key) + r".*" + re.escape(str(tuple(value.shape)))
+                       + r".*" + re.escape(ours) + r".*" + re.escape(str(expected))):
+        convert_released_state_dict({key: value}, SD15_ORDER, shape_of)
+
+
+def test_two_released_keys_for_one_parameter_are_refused_naming_both():
+    """The label-trained model's category head and the caption-trained one's word head both give our classifier's
+    text projection: a file holding both would otherwise keep whichever came last."""
+    released = {"category_head.text_proj.weight": torch.zeros(3, 4), "word_head.text_proj.weight": torch.ones(3, 4)}
+    with pytest.raises(ReleasedCheckpointError, match=r"(?s)category_head\.text_proj\.weight.*"
+                                                      r"word_head\.text_proj\.weight.*classifier\.text_proj\.weight"):
+        convert_released_state_dict(released, SD15_ORDER, shape_of)

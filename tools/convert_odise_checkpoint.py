@@ -9,16 +9,15 @@
 The model is built from the config (so its Stable Diffusion and CLIP weights must be reachable)
 to learn its parameter names and shapes; the released file is read with
 ``torch.load(weights_only=True)`` (no unpickling of code), its trainable parameters are renamed
-(``diffseg_d2.modeling.odise.released``), checked against the model (every parameter present,
-every shape equal) and saved as ``{"model": state_dict}``. The released model was trained with
-Stable Diffusion v1.3: set ``MODEL.DIFFSEG.SD.WEIGHTS CompVis/stable-diffusion-v1-3`` to evaluate it
-as released.
+(``diffseg_d2.modeling.odise.released``: no shape is changed but the reference's extra leading
+dimension of two known parameters, and no parameter may come from two released keys), checked
+against the model (every parameter present, every shape equal) and saved as
+``{"model": state_dict}``. The released model was trained with Stable Diffusion v1.3: set
+``MODEL.DIFFSEG.SD.WEIGHTS CompVis/stable-diffusion-v1-3`` to evaluate it as released.
 """
 import argparse
 import os
 import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
 def main(argv=None) -> int:

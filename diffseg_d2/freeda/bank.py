@@ -17,7 +17,12 @@ shards and the index, and refuses a bank whose models differ from the config's
 
 A manifest is data that anyone may edit or copy, never a list of files to trust:
 every path the reader or the builder opens, writes or deletes comes from
-``bank_path``, which refuses whatever leads outside the bank folder.
+``bank_path``, which refuses whatever leads outside the bank folder or, under
+another name, to one of the bank's records; a manifest entry may only name
+what the builder writes there (``manifest_file``). An index file is read by
+faiss only once its type tags show one of the kinds the builder writes
+(``read_faiss_index``): faiss itself reads any kind, including indexes whose
+inverted lists live in another file that the index names.
 """
 from __future__ import annotations
 
@@ -26,9 +31,11 @@ import json
 import logging
 import math
 import os
+import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import BinaryIO, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -46,6 +53,11 @@ MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.faiss"
 SHARD_DIR = "shards"
 INDEX_TYPES = ("auto", "flat", "hnsw", "ivf")
+# The bank's records: no other name of the bank may lead to one of them (a link named like a shard would
+# have --resume delete the record as a damaged shard and write a shard over it).
+RECORD_FILES = (SPEC_FILE, MANIFEST_FILE, INDEX_FILE)
+# The only names a manifest's shard entries may hold: those ``shard_name`` gives.
+SHARD_FILE_PATTERN = re.compile(rf"{SHARD_DIR}/shard-[0-9]{{5,}}\.safetensors")
 
 
 # What fixes a manifest that does not match its files (build_bank rewrites the manifest from intact shards).
@@ -58,7 +70,9 @@ class BankError(ValueError):
 
 
 class BankPathError(BankError):
-    """A path of a bank (named by its manifest, or a link in its folder) that leads outside the bank folder."""
+    """A path of a bank (named by its manifest, or a link in its folder) that is not one of the bank's own files:
+    it leads outside the bank folder or to another of its records, it is not a name the builder writes, or it is
+    not a regular file. ``--resume`` stops on it instead of deleting what the path names."""
 
 
 def shard_name(index: int) -> str:
@@ -78,10 +92,12 @@ def bank_path(folder, name, what: str) -> Path:
         what: what names the path, for the error, e.g. ``"manifest entry 'shards[1].file'"``.
 
     Returns:
-        The path with symbolic links resolved, strictly inside the resolved ``folder``.
+        The path with symbolic links resolved, strictly inside the resolved ``folder``; one of the bank's
+        records (``RECORD_FILES``) exactly when ``name`` is that record's own name.
 
     Raises:
-        BankPathError: ``name`` is not a relative path, or it resolves outside ``folder``.
+        BankPathError: ``name`` is not a relative path, it resolves outside ``folder``, it leads (through a
+            link) to a record of the bank that it does not name, or it names a record that is a link.
     """
     root = Path(folder).resolve()
     link = False
@@ -95,10 +111,24 @@ def bank_path(folder, name, what: str) -> Path:
         except (OSError, RuntimeError) as e:  # a loop of links: RuntimeError before Python 3.13
             path, reason = None, f"it cannot be resolved ({e})"
         if path is not None:
+            link = Path(os.path.normpath(root / name)).is_relative_to(root)
+            # A record is a file of its own under its own name, never reached through a link from another name,
+            # nor a link to another of the bank's files (or --resume would delete or write over one for the other).
+            # "./manifest.json" is the manifest's own name.
+            record = next((r for r in RECORD_FILES if (path == root / r) != (os.path.normpath(name) == r)), None)
+            if record is not None:
+                raise BankPathError(
+                    f"The {what}, {name!r}, leads to '{path}' through a symbolic link, but a bank's {record} is a "
+                    f"file of its own under that name only, so nothing was read, written or deleted through the "
+                    "link. Remove the link and rerun tools/build_freeda_bank.py on this folder with --resume to "
+                    "rebuild what it held."
+                )
             if path != root and path.is_relative_to(root):
                 return path
-            link = Path(os.path.normpath(root / name)).is_relative_to(root)
-            reason = f"it leads to '{path}'" + (" through a symbolic link" if link else "")
+            if path == root and os.path.normpath(name) == ".":
+                link, reason = False, "it names the bank folder itself, not a file in it"
+            else:
+                reason = f"it leads to '{path}'" + (" through a symbolic link" if link else "")
     if link:
         advice = ("Replace the link with the file itself, or remove the link and rerun tools/build_freeda_bank.py "
                   "on this folder with --resume to rebuild what it held.")
@@ -266,6 +296,153 @@ def set_search_breadth(index, top_k: int, ef_search: int, nprobe: int) -> None:
         inner.nprobe = max(1, int(nprobe))
 
 
+# ----------------------------------------------------------------------------- the index file's kind
+# faiss.read_index reads any kind of index, and some name other files that it then opens: an IVF index whose
+# inverted lists are faiss's OnDiskInvertedLists ("ilod") stores a path that it opens read-write and maps into
+# memory (a search then reads that file as vectors, or the process dies of SIGBUS past its end). So the file's
+# structure is walked first, by its four-byte type tags (faiss's index_write.cpp), and only the kinds that
+# ``build_index`` writes, and the released FreeDA bank's HNSW, are handed to faiss.
+FLAT_TAGS = {b"IxFI": "IndexFlatIP", b"IxF2": "IndexFlatL2"}
+INDEX_TAGS = {**FLAT_TAGS, b"IHNf": "IndexHNSWFlat", b"IwFl": "IndexIVFFlat"}
+ARRAY_LISTS_TAG = b"ilar"
+ACCEPTED_INDEXES = ("IndexFlatIP, IndexFlatL2, IndexHNSWFlat (storage flat), IndexIVFFlat (quantizer flat, "
+                    "inverted lists in the index file)")
+# What a refused tag is, to name it (the rest of faiss's tags are shown as they are).
+OTHER_TAGS = {b"ilod": "on-disk inverted lists, OnDiskInvertedLists", b"il00": "no inverted lists",
+              b"IxMp": "IndexIDMap", b"IxM2": "IndexIDMap2", b"IxPT": "IndexPreTransform", b"IxPq": "IndexPQ",
+              b"IxSQ": "IndexScalarQuantizer", b"IxHe": "IndexLSH", b"IwPQ": "IndexIVFPQ",
+              b"IwSq": "IndexIVFScalarQuantizer", b"IxRF": "IndexRefine", b"IHNp": "IndexHNSWPQ",
+              b"IHNs": "IndexHNSWSQ", b"null": "no index"}
+
+
+class _IndexFileError(Exception):
+    """What is wrong with an index file's structure (``read_faiss_index`` turns it into a ``BankError``)."""
+
+
+class _IndexFileReader:
+    """Reads the fields of a faiss index file in order, never past its end (little-endian, as faiss writes them
+    on the x86 and ARM machines it runs on)."""
+
+    def __init__(self, f: BinaryIO, size: int):
+        self.f, self.size = f, size
+
+    def take(self, n: int) -> bytes:
+        data = self.f.read(n)
+        if len(data) != n:
+            raise _IndexFileError(f"it ends early, at byte {self.size} (truncated)")
+        return data
+
+    def skip(self, n: int) -> None:
+        if self.f.tell() + n > self.size:  # a damaged count cannot send a seek past the end
+            raise _IndexFileError(f"it ends early, at byte {self.size} (truncated, or a length field is damaged)")
+        self.f.seek(n, os.SEEK_CUR)
+
+    def u64(self) -> int:
+        return struct.unpack("<Q", self.take(8))[0]
+
+    def vector(self, itemsize: int) -> None:
+        """A faiss vector (a 64-bit count, then the items): skipped."""
+        self.skip(self.u64() * itemsize)
+
+    def header(self) -> None:
+        """An index's common fields: d, ntotal, two unused, is_trained, metric (and its argument beyond L2)."""
+        self.take(4 + 8 + 16 + 1)
+        metric = struct.unpack("<i", self.take(4))[0]
+        if metric > 1:
+            self.take(4)
+
+    def index(self, accepted: Dict[bytes, str], place: str) -> str:
+        """One index of the ``accepted`` kinds at the current position (``place`` names it); its description."""
+        tag = self.take(4)
+        if tag not in accepted:
+            raise _IndexFileError(f"{place} is {_tag_name(tag)}")
+        try:
+            return self._index_body(tag, accepted[tag])
+        except _IndexFileError as e:
+            raise _IndexFileError(f"{place} is an {accepted[tag]}, but {e}") from None
+
+    def _index_body(self, tag: bytes, name: str) -> str:
+        self.header()
+        if tag in FLAT_TAGS:
+            self.vector(4)  # the vectors, counted in 4-byte words
+            return name
+        if tag == b"IHNf":
+            for itemsize in (8, 4, 4, 8, 4):  # level probabilities, cumulated neighbours, levels, offsets, neighbours
+                self.vector(itemsize)
+            self.take(5 * 4)  # entry point, max level, efConstruction, efSearch, an unused field
+            return f"{name} (storage {self.index(FLAT_TAGS, 'its storage')})"
+        self.take(16)  # nlist, nprobe
+        quantizer = self.index(FLAT_TAGS, "its quantizer")
+        direct_map = self.take(1)[0]
+        self.vector(8)
+        if direct_map == 2:  # a hash table direct map: (id, id) pairs
+            self.vector(16)
+        self.array_lists()
+        return f"{name} (quantizer {quantizer}, inverted lists in the index file)"
+
+    def array_lists(self) -> None:
+        """An IVF index's inverted lists, which must be faiss's ArrayInvertedLists (held in the file itself)."""
+        tag = self.take(4)
+        if tag != ARRAY_LISTS_TAG:
+            raise _IndexFileError(f"its inverted lists are {_tag_name(tag)}")
+        self.take(8)  # nlist
+        code_size = self.u64()
+        layout = self.take(4)
+        count = self.u64()
+        if layout not in (b"full", b"sprs") or count * 8 > self.size:
+            raise _IndexFileError("its inverted lists' sizes are damaged")
+        sizes = struct.unpack(f"<{count}Q", self.take(8 * count))
+        rows = sum(sizes) if layout == b"full" else sum(sizes[1::2])  # sparse: (list, size) pairs
+        self.skip(rows * (code_size + 8))  # codes and 64-bit ids
+
+
+def _tag_name(tag: bytes) -> str:
+    name = OTHER_TAGS.get(tag) or INDEX_TAGS.get(tag)
+    return f"{name} (type tag {tag!r})" if name else f"of faiss type tag {tag!r}"
+
+
+def read_faiss_index(path: Path, what: str):
+    """``faiss.read_index`` of ``path`` once its structure shows one of the kinds a bank may hold.
+
+    The file is walked by its type tags and lengths without faiss: an ``IndexFlatIP`` / ``IndexFlatL2``, an
+    ``IndexHNSWFlat`` over a flat storage, or an ``IndexIVFFlat`` with a flat quantizer and its inverted lists
+    in the file (faiss's ``ArrayInvertedLists``), and nothing after it. faiss then reads the same open file, so
+    what it reads is what was checked.
+
+    Args:
+        path: the index file.
+        what: what it is, for the errors, e.g. ``"bank index"``.
+
+    Raises:
+        BankError: the file is of another kind (named, with the kinds accepted), damaged, or unreadable.
+    """
+    faiss = require("faiss", "faiss-cpu", "The FreeDA key index")
+    if not Path(path).is_file():  # a folder, or a FIFO that would block the open
+        raise BankError(f"The {what} '{path}' is missing or not a regular file.")
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            reader = _IndexFileReader(f, size)
+            try:
+                kind = reader.index(INDEX_TAGS, "the index")
+                if f.tell() != size:
+                    raise _IndexFileError(f"it has {size - f.tell()} bytes after the index")
+            except _IndexFileError as e:
+                raise BankError(
+                    f"The {what} '{path}' is not an index this package reads: {e}. Accepted: {ACCEPTED_INDEXES}. "
+                    "faiss was not given the file (some kinds make faiss open other files that the index names). "
+                    "Use an index that tools/build_freeda_bank.py wrote (rerun it on the bank with --resume: it "
+                    "writes the index again from the shards) or the released bank's own."
+                ) from None
+            f.seek(0)
+            logger.debug("%s %s: %s", what, path, kind)
+            return faiss.read_index(faiss.PyCallbackIOReader(f.read))
+    except OSError as e:
+        raise BankError(f"The {what} '{path}' cannot be opened ({e}).") from e
+    except RuntimeError as e:
+        raise BankError(f"The {what} '{path}' cannot be read by faiss ({e}).") from e
+
+
 # ----------------------------------------------------------------------------- the bank
 # The manifest's ``counts``, each summed over the shards.
 COUNTS = ("captions", "prototypes", "captions_without_nouns", "nouns_skipped")
@@ -343,8 +520,44 @@ def manifest_mismatch(folder, name: str, recorded, found: str) -> BankError:
 
 
 def manifest_file(folder: Path, entry: dict, name: str) -> Path:
-    """The file that the manifest entry ``name`` (``shards[1]``, ``index``) names, resolved inside the bank."""
-    return bank_path(folder, manifest_entry(entry, "file", f"{name}.file", folder), f"manifest entry '{name}.file'")
+    """The file that the manifest entry ``name`` (``shards[1]``, ``index``) names, resolved inside the bank.
+
+    An entry may only name what ``finalize_bank`` writes: the index entry ``INDEX_FILE``, a shard entry a name
+    of ``shard_name``'s pattern (spelt as it writes it, so no ``.``, ``..`` or doubled slash) that stays in the
+    shard folder once links are followed; and what it names, if it exists, must be a regular file. So neither
+    the reader nor ``--resume``, which deletes a shard that fails its checks, ever takes the manifest, the build
+    record, the index or a folder for a shard.
+
+    Raises:
+        BankPathError: the entry names anything else (the message names the entry); see also ``bank_path``.
+    """
+    value = manifest_entry(entry, "file", f"{name}.file", folder)
+    what = f"manifest entry '{name}.file'"
+    path = bank_path(folder, value, what)  # first: a path outside the bank is named as such
+    is_index = name == "index"
+    expected = f"'{INDEX_FILE}'" if is_index else f"'{SHARD_DIR}/shard-NNNNN.safetensors' (5 or more digits)"
+    if not (value == INDEX_FILE if is_index else SHARD_FILE_PATTERN.fullmatch(value)):
+        raise BankPathError(
+            f"The {what} of the bank '{folder}' is {value!r}, but a bank's manifest names only the files its builder "
+            f"writes there, here {expected}: it was edited or is damaged, so nothing it names was read or deleted. "
+            f"Restore this bank's own {MANIFEST_FILE}, or delete it and rerun tools/build_freeda_bank.py on this "
+            "folder with --resume, which writes it again from the intact shards."
+        )
+    if not is_index and not path.is_relative_to(bank_path(folder, SHARD_DIR, "bank shard folder")):
+        raise BankPathError(
+            f"The {what} of the bank '{folder}', {value!r}, leads to '{path}' through a symbolic link, outside the "
+            f"bank's shard folder: a shard is a file of '{SHARD_DIR}/', so nothing was read or deleted through it. "
+            "Replace the link with the shard itself, or remove it and rerun tools/build_freeda_bank.py on this "
+            "folder with --resume to rebuild the shard."
+        )
+    if path.exists() and not path.is_file():
+        kind = "a folder" if path.is_dir() else "a special file"
+        raise BankPathError(
+            f"The {what} of the bank '{folder}', {value!r}, is {kind}, not a regular file: nothing in it was read or "
+            f"deleted. Move '{path}' out of the bank folder; then rerun tools/build_freeda_bank.py on this folder "
+            "with --resume to rebuild what belongs there."
+        )
+    return path
 
 
 def check_file(folder: Path, path: Path, entry: dict, name: str, what: str) -> None:
@@ -377,7 +590,7 @@ def read_bank(folder) -> Tuple[dict, object, torch.Tensor, List[str]]:
         BankPathError: the manifest names a path outside ``folder``, or a link in it leads out.
         BankError: the manifest is not a bank's, a file is missing or damaged, or a count is wrong.
     """
-    faiss = require("faiss", "faiss-cpu", "The FreeDA key index")
+    require("faiss", "faiss-cpu", "The FreeDA key index")  # before any shard is read
     folder = Path(folder)
     manifest_path = bank_path(folder, MANIFEST_FILE, "bank manifest")
     manifest = read_json(manifest_path, "bank manifest")
@@ -421,10 +634,7 @@ def read_bank(folder) -> Tuple[dict, object, torch.Tensor, List[str]]:
     index_entry = manifest_entry(manifest, "index", "index", folder, dict)
     index_path = manifest_file(folder, index_entry, "index")
     check_file(folder, index_path, index_entry, "index", "bank index")
-    try:
-        index = faiss.read_index(str(index_path))
-    except RuntimeError as e:
-        raise BankError(f"The bank index {index_path} cannot be read by faiss ({e}).") from e
+    index = read_faiss_index(index_path, "bank index")
     ntotal = manifest_entry(index_entry, "ntotal", "index.ntotal", folder)
     if ntotal != index.ntotal:
         raise manifest_mismatch(folder, "index.ntotal", ntotal, f"{index_path} holds {index.ntotal} keys")

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -304,6 +305,11 @@ def save_inspection(folder: Path, index: int, result: CaptionPrototypes) -> None
 
 
 # ----------------------------------------------------------------------------- the whole build
+# The temporary name a killed ``write_shard`` leaves in the shard folder (``paths.write_atomically``:
+# ".<stem>.<pid>.<32 hex digits><suffix>"): the only files a resume deletes there besides damaged shards.
+_SHARD_TEMPORARY = re.compile(r"\.shard-[0-9]{5,}\.[0-9]+\.[0-9a-f]{32}\.safetensors")
+
+
 def _shard_done(folder: Path, index: int, expected: tuple) -> bool:
     path = bank_path(folder, shard_name(index), "bank shard")
     if not path.is_file():
@@ -323,8 +329,9 @@ def _drop_damaged_shards(folder: Path) -> None:
     """Before a resume: delete shards that fail the checksums of a (stale) manifest, then the
     manifest itself, and temporary files a killed write left behind. What is deleted is rebuilt.
 
-    Only files inside ``folder`` are deleted: a manifest entry naming a path outside it raises
-    ``BankPathError`` before anything is deleted.
+    Only the bank's shards are deleted: a manifest entry naming anything else (a path outside the
+    folder, the manifest, the build record, the index, a folder) raises ``BankPathError`` before
+    anything is deleted (``manifest_file``).
     """
     manifest_path = bank_path(folder, MANIFEST_FILE, "bank manifest")
     shard_dir = bank_path(folder, SHARD_DIR, "bank shard folder")
@@ -348,8 +355,9 @@ def _drop_damaged_shards(folder: Path) -> None:
                 logger.warning("rebuilding: %s", e)
                 path.unlink(missing_ok=True)
         manifest_path.unlink()  # stale: shards are about to change
-    for tmp in shard_dir.glob(".*") if shard_dir.is_dir() else ():
-        tmp.unlink(missing_ok=True)
+    for tmp in shard_dir.iterdir() if shard_dir.is_dir() else ():
+        if _SHARD_TEMPORARY.fullmatch(tmp.name) and (tmp.is_file() or tmp.is_symlink()):
+            tmp.unlink(missing_ok=True)
 
 
 def check_output_folder(folder: Path) -> None:

@@ -6,11 +6,12 @@ The authors publish their offline stage's output as two downloads: a faiss index
 sorted name order. Point ``MODEL.DIFFSEG.FREEDA.BANK`` at the folder holding both.
 
 Checked when loaded, as far as the format allows (it has no manifest): both parts exist, the
-index reads, the folder holds only ``.npy`` files and exactly as many as the index has keys, each
-file name stays inside the bank folder, the prototypes' dimension is the same throughout what is
-read and matches DINOv2's, the keys' dimension matches CLIP's. Prototypes are read when a class
-retrieves them (``np.load`` without pickles); like the reference, a retrieved prototype that is
-not finite is left out of its class's mean.
+index is of a kind this package accepts (by its type tags, before faiss reads it: see
+``read_faiss_index``) and reads, the folder holds only ``.npy`` files and exactly as many as the
+index has keys, each file name stays inside the bank folder and is a regular file, the prototypes'
+dimension is the same throughout what is read and matches DINOv2's, the keys' dimension matches
+CLIP's. Prototypes are read when a class retrieves them (``np.load`` without pickles); like the
+reference, a retrieved prototype that is not finite is left out of its class's mean.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..optional_imports import require
-from .bank import BankError, bank_path, search_index, set_search_breadth
+from .bank import BankError, bank_path, read_faiss_index, search_index, set_search_breadth
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class ReleasedBank:
 
     @classmethod
     def load(cls, folder, *, top_k: int = 350, ef_search: int = 50000, nprobe: int = 16) -> "ReleasedBank":
-        faiss = require("faiss", "faiss-cpu", "FreeDA's prototype bank")
+        require("faiss", "faiss-cpu", "FreeDA's prototype bank")
         folder = Path(os.path.expanduser(str(folder)))
         index_path = released_bank_index(folder)
         if index_path is None:
@@ -88,10 +89,10 @@ class ReleasedBank:
                 f"prototype embeddings) and one of {list(RELEASED_INDEX_NAMES)} (the unzipped faiss index)."
             )
         try:
-            index = faiss.read_index(str(index_path))
-        except RuntimeError as e:
-            raise BankError(f"The released bank's index '{index_path}' cannot be read by faiss ({e}); "
-                            "download and unzip it again.") from e
+            index = read_faiss_index(index_path, "released bank's index")
+        except BankError as e:
+            raise BankError(f"{e} A released bank's index is the authors' faiss_index/knn.index: download and "
+                            "unzip it again.") from e
         proto_dir = bank_path(folder, RELEASED_PROTOTYPE_DIR, "released bank's prototype folder")
         names = sorted(os.listdir(proto_dir))
         others = [n for n in names if not n.endswith(".npy")]
@@ -112,6 +113,9 @@ class ReleasedBank:
     @staticmethod
     def _read(folder: Path, name: str) -> np.ndarray:
         path = bank_path(folder, f"{RELEASED_PROTOTYPE_DIR}/{name}", "prototype file")
+        if not path.is_file():  # a folder, or a FIFO that would block np.load for ever
+            raise BankError(f"The prototype file '{path}' is missing or not a regular file: unpack the prototype "
+                            "embeddings again, so that the folder holds one .npy file per key.")
         try:
             array = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as e:

@@ -69,6 +69,12 @@ _FROZEN = re.compile(
     r"^(backbone\.feature_extractor\.(ldm_extractor|clip)\.|clip_head\.|(category_head|word_head)\.(clip\.|text_embed$)"
     r"|backbone\.feature_extractor\.ldm_extractor|.*test_labels$)"
 )
+# The parameters the reference keeps with one more leading dimension of size 1 than ours, and only these: its
+# captioner's time positional embedding is a positional linear layer's over one time step, (1, 1, T) for our
+# (1, T), and its "no object" embedding is CLIP's embedding of a list of one empty text, (1, D) for our (D,).
+# Any other difference of shape is an error: equal element counts do not make a transposed linear weight or a
+# permuted conv kernel the right weights.
+_LEADING_DIMENSION = ("backbone.captioner.time_positional_embedding", "classifier.null_embed")
 _PROJECTION = re.compile(r"^backbone\.feature_projections\.(\d+)\.0\.(.+)$")
 _FPN = re.compile(r"^sem_seg_head\.pixel_decoder\.(adapter|layer)_(\d+)\.(.+)$")
 
@@ -86,13 +92,16 @@ def convert_released_state_dict(
         released: the released model's state dict.
         projection_names: our name of the projection of each tap, in the reference's tap order
             (``ODISE.backbone.released_projection_order()``).
-        reshape: our shape of a converted key (values with the same number of elements but another
-            shape, such as the captioner's time positional embedding, are reshaped to it).
+        reshape: our shape of a converted key, or None for a key we do not have (left to the caller's check of
+            the whole state dict). Only the keys of ``_LEADING_DIMENSION`` may differ, by the reference's
+            leading dimension of size 1, which is dropped.
 
     Raises:
-        ReleasedCheckpointError: keys that are neither converted nor known frozen parts.
+        ReleasedCheckpointError: keys that are neither converted nor known frozen parts, a value whose shape
+            differs from ours (other than by that leading dimension), or two released keys converted to one.
     """
     out: Dict[str, torch.Tensor] = {}
+    source: Dict[str, str] = {}  # our key -> the released key it came from
     unknown = []
     for key, value in released.items():
         if not isinstance(value, torch.Tensor) or _FROZEN.match(key):
@@ -120,9 +129,24 @@ def convert_released_state_dict(
         if new is None:
             unknown.append(key)
             continue
+        if new in source:
+            raise ReleasedCheckpointError(
+                f"The released keys {source[new]} and {key} both convert to {new}: a file holds one model's "
+                "parameters, so it mixes two models (the label-trained one's category_head and the caption-trained "
+                "one's word_head, say). Convert a file of one released model."
+            )
         shape = reshape(new)
-        if shape is not None and tuple(value.shape) != tuple(shape) and value.numel() == int(torch.Size(shape).numel()):
-            value = value.reshape(shape)
+        if shape is not None and tuple(value.shape) != tuple(shape):
+            if new in _LEADING_DIMENSION and tuple(value.shape) == (1, *shape):
+                value = value[0]
+            else:
+                known = (f"; the reference's shape for it is {(1, *shape)}" if new in _LEADING_DIMENSION else "")
+                raise ReleasedCheckpointError(
+                    f"{key} has shape {tuple(value.shape)}, but this model's {new} has shape {tuple(shape)}{known}. "
+                    "The file was made for another configuration (check the config's MODEL.DIFFSEG.ODISE settings "
+                    "against the released model's) or its tensors were rearranged; it is not converted."
+                )
+        source[new] = key
         out[new] = value
     if unknown:
         shown = ", ".join(unknown[:8]) + (" ..." if len(unknown) > 8 else "")
