@@ -609,3 +609,30 @@ def test_mask_bce_and_dice_by_hand_are_divided_by_the_number_of_target_masks(mon
         dice += 1 - (2 * sum(pi * yi for pi, yi in zip(p, y)) + 1) / (sum(p) + sum(y) + 1)
     assert losses["loss_mask"].item() == pytest.approx(bce / 3, rel=1e-5)
     assert losses["loss_dice"].item() == pytest.approx(dice / 3, rel=1e-5)
+
+
+def test_grounding_loss_by_hand():
+    """score(i, j) = mean over caption j's nouns n of sum_q softmax_q(s_iqn) s_iqn, s = scale * cosine;
+    loss = (CE over captions for each image + CE over images for each caption) / 2."""
+    from diffseg_d2.modeling.heads import caption_grounding_loss
+
+    g = torch.Generator().manual_seed(0)
+    queries = F.normalize(torch.randn(3, 4, 5, generator=g), dim=-1)
+    nouns = [F.normalize(torch.randn(k, 5, generator=g), dim=-1) for k in (2, 1, 3)]
+    scale = torch.tensor(7.0)
+    score = [[0.0] * 3 for _ in range(3)]
+    for i in range(3):
+        for j in range(3):
+            per_noun = []
+            for n in range(nouns[j].shape[0]):
+                s = [float(scale * queries[i, q] @ nouns[j][n]) for q in range(4)]
+                z = sum(math.exp(v) for v in s)
+                per_noun.append(sum(math.exp(v) / z * v for v in s))
+            score[i][j] = sum(per_noun) / len(per_noun)
+
+    def ce(row, own):
+        return -row[own] + math.log(sum(math.exp(v) for v in row))
+
+    rows = sum(ce(score[i], i) for i in range(3)) / 3
+    columns = sum(ce([score[i][j] for i in range(3)], j) for j in range(3)) / 3
+    assert caption_grounding_loss(queries, nouns, scale).item() == pytest.approx((rows + columns) / 2, rel=1e-5)

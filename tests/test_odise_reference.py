@@ -276,3 +276,51 @@ def test_caption_variant_trains_class_agnostic_masks_with_grounding_and_takes_no
     torch.testing.assert_close(probs.sum(-1), torch.ones(4))
     with pytest.raises(ValueError, match="GROUNDING_WEIGHT > 0"):
         build_model(tiny_cfg("MODEL.DIFFSEG.ODISE.VARIANT", "caption"))
+
+
+def test_caption_variant_set_losses_see_only_object_or_no_object(monkeypatch):
+    """The caption-trained model's set losses: every target is class 0 ("object"), every prediction
+    (final and auxiliary) the binary head's two logits; its grounding loss on each layer is the
+    grounding loss of that layer's normalised embeddings against its captions' nouns, weighted."""
+    import torch.nn.functional as F
+    from detectron2.data import DatasetCatalog
+    from detectron2.modeling import build_model
+
+    from diffseg_d2.data.panoptic_mapper import MaskFormerPanopticMapper
+    from diffseg_d2.modeling.heads import caption_grounding_loss
+
+    cfg = tiny_cfg("MODEL.DIFFSEG.ODISE.VARIANT", "caption", "MODEL.DIFFSEG.ODISE.LOSS.GROUNDING_WEIGHT", "0.5")
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    mapper = MaskFormerPanopticMapper(cfg, True)
+    record = DatasetCatalog.get("diffseg_sample_voc_panoptic")[0]
+    batch = [{**mapper(copy.deepcopy(record)), "captions": ["a person on a chair"]},
+             {**mapper(copy.deepcopy(record)), "captions": ["a sofa and a cat"]}]
+    assert any(int(b["instances"].gt_classes.max()) > 0 for b in batch)  # real classes, before the variant drops them
+    seen, predicted = {}, {}
+    original_criterion = model.criterion.forward
+
+    def spy(outputs, targets):
+        seen["targets"] = targets
+        seen["outputs"] = outputs
+        return original_criterion(outputs, targets)
+
+    monkeypatch.setattr(model.criterion, "forward", spy)
+    original_predict = model._predict
+
+    def keep(images):
+        predicted["out"] = original_predict(images)
+        return predicted["out"]
+
+    monkeypatch.setattr(model, "_predict", keep)
+    losses = model(batch)
+    assert all(t["labels"].numel() and not t["labels"].any() for t in seen["targets"])
+    for out in [seen["outputs"]] + seen["outputs"]["aux_outputs"]:
+        assert out["pred_logits"].shape[-1] == 2
+    out = predicted["out"]
+    nouns = model._caption_nouns(batch, out["pred_embeds"])
+    layers = [out["pred_embeds"]] + [a["pred_embeds"] for a in out["aux_outputs"]]
+    for i, embeds in enumerate(layers):
+        name = "loss_grounding" if i == 0 else f"loss_grounding_{i - 1}"
+        expected = 0.5 * caption_grounding_loss(F.normalize(embeds, dim=-1), nouns, model.classifier.scale())
+        torch.testing.assert_close(losses[name], expected)
