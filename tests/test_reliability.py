@@ -1,6 +1,5 @@
 """Security and reliability: weights-only loading on every route, exact loads, concurrent calls,
 non-finite results and out-of-range settings (README, "Security and reliability")."""
-import os
 import shutil
 import struct
 import threading
