@@ -725,3 +725,61 @@ def test_the_bank_tools_help_describes_the_bank_build_not_detectron2s_trainer():
     assert out.returncode == 0
     assert "--captions" in out.stdout and "--resume" in out.stdout and "prototype bank" in out.stdout
     assert "--eval-only" not in out.stdout and "SOLVER.BASE_LR" not in out.stdout
+
+
+def test_a_bank_row_by_hand(tiny_freeda_cfg_path, monkeypatch):
+    """One caption's rows re-computed by hand from the generated image and the nouns' heat maps:
+    mask = min-max normalised heat >= MASK_THRESHOLD; prototype = the DINO tokens averaged with each
+    grid cell weighted by the share of its pixels inside the mask, normalised; key = CLIP's
+    final-layer text features at the noun's tokens in the caption (found here by matching the noun's
+    own token ids), averaged, projected, normalised; area = the mask's share of the latent grid."""
+    from diffseg_d2 import get_diffseg_cfg
+    from diffseg_d2.freeda import builder as builder_module
+
+    builder = PrototypeBankBuilder.from_config(get_diffseg_cfg(str(tiny_freeda_cfg_path), ["MODEL.DIFFSEG.FREEDA.BUILD.NOUNS", "list",
+                                                                                       "MODEL.DIFFSEG.FREEDA.BUILD.NOUN_LIST", str(NOUN_LIST)]))
+    builder.eval()
+    caption = "a dog on a sofa"
+    side = builder.image_size // builder.diffusion.latent_factor
+    g = torch.Generator().manual_seed(0)
+    heat = torch.rand(2, side, side, generator=g)
+    heat[1] = 0.0
+    heat[1, : side // 2, : side // 3] = 1.0  # "sofa": a block
+    image = torch.rand(1, 3, builder.image_size, builder.image_size, generator=g)
+    monkeypatch.setattr(builder.diffusion, "generate", lambda *a, **k: image)
+    monkeypatch.setattr(builder_module, "summed_cross_maps", lambda *a, **k: heat.clone())
+    rows = builder.caption_prototypes(0, caption)
+    assert rows.nouns == ["dog", "sofa"]
+
+    t = builder.mask_threshold
+    masks = torch.stack([(h - h.min()) / (h.max() - h.min()) >= t for h in heat])
+    assert torch.equal(rows.masks, masks)
+    torch.testing.assert_close(rows.areas, masks.float().mean((1, 2)))
+    feats = builder.dino(image)[0]  # (D, gh, gw)
+    gh, gw = feats.shape[-2:]
+    for k in range(2):
+        # Grid cell (i, j) covers latent rows floor(i side / gh) .. ceil((i + 1) side / gh) (the cells of
+        # an area resize overlap when the sizes do not divide): its weight is the share of them inside.
+        share = torch.zeros(gh, gw)
+        for i in range(gh):
+            for j in range(gw):
+                ys = slice(i * side // gh, -(-(i + 1) * side // gh))
+                xs = slice(j * side // gw, -(-(j + 1) * side // gw))
+                share[i, j] = masks[k][ys, xs].float().mean()
+        proto = (feats * share).sum((1, 2)) / share.sum()
+        torch.testing.assert_close(rows.prototypes[k], F.normalize(proto, dim=0), rtol=1e-4, atol=1e-5)
+
+    clip = builder.clip
+    ids = clip.tokenizer([caption])
+    captured = {}
+    handle = clip.model.ln_final.register_forward_hook(lambda m, a, out: captured.setdefault("x", out))
+    with torch.no_grad():
+        clip.model.encode_text(ids)
+    handle.remove()
+    seq = ids[0].tolist()
+    for k, noun in enumerate(["dog", "sofa"]):
+        word = [t for t in clip.tokenizer([noun])[0].tolist() if t not in (0, seq[0], max(seq))]  # no SOT/EOT/pad
+        start = next(i for i in range(len(seq)) if seq[i:i + len(word)] == word)
+        feature = captured["x"][0, start:start + len(word)].mean(0)
+        key = F.normalize(feature @ clip.model.text_projection, dim=0)
+        torch.testing.assert_close(rows.keys[k], key, rtol=1e-4, atol=1e-5)
