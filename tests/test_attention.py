@@ -37,7 +37,7 @@ def _probs(attn, hidden, context):
 def setup(tiny_sd):
     torch.manual_seed(0)
     prompts = build_class_prompts(tiny_sd.tokenizer, NAMES, "a photograph of {}.")
-    context = tiny_sd.encode_text(prompts.input_ids)  # (K, L, D)
+    context = tiny_sd.encode_text(prompts.input_ids).tokens  # (K, L, D)
     latents = torch.randn(1, 4, 16, 16)
     return tiny_sd, prompts, context, latents
 

@@ -29,9 +29,9 @@ def test_own_pass_refinement_uses_each_class_s_self_attention():
 
 def test_class_word_weighting_is_compel_s_formula(tiny_sd):
     prompts = build_class_prompts(tiny_sd.tokenizer, ["dog", "potted plant"], "a photograph of {}")
-    plain = tiny_sd.encode_text(prompts.input_ids)
-    weighted = tiny_sd.encode_text(prompts.input_ids, prompts.emphasis, 1.21)
-    empty = tiny_sd.empty_prompt_context()
+    plain = tiny_sd.encode_text(prompts.input_ids).tokens
+    weighted = tiny_sd.encode_text(prompts.input_ids, prompts.emphasis, 1.21).tokens
+    empty = tiny_sd.empty_prompt_context().tokens
     mask = prompts.emphasis[..., None]
     torch.testing.assert_close(weighted, torch.where(mask, empty + 1.21 * (plain - empty), plain))
     # Only the class name's LAST word is weighted ("potted plant++" weights "plant").

@@ -1,4 +1,5 @@
-"""The diffusion substrate shared by every method: the frozen SD wrapper, prompts, attention recording.
+"""The diffusion substrate shared by every method: the substrate interface and its UNet families
+(``substrate``, ``frozen_sd``), prompts, attention and feature recording.
 
 Nothing here imports diffusers or transformers at import time.
 """
@@ -14,6 +15,7 @@ from .attention import (
 from .features import FeatureTap, decoder_inputs, feature_taps, record_inputs, tap_modules, tappable_layers
 from ..pretrained.stable_diffusion import StableDiffusionParts, load_stable_diffusion
 from .frozen_sd import FrozenStableDiffusion
+from .substrate import PromptEmbeds, load_diffusion
 from .prompts import TOKEN_SELECTIONS, ClassPrompts, build_class_prompts, build_joint_prompt
 
 __all__ = [
@@ -22,12 +24,14 @@ __all__ = [
     "ClassPrompts",
     "FeatureTap",
     "FrozenStableDiffusion",
+    "PromptEmbeds",
     "StableDiffusionParts",
     "attention_layers",
     "available_factors",
     "TOKEN_SELECTIONS",
     "build_class_prompts",
     "build_joint_prompt",
+    "load_diffusion",
     "load_stable_diffusion",
     "minmax_per_map",
     "record_attention",

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .instrumentation import SharedInstrumentation, shared_instrumentation
+from .substrate import tokens_of
 
 # Largest transient tensor (bytes) a recorder materialises at once. It bounds the extra memory
 # and, kept under the C allocator's mmap threshold (32 MB by default), lets every chunk reuse
@@ -107,7 +108,8 @@ class AttentionStore:
         self.latent_size = tuple(latent_size)
         self.token_index = token_index
         self.token_weight = token_weight
-        self.readout_context = readout_context
+        # The per-token states whose keys are read (a PromptEmbeds' tokens, or the tensor itself).
+        self.readout_context = tokens_of(readout_context) if readout_context is not None else None
         self.own_self_attention = bool(own_self_attention)
         self.num_classes = token_index.shape[0]
         # Rows of the class accumulators that the current UNet batch holds

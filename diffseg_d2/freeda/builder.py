@@ -133,7 +133,7 @@ class PrototypeBankBuilder(nn.Module):
     @classmethod
     def from_config(cls, cfg) -> "PrototypeBankBuilder":
         """Build from ``MODEL.DIFFSEG`` (the noun source is checked before any model loads)."""
-        from ..diffusion import load_stable_diffusion
+        from ..diffusion import load_diffusion
         from ..pretrained.clip import OpenCLIP
         from ..pretrained.dino import DenseDINO
         from ..nouns import build_noun_extractor
@@ -141,7 +141,7 @@ class PrototypeBankBuilder(nn.Module):
         d, b = cfg.MODEL.DIFFSEG, cfg.MODEL.DIFFSEG.FREEDA.BUILD
         nouns = build_noun_extractor(b.NOUNS, b.NOUN_LIST)
         return cls(
-            diffusion=FrozenStableDiffusion(load_stable_diffusion(d.SD.WEIGHTS, d.SD.REVISION or None), d.SD.DTYPE),
+            diffusion=load_diffusion(d.SD.WEIGHTS, d.SD.REVISION, dtype=d.SD.DTYPE),
             clip=OpenCLIP.from_weights(d.CLIP.WEIGHTS, d.CLIP.TEMPLATES),
             dino=DenseDINO.from_weights(d.DINO.WEIGHTS),
             nouns=nouns,

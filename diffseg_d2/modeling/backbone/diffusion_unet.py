@@ -46,7 +46,14 @@ from torch import nn
 
 from ...checkpoint_safety import refuse_partial_loads
 from ...config import check_config
-from ...diffusion import FrozenStableDiffusion, decoder_inputs, feature_taps, load_stable_diffusion, record_inputs, tap_modules
+from ...diffusion import (
+    FrozenStableDiffusion,
+    decoder_inputs,
+    feature_taps,
+    load_diffusion,
+    record_inputs,
+    tap_modules,
+)
 from ...diffusion.features import PARTS
 from ...pretrained.clip import OpenCLIP
 from ...pretrained.frozen import exclude_from_checkpoints
@@ -177,9 +184,7 @@ class DiffusionUNetBackbone(Backbone):
         check_config(cfg)
         c = cfg.MODEL.DIFFSEG
         o = c.ODISE.BACKBONE
-        diffusion = FrozenStableDiffusion(
-            load_stable_diffusion(c.SD.WEIGHTS, c.SD.REVISION or None), dtype=c.SD.DTYPE
-        )
+        diffusion = load_diffusion(c.SD.WEIGHTS, c.SD.REVISION, dtype=c.SD.DTYPE)
         captioner = None
         if c.ODISE.CAPTIONER.ENABLED:
             clip = OpenCLIP.from_weights(c.CLIP.WEIGHTS, c.CLIP.TEMPLATES)
@@ -287,10 +292,11 @@ class DiffusionUNetBackbone(Backbone):
         # of the window's pixels alone.
         generator = torch.Generator().manual_seed(self.seed)
         noisy = d.add_noise(latents, self.noise_step, generator, same_for_batch=True)
-        context = d.empty_prompt_context().expand(n, -1, -1)
-        time_offset = None
+        empty = d.empty_prompt_context()
+        context, time_offset = empty.expand(n), None
         if self.captioner is not None:
-            context, time_offset = self.captioner((windows.float() + 1.0) * 127.5, context[:1])
+            tokens, time_offset = self.captioner((windows.float() + 1.0) * 127.5, empty.tokens)
+            context = empty.expand(n).with_tokens(tokens)
         with record_inputs(self._tap_modules["unet"]) as unet_recording:
             d.unet_forward(noisy, self.noise_step, context, grad=self.captioner is not None, time_offset=time_offset)
         keep("unet", unet_recording.collected(self._tap_names["unet"]))

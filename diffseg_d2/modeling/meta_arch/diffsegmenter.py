@@ -25,7 +25,7 @@ from ...diffusion import (
     TOKEN_SELECTIONS,
     available_factors,
     build_class_prompts,
-    load_stable_diffusion,
+    load_diffusion,
     minmax_per_map,
     record_attention,
 )
@@ -210,9 +210,7 @@ class DiffSegmenter(OpenVocabularySegmenter):
             )
         if d.CAPTION.ENABLED:
             captioner = BlipCaptioner.from_weights(d.CAPTION.WEIGHTS, d.CAPTION.MAX_NEW_TOKENS)
-        diffusion = FrozenStableDiffusion(
-            load_stable_diffusion(d.SD.WEIGHTS, d.SD.REVISION or None), dtype=d.SD.DTYPE
-        )
+        diffusion = load_diffusion(d.SD.WEIGHTS, d.SD.REVISION, dtype=d.SD.DTYPE)
         return {
             "diffusion": diffusion,
             **open_vocab_args_from_config(cfg),

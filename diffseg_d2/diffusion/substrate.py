@@ -1,0 +1,104 @@
+"""The diffusion substrate every method reads, whatever the model family.
+
+A substrate is a frozen text-to-image diffusion model with the few operations the methods need:
+
+* ``encode_images(images, sample_generator)``: images in [-1, 1] -> scaled latents;
+* ``add_noise(latents, step, generator)``: noise at a step of the model's own training schedule;
+* ``tokenize(prompts)`` / ``encode_text(ids, emphasis, weight)``: prompts -> :class:`PromptEmbeds`
+  (the per-token states cross-attention reads, and the pooled vectors a family adds);
+* ``empty_prompt_context()``: the encoded empty prompt;
+* ``unet_forward(latents, step, context)``: one denoiser pass, during which ``record_attention`` /
+  ``record_inputs`` read the chosen layers;
+* ``generate(context, ...)``: text-to-image, for FreeDA's bank.
+
+``FrozenStableDiffusion`` implements it for the UNet families (SD 1.x, SD 2.x, SDXL); what differs
+between those is data (``diffseg_d2.pretrained.stable_diffusion.UNetFamily``), picked from the
+weights (a folder's ``model_index.json``, a hub id's, or a preset). ``load_diffusion`` is the one
+place a config's weights become a substrate.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+__all__ = ["PromptEmbeds", "load_diffusion"]
+
+
+@dataclass(frozen=True)
+class PromptEmbeds:
+    """Encoded prompts: what the denoiser is conditioned on.
+
+    Args:
+        tokens: (B, L, D) per-token states; the cross-attention keys and values are made from them
+            (for SDXL, both text encoders' states side by side).
+        pooled: (B, P) the family's pooled text embeddings (SDXL's ``text_embeds``), or None.
+
+    Indexing, ``expand``, ``cat`` and ``to`` act on the batch of both, as on a tensor's first dimension.
+    """
+
+    tokens: torch.Tensor
+    pooled: Optional[torch.Tensor] = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.tokens.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tokens.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tokens.device
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __getitem__(self, index: Union[int, slice, Sequence[int], torch.Tensor]) -> "PromptEmbeds":
+        if isinstance(index, int):
+            index = slice(index, index + 1)  # keep the batch dimension
+        return PromptEmbeds(self.tokens[index], None if self.pooled is None else self.pooled[index])
+
+    def expand(self, n: int, *keep: int) -> "PromptEmbeds":
+        """The batch of one prompt repeated ``n`` times (views, no copy); as ``Tensor.expand(n, -1, -1)``."""
+        if any(k != -1 for k in keep):
+            raise ValueError("PromptEmbeds.expand changes the batch size only: pass -1 for the other dimensions.")
+        if self.tokens.shape[0] != 1:
+            raise ValueError(f"expand() repeats a batch of one prompt, not of {self.tokens.shape[0]}.")
+        return PromptEmbeds(self.tokens.expand(n, -1, -1), None if self.pooled is None else self.pooled.expand(n, -1))
+
+    def to(self, *args, **kwargs) -> "PromptEmbeds":
+        return PromptEmbeds(self.tokens.to(*args, **kwargs),
+                            None if self.pooled is None else self.pooled.to(*args, **kwargs))
+
+    def with_tokens(self, tokens: torch.Tensor) -> "PromptEmbeds":
+        """The same prompts with other per-token states (e.g. ODISE's captioner added to them)."""
+        return PromptEmbeds(tokens, self.pooled)
+
+    @staticmethod
+    def cat(items: Sequence["PromptEmbeds"]) -> "PromptEmbeds":
+        pooled = [p.pooled for p in items]
+        if any(p is None for p in pooled) and not all(p is None for p in pooled):
+            raise ValueError("Cannot join prompts of families with and without pooled embeddings.")
+        return PromptEmbeds(torch.cat([p.tokens for p in items]),
+                            None if pooled[0] is None else torch.cat(pooled))
+
+
+def tokens_of(context: Union[PromptEmbeds, torch.Tensor]) -> torch.Tensor:
+    """The per-token states of ``context`` (a ``PromptEmbeds`` or already a (B, L, D) tensor)."""
+    return context.tokens if isinstance(context, PromptEmbeds) else context
+
+
+def load_diffusion(weights: str, revision: Optional[str] = None, dtype: str = "float32"):
+    """The frozen substrate of ``MODEL.DIFFSEG.SD.WEIGHTS``: its family is read from the weights.
+
+    Raises:
+        UnsupportedFamilyError: the weights are a model of a family not supported (the message names
+            the supported ones).
+    """
+    from ..pretrained.stable_diffusion import load_stable_diffusion
+    from .frozen_sd import FrozenStableDiffusion
+
+    return FrozenStableDiffusion(load_stable_diffusion(weights, revision or None), dtype=dtype)
