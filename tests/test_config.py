@@ -96,3 +96,21 @@ def test_import_registers_without_heavy_imports():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("leaf, architecture, image_size", [("voc21_sd21.yaml", "sd21", 512), ("voc21_sdxl.yaml", "sdxl", 1024)])
+def test_family_configs_read_layers_their_architecture_has(leaf, architecture, image_size):
+    """The SD 2.1 / SDXL configs' attention factors exist in the real UNet of that family (built on
+    the meta device: its structure, no weights) and tile its latent at the config's image size."""
+    import diffusers
+    import torch
+
+    from diffseg_d2.diffusion import available_factors
+    from diffseg_d2.pretrained.stable_diffusion import SD_ARCHITECTURES
+
+    d = get_diffseg_cfg(os.path.join(ROOT, "configs", "diffsegmenter", leaf)).MODEL.DIFFSEG
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel(in_channels=4, out_channels=4, **SD_ARCHITECTURES[architecture]["unet"])
+    assert set(d.CROSS_ATTN_FACTORS) <= set(available_factors(unet, "cross"))
+    assert d.SELF_ATTN_FACTOR == min(available_factors(unet, "self"))  # the finest self-attention, as the reference
+    assert d.IMAGE_SIZE == image_size and (d.IMAGE_SIZE // 8) % max(d.CROSS_ATTN_FACTORS) == 0
