@@ -52,3 +52,28 @@ def test_building_random_weights_leaves_the_callers_random_state_alone():
     second = DenseDINO.from_weights("random:tiny")
     for a, b in zip(first.parameters(), second.parameters()):
         assert torch.equal(a, b)
+
+
+def test_the_openai_clip_hub_weights_are_built_with_quick_gelu(monkeypatch):
+    """FreeDA's CLIP (timm/vit_large_patch14_clip_224.openai, OpenAI's weights) needs QuickGELU. open_clip
+    builds an hf-hub model from the repository's own json alone, so the loader asks open_clip's registry
+    and forces QuickGELU for the repositories it lists with it (LAION's weights keep GELU)."""
+    import open_clip
+
+    from diffseg_d2.pretrained.clip import registry_quick_gelu
+
+    assert registry_quick_gelu(open_clip, "timm/vit_large_patch14_clip_224.openai")
+    assert not registry_quick_gelu(open_clip, "laion/CLIP-ViT-L-14-laion2B-s32B-b82K")
+    built = {}
+    tiny = OpenCLIP.from_weights("tiny", ["a photo of a {}."])
+
+    def create_model(name, **kwargs):  # the hub is unreachable here: record the request, return the tiny model
+        built[name] = kwargs
+        return tiny.model
+
+    monkeypatch.setattr(open_clip, "create_model", create_model)
+    monkeypatch.setattr(open_clip, "get_tokenizer", lambda name: tiny.tokenizer)
+    OpenCLIP.from_weights("timm/vit_large_patch14_clip_224.openai", ["a photo of a {}."])
+    OpenCLIP.from_weights("laion/CLIP-ViT-L-14-laion2B-s32B-b82K", ["a photo of a {}."])
+    assert built["hf-hub:timm/vit_large_patch14_clip_224.openai"].get("force_quick_gelu") is True
+    assert "force_quick_gelu" not in built["hf-hub:laion/CLIP-ViT-L-14-laion2B-s32B-b82K"]

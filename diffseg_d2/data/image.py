@@ -9,17 +9,39 @@ Detectron2's ``read_image`` converts with PIL's ``convert("RGB")``, which clips
 * alpha (RGBA, LA, palette transparency) -> composited over white;
 * EXIF orientation applied;
 * multi-frame files (animated GIF/PNG/WebP, multi-page TIFF) -> the first frame,
-  with a logged warning naming the file and its frame count.
+  with a logged warning naming the file and its frame count;
+* images whose header declares more than ``max_pixels`` pixels (``MAX_PIXELS`` unless the caller
+  passes another cap) -> :class:`ImageTooLargeError`, before any pixel is decoded: a small, highly
+  compressed file can declare hundreds of megapixels and take gigabytes once decoded.
 """
 from __future__ import annotations
 
 import logging
+import re
+from typing import Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageOps
 
 WHITE = (255, 255, 255)
+# The largest image read by default, in pixels (width x height). Decoding holds up to 8 bytes a pixel
+# (16-bit RGBA) and the conversion to 8-bit RGB a few more copies, so this bounds a read to a few GB;
+# it is above the photos of common cameras (a 48-megapixel one is 8000 x 6000) and below Pillow's own
+# limits (a warning past Image.MAX_IMAGE_PIXELS, an error past twice that), so this cap is the one that decides.
+MAX_PIXELS = 64_000_000
 logger = logging.getLogger(__name__)
+
+
+class ImageTooLargeError(ValueError):
+    """An image file that declares more pixels than the reader accepts; refused before it is decoded."""
+
+
+def _too_large(path: str, size: Optional[Tuple[int, int]], pixels: int, limit: int) -> ImageTooLargeError:
+    declared = f"{size[0]}x{size[1]} = {pixels:,} pixels" if size else f"{pixels:,} pixels"
+    return ImageTooLargeError(
+        f"The image {path} is too large: {declared}, over the limit of {limit:,} pixels. "
+        "Shrink it (or crop it) below the limit and try again."
+    )
 
 
 def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
@@ -55,19 +77,35 @@ def _frame_count(img: Image.Image) -> int:
         return 0
 
 
-def read_image_rgb(path: str) -> np.ndarray:
+def read_image_rgb(path: str, max_pixels: Optional[int] = MAX_PIXELS) -> np.ndarray:
     """Read an image file as (H, W, 3) uint8 RGB; of a multi-frame file, its first frame (with a warning).
 
+    Args:
+        max_pixels: the most pixels (width x height) accepted, checked from the file's header before
+            anything is decoded; None: no cap of ours (Pillow's own, 2 x ``Image.MAX_IMAGE_PIXELS``, stays).
+
     Raises:
+        ImageTooLargeError: (a ValueError) the header declares more than ``max_pixels`` pixels, or more
+            than Pillow opens at all.
         ValueError: the file is not a readable image, or has no pixels.
     """
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # reads the header only: img.size is known, no pixel decoded yet
+            width, height = img.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise _too_large(path, img.size, width * height, max_pixels)
             img.load()
             rgb = pil_to_rgb(img)
             # Counted after the first frame is converted: counting seeks, and a damaged later
             # frame must not make a readable first frame an error.
             frames = _frame_count(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # Pillow refuses in Image.open, before the size reaches us, past 2 x MAX_IMAGE_PIXELS (and past
+        # 1 x where warnings are errors); its message carries the declared count, ours the advice.
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        limit = Image.MAX_IMAGE_PIXELS * (2 if isinstance(e, Image.DecompressionBombError) else 1)
+        limit = min(limit, max_pixels) if max_pixels is not None else limit
+        raise _too_large(path, None, int(found.group(1)) if found else limit + 1, limit) from None
     except (OSError, SyntaxError) as e:  # PIL raises SyntaxError for some corrupt files
         raise ValueError(f"Could not read the image {path}: {e}") from e
     if rgb.shape[0] == 0 or rgb.shape[1] == 0:

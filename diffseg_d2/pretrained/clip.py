@@ -27,6 +27,16 @@ TINY_CLIP_FOLDER = "tiny-open-clip-v1"
 _TEXT_CACHE_SIZE = 64
 
 
+def registry_quick_gelu(open_clip, hub_id: str) -> bool:
+    """Whether open_clip's registry of pretrained weights says the weights of this hub repository use
+    QuickGELU (the OpenAI CLIP weights, e.g. ``timm/vit_large_patch14_clip_224.openai``: FreeDA's)."""
+    for model, tag in open_clip.list_pretrained():
+        cfg = open_clip.get_pretrained_cfg(model, tag)
+        if cfg.get("hf_hub", "").rstrip("/") == hub_id.rstrip("/") and cfg.get("quick_gelu", False):
+            return True
+    return False
+
+
 class OpenCLIP(FrozenModel):
     """A frozen open_clip model.
 
@@ -72,9 +82,13 @@ class OpenCLIP(FrozenModel):
             micro="clip",
         )
         name = ("local-dir:" if location.is_local else "hf-hub:") + location.path
+        # open_clip builds an hf-hub / local-dir model from the repository's own json alone; the
+        # OpenAI weights need QuickGELU, which its registry knows for their hub repositories.
+        quick_gelu = not location.is_local and registry_quick_gelu(open_clip, location.path)
         model, tokenizer = load_pretrained(
             location, "CLIP model",
-            lambda: (open_clip.create_model(name, weights_only=True, require_pretrained=True),
+            lambda: (open_clip.create_model(name, weights_only=True, require_pretrained=True,
+                                            **({"force_quick_gelu": True} if quick_gelu else {})),
                      open_clip.get_tokenizer(name)),
             errors=(OSError, RuntimeError),
         )
