@@ -138,3 +138,16 @@ def test_daam_and_the_freeda_bank_run_on_sdxl():
     rows = builder.caption_prototypes(0, "a dog on a sofa")
     assert rows.nouns and rows.image.shape == (3, builder.image_size, builder.image_size)
     assert torch.isfinite(rows.prototypes).all() and torch.isfinite(rows.keys).all()
+
+
+def test_odise_runs_on_sdxl_and_names_taps_its_unet_does_not_have():
+    from detectron2.modeling import build_model
+
+    opts = ["MODEL.DIFFSEG.SD.WEIGHTS", "tiny-sdxl"]
+    torch.manual_seed(0)
+    model = build_model(get_diffseg_cfg("configs/tiny/odise.yaml", opts)).eval()
+    with torch.no_grad():
+        out = model([{"image": torch.rand(3, 128, 128) * 255, "vocabulary": ["person", "chair"]}])[0]
+    assert out["sem_seg"].shape == (2, 128, 128) and torch.isfinite(out["sem_seg"]).all()
+    with pytest.raises(ValueError, match=r"The unet has 6 tappable layers \(0\.\.5\); layer 7 does not exist"):
+        build_model(get_diffseg_cfg("configs/tiny/odise.yaml", opts + ["MODEL.DIFFSEG.ODISE.BACKBONE.UNET_BLOCKS", "[1, 3, 7]"]))
