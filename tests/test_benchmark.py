@@ -224,6 +224,13 @@ def test_full_size_models_come_from_configs_naming_random_presets():
     assert (d.IMAGE_SIZE, list(d.CROSS_ATTN_FACTORS), list(d.CROSS_ATTN_WEIGHTS), d.SELF_ATTN_FACTOR) == \
         (512, [8, 4, 2, 1], [0.3, 0.5, 0.1, 0.1], 1)
     assert not d.CATEGORY_FILTER.ENABLED and d.CONDITIONING == "per_class"
+    # The other families at their native sizes, with the factors their configs read.
+    d = diffsegmenter.model_cfg("sd21", "cpu", "float32", "per_class").MODEL.DIFFSEG
+    assert (d.SD.WEIGHTS, d.IMAGE_SIZE, list(d.CROSS_ATTN_FACTORS), d.CAPTION.ENABLED) == \
+        ("random:sd21", 768, [8, 4, 2, 1], False)
+    d = diffsegmenter.model_cfg("sdxl", "cpu", "float32", "shared").MODEL.DIFFSEG
+    assert (d.SD.WEIGHTS, d.IMAGE_SIZE, list(d.CROSS_ATTN_FACTORS), d.SELF_ATTN_FACTOR, d.CONDITIONING) == \
+        ("random:sdxl", 1024, [4, 2], 2, "shared")
     for kind in odise.KINDS:
         d = odise.odise_cfg("reference", "cpu", kind).MODEL.DIFFSEG
         assert (d.SD.WEIGHTS, d.CLIP.WEIGHTS) == ("random:sd15", "random:ViT-L-14-336")

@@ -40,6 +40,8 @@ logger = logging.getLogger("diffseg_d2.benchmark")
 PRESETS = {
     "tiny": diffsegmenter,
     "sd15": diffsegmenter,
+    "sd21": diffsegmenter,
+    "sdxl": diffsegmenter,
     retrieval.PRESET: retrieval,
     odise.PRESET: odise,
     freeda.PRESET: freeda,

@@ -1,4 +1,5 @@
-"""DiffSegmenter against the least any method reading the same UNet must pay (presets ``tiny`` and ``sd15``).
+"""DiffSegmenter against the least any method reading the same UNet must pay (presets ``tiny``, ``sd15``,
+``sd21`` and ``sdxl``).
 
 Per preset, in one run:
 
@@ -14,7 +15,10 @@ Per preset, in one run:
 configs/diffsegmenter/Base-DiffSegmenter.yaml (512x512, cross-attention factors 8, 4, 2, 1 weighted
 .3, .5, .1, .1, self-attention factor 1) with ``MODEL.DIFFSEG.SD.WEIGHTS random:sd15`` and, for the
 caption rows, ``MODEL.DIFFSEG.CAPTION.WEIGHTS random:large``: the real architectures with random
-weights, built in memory (speed does not depend on the weights, so nothing is downloaded).
+weights, built in memory (speed does not depend on the weights, so nothing is downloaded). ``sd21`` is
+the same config on SD 2.1's architecture at its native 768x768 (``random:sd21``); ``sdxl`` SDXL base's
+at 1024x1024 (``random:sdxl``) with the factors of configs/diffsegmenter/voc21_sdxl.yaml (cross-attention
+at 4 and 2, self-attention at 2). Neither has caption rows.
 
 Peak memory: on CPU the increase of peak RSS over the RSS just before the first forward, on CUDA
 the increase of ``torch.cuda.max_memory_allocated``. Times are medians of ``--repeats`` calls after
@@ -33,14 +37,17 @@ from .harness import fmt_s, median
 
 logger = logging.getLogger("diffseg_d2.benchmark")
 
-PRESETS = ("tiny", "sd15")
+PRESETS = ("tiny", "sd15", "sd21", "sdxl")
 DEFAULT_REPEATS = 3
 CONFIGS = {
     "tiny": harness.config_path("tiny", "diffsegmenter.yaml"),
     "sd15": harness.config_path("diffsegmenter", "Base-DiffSegmenter.yaml"),
+    "sd21": harness.config_path("diffsegmenter", "Base-DiffSegmenter.yaml"),
+    "sdxl": harness.config_path("diffsegmenter", "voc21_sdxl.yaml"),
 }
-# Random full-size models of the real architectures (sd15 only).
-RANDOM_SD = "random:sd15"
+# Random full-size models of the real architectures, and the square side each runs at.
+RANDOM_SD = {"sd15": "random:sd15", "sd21": "random:sd21", "sdxl": "random:sdxl"}
+IMAGE_SIZE = {"sd15": 512, "sd21": 768, "sdxl": 1024}
 RANDOM_CAPTIONER = "random:large"  # BLIP large
 PLAIN_PROMPT = "a photograph of aeroplane."
 # Targets of our "shared" conditioning ...
@@ -55,6 +62,8 @@ PER_CLASS_OVERHEAD = 1.2
 TITLES = {
     "tiny": "tiny: the tiny random-weight preset (configs/tiny/diffsegmenter.yaml)",
     "sd15": "sd15: the Stable Diffusion 1.5 architecture, random weights, 512x512",
+    "sd21": "sd21: the Stable Diffusion 2.1 architecture, random weights, 768x768",
+    "sdxl": "sdxl: the SDXL base 1.0 architecture, random weights, 1024x1024",
 }
 
 
@@ -66,7 +75,7 @@ def measure(spec: dict) -> dict:
     start = time.perf_counter()
     model = build_model(model_cfg(spec["preset"], spec["device"], spec["dtype"], spec.get("conditioning", "shared"),
                                   spec.get("captions", False))).eval()
-    image = harness.sample_image(512 if spec["preset"] == "sd15" else 0)
+    image = harness.sample_image(IMAGE_SIZE.get(spec["preset"], 0))
     build_s = time.perf_counter() - start
     logger.info("%s: model built in %.1f s, measuring", spec["name"], build_s)
     load = harness.OtherLoad()
@@ -151,8 +160,8 @@ def model_cfg(preset: str, device: str, dtype: str, conditioning: str, captions:
         "MODEL.DIFFSEG.SD.DTYPE", dtype,
         "MODEL.DEVICE", device,
     ]
-    if preset == "sd15":
-        opts += ["MODEL.DIFFSEG.SD.WEIGHTS", RANDOM_SD,
+    if preset in RANDOM_SD:
+        opts += ["MODEL.DIFFSEG.SD.WEIGHTS", RANDOM_SD[preset], "MODEL.DIFFSEG.IMAGE_SIZE", str(IMAGE_SIZE[preset]),
                  "MODEL.DIFFSEG.CAPTION.ENABLED", str(captions),
                  "MODEL.DIFFSEG.CAPTION.WEIGHTS", RANDOM_CAPTIONER]
     return get_diffseg_cfg(CONFIGS[preset], opts)
