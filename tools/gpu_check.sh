@@ -14,6 +14,8 @@
 #                 outputs, tiny ODISE backbone features, one ODISE training step
 #   bench-sd15    python tools/benchmark.py --preset sd15 on CUDA (fewer classes and repeats)
 #   bench-odise   python tools/benchmark.py --preset odise on CUDA (one repeat)
+#   bench-sd21, bench-sdxl   the sd21 / sdxl presets on CUDA (1 and 20 classes, 2 repeats); not in the
+#                 default list, whose 10 minutes they would exceed: GPU_CHECK_STEPS="bench-sd21 bench-sdxl"
 #   tests-rest    the rest of the fast suite (pytest -m "not slow and not device"), in what time is left
 #
 # Results go to ${OUT:-output/gpu_check}/: one log per step, summary.txt, junit XML of the tests, the
@@ -33,6 +35,8 @@ BUDGET_TESTS_DEVICE=90  # 6 tests, with the tiny presets and the tiny FreeDA ban
 BUDGET_DTYPES=60        # 2 dtypes x (tiny DiffSegmenter, tiny ODISE backbone + training step): ~25 s
 BUDGET_BENCH_SD15=150   # 7 worker processes, each building SD 1.5 (+ BLIP large) with random weights
 BUDGET_BENCH_ODISE=200  # 6 worker processes, each building SD 1.5 + CLIP ViT-L/14-336 with random weights
+BUDGET_BENCH_SD21=240   # 5 worker processes building SD 2.1 (768 px) with random weights
+BUDGET_BENCH_SDXL=420   # 5 worker processes building SDXL base (1024 px, 2.6B UNet) with random weights
 BUDGET_TOTAL=570        # tests-rest gets what the steps before it left of this, at most the next line
 BUDGET_TESTS_REST_MAX=180  # about 1.5 min on 2 CPU cores; skipped when under 30 s are left
 
@@ -243,6 +247,14 @@ step_bench_odise() {
     bench odise --repeats 1
 }
 
+step_bench_sd21() {
+    bench sd21 --classes 1,20 --repeats 2 --budget-min 3
+}
+
+step_bench_sdxl() {
+    bench sdxl --classes 1,20 --repeats 2 --budget-min 6
+}
+
 if [[ "${1:-}" == --step ]]; then
     "step_${2//-/_}"
     exit
@@ -295,6 +307,8 @@ for step in $STEPS; do
         dtypes) run_step dtypes "$BUDGET_DTYPES" || true ;;
         bench-sd15) run_step bench-sd15 "$BUDGET_BENCH_SD15" || true ;;
         bench-odise) run_step bench-odise "$BUDGET_BENCH_ODISE" || true ;;
+        bench-sd21) run_step bench-sd21 "$BUDGET_BENCH_SD21" || true ;;
+        bench-sdxl) run_step bench-sdxl "$BUDGET_BENCH_SDXL" || true ;;
         tests-rest)
             left=$((BUDGET_TOTAL - (SECONDS - STARTED)))
             if ((left > BUDGET_TESTS_REST_MAX)); then left=$BUDGET_TESTS_REST_MAX; fi
