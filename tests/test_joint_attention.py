@@ -3,7 +3,6 @@ materialised softmax of the same layer, on tiny random transformers of the real 
 and non-square; the model's outputs unchanged by recording."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from diffseg_d2.diffusion.joint_attention import JointAttentionStore, joint_attention_layers, record_joint_attention
 from diffseg_d2.diffusion.readouts import image_self_apply, image_to_text, joint_layout, text_to_image
