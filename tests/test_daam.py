@@ -58,39 +58,57 @@ def test_output_channels_and_background(daam):
         assert channel.min() == 0 and abs(float(channel.max()) - 1) < 1e-5
 
 
-def test_every_cross_attention_layer_and_timestep_is_summed(daam, monkeypatch):
+def test_heat_maps_are_daams_by_hand(daam, monkeypatch):
+    """castorini/daam's aggregation, computed here from each cross-attention layer's inputs: per
+    (layer, head, token) the softmax probabilities summed over the UNet calls (one per timestep),
+    upsampled bicubically to the finest map and clamped at 0; the mean over every (layer, head) of the
+    down and up blocks (the mid block left out, as DAAM's locator does); a word's mean over its tokens."""
     names = ["square", "dining table"]
-    calls = []
-    original = daam.diffusion.unet_forward
+    d = daam.diffusion
+    calls, inputs = [], {}
+    original = d.unet_forward
 
     def counting(latents, step, context):
         calls.append(int(step))
         return original(latents, step, context)
 
-    monkeypatch.setattr(daam.diffusion, "unet_forward", counting)
-    maps = daam.class_maps(_image(), names, [0, 1])
+    handles = []
+    for name, module in d.unet.named_modules():
+        if name.endswith("attn2"):
+            def keep(mod, args, kwargs, name=name):
+                inputs.setdefault(name, []).append((args[0] if args else kwargs["hidden_states"],
+                                                    kwargs.get("encoder_hidden_states")))
+            handles.append(module.register_forward_pre_hook(keep, with_kwargs=True))
+    monkeypatch.setattr(d, "unet_forward", counting)
+    try:
+        maps = daam.class_maps(_image(), names, [0, 1])
+    finally:
+        for h in handles:
+            h.remove()
     assert calls == [700, 300, 50]
-    assert maps.shape[0] == 2
 
-    # The same sum by hand: per timestep, per factor, bicubic to the finest map, clamped, added.
-    d = daam.diffusion
-    prompts = build_joint_prompt(d.tokenizer, names, daam.carrier_template)
-    context = d.encode_text(prompts.input_ids[:1])
-    latents = daam.encode(_image(), torch.Generator().manual_seed(daam.seed))
-    expected = 0.0
-    for t in (700, 300, 50):
-        store = AttentionStore(latents.shape[-2:], prompts.token_index, prompts.token_weight, context.expand(2, -1, -1))
-        with record_attention(d.unet, store, daam.cross_attn_factors):
-            g = torch.Generator().manual_seed(daam.seed)
-            original(d.add_noise(latents, t, g), t, context)
-        target = store.resolution(min(daam.cross_attn_factors))
-        for f in daam.cross_attn_factors:
-            m = store.cross_sum(f)
-            if tuple(m.shape[-2:]) != target:
-                m = F.interpolate(m[None], size=target, mode="bicubic", align_corners=False)[0].clamp(min=0)
-            expected = expected + m
-    assert torch.allclose(maps, expected, atol=1e-5)
-    assert len(daam.cross_attn_factors) == len(set(daam.cross_attn_factors)) >= 2  # all resolutions, not one
+    prompts, _ = daam._vocabulary_prompts(tuple(names))
+    modules = dict(d.unet.named_modules())
+    finest = maps.shape[-2:]
+    per_head = []
+    for name, seen in inputs.items():
+        if name.startswith("mid_block"):
+            continue
+        attn, total = modules[name], 0.0
+        for hidden, context in seen:
+            q = attn.to_q(hidden)[0].view(-1, attn.heads, attn.inner_dim // attn.heads).transpose(0, 1)
+            k = attn.to_k(context)[0].view(-1, attn.heads, attn.inner_dim // attn.heads).transpose(0, 1)
+            total = total + (q @ k.transpose(1, 2) * attn.scale).softmax(-1)  # (H, N, L)
+        h = w = int(round(total.shape[1] ** 0.5))  # the image is resized to an IMAGE_SIZE square first
+        per_token = total.permute(0, 2, 1).reshape(-1, 1, h, w)  # (H * L, 1, h, w)
+        if (h, w) != tuple(finest):
+            per_token = F.interpolate(per_token, size=tuple(finest), mode="bicubic", align_corners=False).clamp(min=0)
+        per_head.append(per_token.view(attn.heads, -1, *finest))
+    tokens = torch.cat(per_head).mean(0)  # (L, h, w)
+    expected = torch.stack([(tokens[prompts.token_index[k]] * prompts.token_weight[k][:, None, None]).sum(0)
+                            for k in range(2)])
+    torch.testing.assert_close(maps, expected, rtol=1e-5, atol=1e-7)
+    assert any(n.startswith("mid_block") for n in inputs)  # there was a mid block to leave out
 
 
 def test_bad_timesteps_are_refused(tiny_cfg_path, _session_cache):

@@ -10,6 +10,7 @@ from .attention import (
     available_factors,
     minmax_per_map,
     record_attention,
+    daam_heat_maps,
     summed_cross_maps,
 )
 from .features import FeatureTap, decoder_inputs, feature_taps, record_inputs, tap_modules, tappable_layers
@@ -41,4 +42,5 @@ __all__ = [
     "tap_modules",
     "tappable_layers",
     "summed_cross_maps",
+    "daam_heat_maps",
 ]

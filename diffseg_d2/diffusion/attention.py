@@ -95,6 +95,9 @@ class AttentionStore:
             of the recorded self-attention layers instead of one running mean over the batch, so
             that ``refine_own`` can refine each class with the self-attention of its own pass.
             Costs ``2 * layers * H * N * d`` values per class, not ``N * N``.
+        per_layer_heads: also keep, per cross-attention layer, every head's probability on every
+            class token, summed over calls (``(H, T, N)`` per layer): DAAM's heat maps
+            (``daam_heat_maps``) upsample and clamp each (layer, head, token) map before averaging.
     """
 
     def __init__(
@@ -104,6 +107,7 @@ class AttentionStore:
         token_weight: torch.Tensor,
         readout_context: Optional[torch.Tensor] = None,
         own_self_attention: bool = False,
+        per_layer_heads: bool = False,
     ):
         self.latent_size = tuple(latent_size)
         self.token_index = token_index
@@ -111,6 +115,7 @@ class AttentionStore:
         # The per-token states whose keys are read (a PromptEmbeds' tokens, or the tensor itself).
         self.readout_context = tokens_of(readout_context) if readout_context is not None else None
         self.own_self_attention = bool(own_self_attention)
+        self.per_layer_heads = bool(per_layer_heads)
         self.num_classes = token_index.shape[0]
         # Rows of the class accumulators that the current UNet batch holds
         # ("per_class" conditioning: one class prompt per batch element).
@@ -124,6 +129,8 @@ class AttentionStore:
         self._self_count: Dict[int, int] = {}
         # factor -> [(rows, scaled queries (n, H, N, d), keys (n, H, N, d))], one entry per layer call
         self._self_qk: Dict[int, list] = {}
+        # cross-attention layer name -> (factor, (H, T, N) per-head token probabilities summed over calls)
+        self._layer_heads: Dict[str, Tuple[int, torch.Tensor]] = {}
 
     def resolution(self, factor: int) -> Tuple[int, int]:
         h, w = self.latent_size
@@ -137,6 +144,14 @@ class AttentionStore:
             self._cross_count[factor] = torch.zeros(self.num_classes, device=maps.device)
         self._cross[factor][rows] += maps.float()
         self._cross_count[factor][rows] += 1
+
+    def add_layer_heads(self, name: str, factor: int, probs: torch.Tensor) -> None:
+        """Add one call's ``(H, K*T, N)`` per-head probabilities on the class tokens (``token_index``
+        flattened) of layer ``name``."""
+        if name in self._layer_heads:
+            self._layer_heads[name][1].add_(probs.float())
+        else:
+            self._layer_heads[name] = (factor, probs.float().clone())
 
     def self_accumulator(self, factor: int, n: int, device: torch.device) -> torch.Tensor:
         """The ``(n, n)`` float32 running sum of self-attention maps at ``factor``, to add into in place."""
@@ -210,9 +225,10 @@ def minmax_per_map(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
 
 def summed_cross_maps(store: AttentionStore, factors: Sequence[int], size: Tuple[int, int]) -> torch.Tensor:
-    """DAAM's aggregation: the class maps summed over every recorded layer and UNet call at
-    ``factors``, each factor's sum upsampled bicubically to ``size`` with its negative
-    overshoot clamped, then added: ``(K, *size)``."""
+    """A DAAM-style aggregation (FreeDA's bank builder): the head-averaged class maps summed over every
+    recorded layer and UNet call at ``factors``, each factor's sum upsampled bicubically to ``size``
+    with its negative overshoot clamped, then added: ``(K, *size)``. DAAM's own order (each head
+    and layer upsampled and clamped, then averaged) is :func:`daam_heat_maps`."""
     total = 0.0
     for factor in factors:
         maps = store.cross_sum(factor)
@@ -220,6 +236,35 @@ def summed_cross_maps(store: AttentionStore, factors: Sequence[int], size: Tuple
             maps = F.interpolate(maps[None], size=tuple(size), mode="bicubic", align_corners=False)[0].clamp(min=0)
         total = total + maps
     return total
+
+
+def daam_heat_maps(store: AttentionStore, size: Tuple[int, int]) -> torch.Tensor:
+    """DAAM's heat maps (castorini/daam: ``compute_global_heat_map`` then a word's mean over its tokens)
+    from a store recorded with ``per_layer_heads``: ``(K, *size)``.
+
+    Every (layer, head, token) map, summed over the UNet calls, is upsampled bicubically to ``size``
+    (the finest cross-attention resolution) and its negative overshoot clamped; the maps are averaged
+    over all (layer, head) pairs, so a layer weighs by its number of heads; a class takes the mean
+    over its word's tokens. As DAAM's locator, the mid block's layers are left out, and so are maps
+    8 times coarser than ``size`` (DAAM skips its "factor 8" maps).
+    """
+    layers = {n: v for n, v in store._layer_heads.items() if not n.startswith("mid_block")}
+    per_head = []
+    for name, (factor, probs) in sorted(layers.items()):
+        h, w = store.resolution(factor)
+        if h * 8 <= size[0] and w * 8 <= size[1]:
+            continue
+        H, T, _ = probs.shape
+        maps = probs.view(H * T, 1, h, w)
+        if (h, w) != tuple(size):
+            maps = F.interpolate(maps, size=tuple(size), mode="bicubic", align_corners=False).clamp_(min=0)
+        per_head.append(maps.view(H, T, *size))  # T: the (class, token) positions of token_index, flattened
+    if not per_head:
+        raise RuntimeError("No cross-attention layer was recorded with per_layer_heads (DAAM's heat maps).")
+    tokens = torch.cat(per_head).mean(0)  # (K*T, *size): the mean over every (layer, head)
+    K, T = store.token_index.shape
+    weight = store.token_weight.to(tokens.device, torch.float32)  # (K, T): 1/n on a word's n tokens
+    return (tokens.view(K, T, *size) * weight[..., None, None]).sum(1)
 
 
 def class_token_maps(
@@ -275,12 +320,13 @@ class AttentionRecorder:
     the thing being recorded.
     """
 
-    def __init__(self, store: AttentionStore, kind: str, factor: int):
+    def __init__(self, store: AttentionStore, kind: str, factor: int, name: Optional[str] = None):
         if kind not in ("self", "cross"):
             raise ValueError(f"kind must be 'self' or 'cross', not {kind!r}")
         self.store = store
         self.kind = kind
         self.factor = factor
+        self.name = name  # the layer (its processor name), for per-layer read-outs
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         residual = hidden_states
@@ -352,6 +398,12 @@ class AttentionRecorder:
             rows = store.batch_classes
         maps = class_token_maps(query, k, store.token_index[rows], store.token_weight[rows], attn.scale)
         store.add_cross(self.factor, rows, maps)
+        if store.per_layer_heads:
+            if store.readout_context is not None or query.shape[0] != 1:
+                raise ValueError("per-layer head maps are read from one pass on one prompt naming every class.")
+            probs = torch.matmul(query[0], k[0].transpose(-1, -2)).float().mul_(attn.scale).softmax(dim=-1)  # (H, N, L)
+            picked = probs[:, :, store.token_index.reshape(-1).to(probs.device)]  # (H, N, K*T)
+            store.add_layer_heads(self.name or f"factor-{self.factor}", self.factor, picked.transpose(1, 2).contiguous())
 
     def _self_attention(self, query, key, value, scale: float) -> torch.Tensor:
         """Attention output (B, H, N, d), computed in blocks of query rows whose probabilities
@@ -378,16 +430,18 @@ class _RecordingProcessor:
     call running in this thread when that call chose this layer, and otherwise runs the layer's
     original processor unchanged."""
 
-    def __init__(self, original, kind: Optional[str], factor: Optional[int], instrumentation: SharedInstrumentation):
+    def __init__(self, original, kind: Optional[str], factor: Optional[int], instrumentation: SharedInstrumentation,
+                 name: Optional[str] = None):
         self.original = original
         self.kind = kind
         self.factor = factor
         self.instrumentation = instrumentation
+        self.name = name
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         recording = self.instrumentation.current()
         if recording is not None and (self.kind, self.factor) in recording.layers:
-            recorder = AttentionRecorder(recording.store, self.kind, self.factor)
+            recorder = AttentionRecorder(recording.store, self.kind, self.factor, self.name)
             return recorder(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
@@ -403,7 +457,7 @@ def _install_recording_processors(unet, instrumentation: SharedInstrumentation) 
     originals = dict(unet.attn_processors)
     layers = attention_layers(unet)
     unet.set_attn_processor({
-        name: _RecordingProcessor(proc, *layers.get(name, (None, None)), instrumentation)
+        name: _RecordingProcessor(proc, *layers.get(name, (None, None)), instrumentation, name)
         for name, proc in originals.items()
     })
 

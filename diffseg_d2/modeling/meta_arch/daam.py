@@ -1,13 +1,14 @@
 """DAAM baseline: DAAM's attention aggregation on the same frozen UNet as DiffSegmenter.
 
-DAAM ("What the DAAM", Tang et al., ACL 2023) explains a generated image by summing,
-for each prompt word, the cross-attention of every head, every cross-attention layer
-and every timestep of the generation, each map upsampled bicubically to the latent
-size (negative overshoot clamped), then upsampling the sum to the image and min-max
-normalising it; a word's segment is where the normalised map exceeds a threshold
-(0.4 was the paper's best). The ``daam`` package pins diffusers 0.21 and
-transformers 4.30, which our stack does not run, so the aggregation is written here
-on the substrate's attention recording.
+DAAM ("What the DAAM", Tang et al., ACL 2023; castorini/daam) explains a generated image by, for
+each prompt word, summing each head's cross-attention of every down- and up-block layer (not the
+mid block's) over the timesteps of the generation, upsampling each (layer, head) map bicubically
+to the finest attention grid with its negative overshoot clamped, averaging over all (layer,
+head) pairs and over the word's tokens (``diffusion.daam_heat_maps``), then upsampling to the
+image and min-max normalising it; a word's segment is where the normalised map exceeds a
+threshold (0.4 was the paper's best). The ``daam`` package pins diffusers 0.21 and transformers
+4.30, which our stack does not run, so the aggregation is written here on the substrate's
+attention recording (checked against castorini/daam's SDXL trace on shared weights: README).
 
 On a real image there is no generation to trace: the image is noised, with one
 noise sample, at each of ``MODEL.DIFFSEG.DAAM.TIMESTEPS`` and the UNet is run on ONE
@@ -30,8 +31,8 @@ from ...diffusion import (
     ClassPrompts,
     available_factors,
     build_joint_prompt,
+    daam_heat_maps,
     record_attention,
-    summed_cross_maps,
 )
 from .diffsegmenter import DiffSegmenter
 
@@ -96,7 +97,7 @@ class DAAM(DiffSegmenter):
         latents = self.encode(image, torch.Generator().manual_seed(self.seed))  # CPU draws: see noisy_latents
         # The UNet runs on the joint prompt itself, so each layer's own attention is read:
         # one softmax per layer, each class taken from its tokens.
-        store = AttentionStore(latents.shape[-2:], prompts.token_index, prompts.token_weight)
+        store = AttentionStore(latents.shape[-2:], prompts.token_index, prompts.token_weight, per_layer_heads=True)
         with record_attention(d.unet, store, self.cross_attn_factors):
             for t in self.timesteps:
                 # The same noise sample at every timestep: points on one forward trajectory.
@@ -105,4 +106,4 @@ class DAAM(DiffSegmenter):
         return self._combine(store)
 
     def _combine(self, store: AttentionStore) -> torch.Tensor:
-        return summed_cross_maps(store, self.cross_attn_factors, store.resolution(min(self.cross_attn_factors)))
+        return daam_heat_maps(store, store.resolution(min(self.cross_attn_factors)))
