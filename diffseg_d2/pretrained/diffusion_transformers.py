@@ -1,0 +1,339 @@
+"""Diffusion transformers' components (SD3 / SD3.5's MMDiT, FLUX.1): where they come from and how they are loaded.
+
+A **family** is what a diffusers folder's ``model_index.json`` names (``_class_name``), read with its
+transformer's config where one pipeline class holds two families:
+
+* Stable Diffusion 3 and 3.5 (``StableDiffusion3Pipeline``): an ``SD3Transformer2DModel`` that cuts the
+  latent into 2x2 patches itself; two CLIP text encoders with projections whose penultimate hidden
+  states, side by side and zero-padded to T5's width, come before the T5 tokens in the text sequence,
+  and whose projected end-of-text embeddings, side by side, are the pooled condition; a 16-channel VAE
+  with a scaling and a shift factor; a flow-matching schedule shifted by a constant.
+* FLUX.1 dev and schnell (``FluxPipeline``): a ``FluxTransformer2DModel`` that reads latents the pipeline
+  packed into 2x2 patches with rotary position ids; the text sequence is T5's alone (512 tokens for dev,
+  256 for schnell), the CLIP text encoder gives only the pooled condition; dev is guidance-distilled (the
+  guidance scale is an input of the transformer) and shifts its schedule with the image's token count.
+
+What differs between them is data, one ``TransformerFamily`` record each (``TRANSFORMER_FAMILIES``);
+``diffseg_d2.diffusion.frozen_transformer.FrozenDiffusionTransformer`` reads it, the methods never do.
+
+``load_diffusion_transformer`` reads the parts from a hub id or a local diffusers folder (safetensors
+only), or a tiny preset (``tiny-sd3``, ``tiny-flux``: random weights of a small model of the family's
+real block structure, saved as a diffusers folder by diffusers' own pipeline class and read back by the
+same code). Random weights segment nothing; their outputs carry no meaning.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+from ..optional_imports import require
+from .frozen import load_pretrained, random_init
+from .stable_diffusion import (
+    SD_WEIGHTS_KEY,
+    UnsupportedFamilyError,
+    _read_json,
+    _text_encoder,
+    _write_tokenizer,
+    supported_families,
+)
+from .weights import TINY, MissingWeightsError, WeightsLocation, resolve_weights
+
+__all__ = ["DiffusionTransformerParts", "TRANSFORMER_FAMILIES", "TINY_TRANSFORMER_PRESETS", "TransformerFamily",
+           "family_of_transformer_folder", "load_diffusion_transformer", "resolve_transformer_weights"]
+
+
+@dataclass(frozen=True)
+class TransformerFamily:
+    """What one family of diffusion-transformer text-to-image models is, as data.
+
+    Args:
+        name: the family's short name (``sd3``, ``flux-dev``, ``flux-schnell``).
+        title: how messages name it.
+        pipeline: the diffusers pipeline class its folders name in ``model_index.json``.
+        transformer: the diffusers class of its denoiser (folder ``transformer``).
+        clip_encoders: the folders of its CLIP text encoders, in the order their states are joined; the
+            tokenizer of ``text_encoder_N`` is ``tokenizer_N``.
+        clip_class: the transformers class of those encoders.
+        clip_hidden_layer: the CLIP hidden state that is part of the text sequence (-2: the penultimate),
+            or None when the sequence holds no CLIP states (FLUX: CLIP gives only the pooled vector).
+        pooled_output: the CLIP output that is the pooled condition: ``text_embeds`` (projected end-of-text
+            embedding) or ``pooler_output`` (unprojected).
+        t5_encoder: the folder of its T5 encoder; its tokenizer's folder is named as for CLIP.
+        t5_length: T5 tokens in the text sequence (the pipeline's ``max_sequence_length`` default).
+        image_first: whether the joint attention sequence puts the image tokens before the text tokens.
+        packing: latent cells per side that the pipeline packs into one token before the transformer
+            (FLUX: 2, with rotary position ids for image and text tokens); 1 when the transformer
+            patches the latent itself (SD3).
+        timestep_divisor: None when the transformer reads the scheduler's timestep (sigma * 1000) as it is
+            (SD3); else the pipeline casts it to the compute dtype and divides it by this (FLUX: 1000).
+        guidance: the guidance scale a guidance-distilled transformer reads as an input (FLUX dev: the
+            pipeline's default 3.5), or None for a family guided by classifier-free guidance or not at all.
+        native_size: the square side the released models were trained at.
+    """
+
+    name: str
+    title: str
+    pipeline: str
+    transformer: str
+    clip_encoders: Tuple[str, ...]
+    clip_class: str
+    clip_hidden_layer: Optional[int]
+    pooled_output: str
+    t5_encoder: str
+    t5_length: int
+    image_first: bool
+    packing: int
+    timestep_divisor: Optional[float]
+    guidance: Optional[float]
+    native_size: int
+
+    @staticmethod
+    def tokenizer_of(encoder_folder: str) -> str:
+        """The tokenizer folder of a text encoder folder (``text_encoder_2`` -> ``tokenizer_2``)."""
+        return encoder_folder.replace("text_encoder", "tokenizer")
+
+    @property
+    def required_files(self) -> Tuple[str, ...]:
+        """What a local folder of this family must hold for the loader (weights as safetensors only)."""
+        encoders = self.clip_encoders + (self.t5_encoder,)
+        return (("transformer/config.json", "transformer/*.safetensors", "vae/config.json", "vae/*.safetensors")
+                + tuple(f for e in encoders for f in (f"{e}/config.json", f"{e}/*.safetensors"))
+                + tuple(f"{self.tokenizer_of(e)}/tokenizer_config.json" for e in encoders)
+                + ("scheduler/scheduler_config.json",))
+
+
+TRANSFORMER_FAMILIES: Dict[str, TransformerFamily] = {
+    f.name: f for f in (
+        TransformerFamily("sd3", "Stable Diffusion 3 / 3.5", "StableDiffusion3Pipeline", "SD3Transformer2DModel",
+                          ("text_encoder", "text_encoder_2"), "CLIPTextModelWithProjection", -2, "text_embeds",
+                          "text_encoder_3", 256, True, 1, None, None, 1024),
+        TransformerFamily("flux-dev", "FLUX.1 [dev]", "FluxPipeline", "FluxTransformer2DModel",
+                          ("text_encoder",), "CLIPTextModel", None, "pooler_output",
+                          "text_encoder_2", 512, False, 2, 1000.0, 3.5, 1024),
+        TransformerFamily("flux-schnell", "FLUX.1 [schnell]", "FluxPipeline", "FluxTransformer2DModel",
+                          ("text_encoder",), "CLIPTextModel", None, "pooler_output",
+                          "text_encoder_2", 256, False, 2, 1000.0, None, 1024),
+    )
+}
+
+
+def supported_transformer_families() -> str:
+    return "; ".join(f"{f.title} ({f.pipeline})" for f in TRANSFORMER_FAMILIES.values())
+
+
+def family_of_transformer_folder(model_index: Optional[dict], transformer_config: Optional[dict],
+                                 where: str) -> TransformerFamily:
+    """The family of a diffusers folder from its ``model_index.json`` and its transformer's config
+    (FLUX dev has a guidance embedding, schnell none).
+
+    Raises:
+        UnsupportedFamilyError: the folder holds another pipeline (the message names every supported family).
+    """
+    pipeline = (model_index or {}).get("_class_name")
+    if pipeline == "StableDiffusion3Pipeline":
+        return TRANSFORMER_FAMILIES["sd3"]
+    if pipeline == "FluxPipeline":
+        guided = bool((transformer_config or {}).get("guidance_embeds", False))
+        return TRANSFORMER_FAMILIES["flux-dev" if guided else "flux-schnell"]
+    raise UnsupportedFamilyError(
+        f"{where} holds a {pipeline or 'folder without a model_index.json'}; {SD_WEIGHTS_KEY} must name a model of "
+        f"a supported family: {supported_families()}; {supported_transformer_families()}."
+    )
+
+
+@dataclass
+class DiffusionTransformerParts:
+    """The loaded components of one diffusion transformer (float32 unless asked otherwise, CPU).
+
+    ``clip_encoders`` / ``clip_tokenizers`` follow ``family.clip_encoders``; ``t5_encoder`` /
+    ``t5_tokenizer`` are the family's T5 (``T5EncoderModel``, a fast T5 tokenizer).
+    """
+
+    transformer: Any
+    vae: Any
+    scheduler: Any
+    clip_encoders: Tuple[Any, ...]
+    clip_tokenizers: Tuple[Any, ...]
+    t5_encoder: Any
+    t5_tokenizer: Any
+    family: TransformerFamily
+
+
+# ----------------------------------------------------------------------------------------------- tiny presets
+# Sentences the tiny T5 tokenizer's unigram vocabulary is trained on: the words of the tests' and tiny
+# configs' prompts, so that they tokenise to a few pieces each.
+_T5_CORPUS = (
+    "a photograph of a dog", "a photo of a cat on a sofa in a room", "a person riding a horse on the grass",
+    "an aeroplane and a bird above the sea", "a bus, a car, a train and a bicycle on the road",
+    "a table with a bottle, a chair and a potted plant", "a boat, a sheep and a cow near the trees",
+    "a motorbike next to a tv monitor", "the sky, a building, a wall and the floor", "background",
+)
+_TINY_VAE = dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=128,
+                 latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+_TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
+# T5 v1.1's shape in small (gated GELU); 80 wide, more than the 64 of SD3's two CLIP states side by side,
+# so that SD3's zero padding of the CLIP states is exercised.
+_TINY_T5 = dict(d_model=80, d_kv=8, d_ff=64, num_layers=2, num_heads=2, relative_attention_num_buckets=8,
+                relative_attention_max_distance=32, feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+TRANSFORMER_ARCHITECTURES = {
+    # SD3's MMDiT in small: two joint blocks, 2 heads of 8, 2x2 patches of a 16-channel latent.
+    "tiny-sd3": {
+        "family": "sd3",
+        "transformer": dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=_TINY_T5["d_model"],
+                            caption_projection_dim=16, pooled_projection_dim=2 * _TINY_CLIP["projection_dim"],
+                            pos_embed_max_size=32),
+        "vae": dict(_TINY_VAE, scaling_factor=1.5305, shift_factor=0.0609),
+        "scheduler": dict(num_train_timesteps=1000, shift=3.0),
+    },
+    # FLUX.1 dev in small: 2 double- and 2 single-stream blocks, 2 heads of 8 (rotary axes 2+2+4), a
+    # guidance embedding, the resolution-dependent schedule shift.
+    "tiny-flux": {
+        "family": "flux-dev",
+        "transformer": dict(patch_size=1, in_channels=4 * _TINY_VAE["latent_channels"], num_layers=2,
+                            num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+                            joint_attention_dim=_TINY_T5["d_model"], pooled_projection_dim=_TINY_CLIP["hidden_size"],
+                            guidance_embeds=True, axes_dims_rope=(2, 2, 4)),
+        "vae": dict(_TINY_VAE, scaling_factor=0.3611, shift_factor=0.1159),
+        "scheduler": dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                          max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
+    },
+}
+
+
+def _t5_tokenizer(transformers):
+    """A T5 tokenizer (unigram pieces, ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, ``</s>`` appended) whose vocabulary is
+    trained here on ``_T5_CORPUS`` with the ``tokenizers`` library: T5's own needs a download."""
+    tokenizers = require("tokenizers", "tokenizers", "The tiny diffusion-transformer presets")
+    trainer = tokenizers.trainers.UnigramTrainer(vocab_size=256, special_tokens=["<pad>", "</s>", "<unk>"],
+                                                 unk_token="<unk>", show_progress=False)
+    tok = tokenizers.Tokenizer(tokenizers.models.Unigram())
+    # T5's pre-tokenisation: split on whitespace, "▁" before every word.
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
+        tokenizers.pre_tokenizers.WhitespaceSplit(),
+        tokenizers.pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True),
+    ])
+    tok.train_from_iterator(_T5_CORPUS, trainer)
+    pieces = [tuple(p) for p in json.loads(tok.to_str())["model"]["vocab"]]
+    # T5TokenizerFast builds T5's normaliser-free pipeline around the pieces; no sentinel tokens.
+    cls = getattr(transformers, "T5TokenizerFast", None) or transformers.T5Tokenizer
+    return cls(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def random_diffusion_transformer(architecture: str, clip_tokenizers, t5_tokenizer) -> DiffusionTransformerParts:
+    """Transformer, VAE, text encoders and flow-matching scheduler of ``architecture`` (a key of
+    ``TRANSFORMER_ARCHITECTURES``) with random weights, sized for the given tokenizers (float32, CPU)."""
+    diffusers = require("diffusers", "diffusers", "Random diffusion transformers")
+    transformers = require("transformers", "transformers", "Random diffusion transformers")
+    sizes = TRANSFORMER_ARCHITECTURES[architecture]
+    family = TRANSFORMER_FAMILIES[sizes["family"]]
+    projected = family.clip_class == "CLIPTextModelWithProjection"
+    clip = dict(_TINY_CLIP) if projected else {k: v for k, v in _TINY_CLIP.items() if k != "projection_dim"}
+    with random_init():
+        transformer = getattr(diffusers, family.transformer)(**sizes["transformer"])
+        n_vae = len(sizes["vae"]["block_out_channels"])
+        vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n_vae,
+                                      up_block_types=("UpDecoderBlock2D",) * n_vae, **sizes["vae"])
+        clip_encoders = tuple(_text_encoder(transformers, t, clip, with_projection=projected) for t in clip_tokenizers)
+        t5_config = transformers.T5Config(vocab_size=len(t5_tokenizer), pad_token_id=t5_tokenizer.pad_token_id,
+                                          eos_token_id=t5_tokenizer.eos_token_id, **_TINY_T5)
+        t5_encoder = transformers.T5EncoderModel(t5_config)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**sizes["scheduler"])
+    return DiffusionTransformerParts(transformer, vae, scheduler, clip_encoders, tuple(clip_tokenizers),
+                                     t5_encoder, t5_tokenizer, family)
+
+
+def build_tiny_diffusion_transformer(folder: Path, architecture: str) -> None:
+    """Save a tiny diffusers folder of ``architecture``'s family into ``folder`` through diffusers' own
+    pipeline class of that family (``StableDiffusion3Pipeline`` / ``FluxPipeline``)."""
+    diffusers = require("diffusers", "diffusers", "The tiny diffusion-transformer presets")
+    transformers = require("transformers", "transformers", "The tiny diffusion-transformer presets")
+    family = TRANSFORMER_FAMILIES[TRANSFORMER_ARCHITECTURES[architecture]["family"]]
+    # SD3's second CLIP tokenizer pads with "!" (OpenCLIP's convention), the first with end-of-text.
+    clip_tokenizers = [_write_tokenizer(transformers, folder / family.tokenizer_of(e), pad_token="!" if i else None)
+                       for i, e in enumerate(family.clip_encoders)]
+    parts = random_diffusion_transformer(architecture, clip_tokenizers, _t5_tokenizer(transformers))
+    components = dict(transformer=parts.transformer, vae=parts.vae, scheduler=parts.scheduler)
+    for encoder, tokenizer, name in zip(parts.clip_encoders + (parts.t5_encoder,),
+                                        parts.clip_tokenizers + (parts.t5_tokenizer,),
+                                        family.clip_encoders + (family.t5_encoder,)):
+        components[name] = encoder
+        components[family.tokenizer_of(name)] = tokenizer
+    pipe = getattr(diffusers, family.pipeline)(**components)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+
+
+# The tiny presets of MODEL.DIFFSEG.SD.WEIGHTS for diffusion transformers: name -> (cache folder, architecture).
+TINY_TRANSFORMER_PRESETS = {
+    "tiny-sd3": ("tiny-stable-diffusion-3-v1", "tiny-sd3"),
+    "tiny-flux": ("tiny-flux-1-dev-v1", "tiny-flux"),
+}
+
+
+def resolve_transformer_weights(weights: str) -> WeightsLocation:
+    """Where ``MODEL.DIFFSEG.SD.WEIGHTS`` points for a diffusion transformer (a hub id, a local folder or a
+    tiny preset, built into the cache on first use)."""
+    weights = (weights or "").strip()
+    if weights in TINY_TRANSFORMER_PRESETS:
+        folder, architecture = TINY_TRANSFORMER_PRESETS[weights]
+        builder = functools.partial(build_tiny_diffusion_transformer, architecture=architecture)
+        return resolve_weights(TINY, config_key=SD_WEIGHTS_KEY, tiny=(folder, builder))
+    # The family's own files are checked once model_index.json has named it.
+    return resolve_weights(weights, config_key=SD_WEIGHTS_KEY, required_files=("model_index.json",))
+
+
+def load_diffusion_transformer(weights: str, revision: Optional[str] = None,
+                               dtype=None) -> DiffusionTransformerParts:
+    """Load transformer, VAE, CLIP and T5 text encoders, tokenizers and the flow-matching scheduler of the
+    family the weights name (see the module docstring).
+
+    Args:
+        weights: hub id, local diffusers folder, or a tiny preset (``"tiny-sd3"``, ``"tiny-flux"``).
+        revision: hub revision; ignored for local folders.
+        dtype: torch dtype the weights are loaded in (None: float32). Real FLUX / SD3 weights are several
+            GB per part: loading them in bfloat16 halves the memory a float32 load needs on the way.
+
+    Raises:
+        UnsupportedFamilyError: the folder holds a model of another family (the message names the supported ones).
+        MissingWeightsError: a missing or incomplete folder, or an unreachable hub id.
+    """
+    diffusers = require("diffusers", "diffusers", "Loading a diffusion transformer")
+    transformers = require("transformers", "transformers", "Loading a diffusion transformer")
+    location = resolve_transformer_weights(weights)
+    kwargs = {} if location.is_local or not revision else {"revision": revision}
+
+    def load() -> DiffusionTransformerParts:
+        family = family_of_transformer_folder(_read_json(location, "model_index.json", kwargs),
+                                              _read_json(location, "transformer/config.json", kwargs),
+                                              f"{SD_WEIGHTS_KEY} = '{location.path}'")
+        if location.is_local:
+            missing = [f for f in family.required_files if not list(Path(location.path).glob(f))]
+            if missing:
+                raise MissingWeightsError(
+                    f"The {family.title} folder '{location.path}' ({SD_WEIGHTS_KEY}) is incomplete: missing "
+                    f"{', '.join(missing)}. Download the whole model into it."
+                )
+
+        def part(cls, subfolder, **extra):
+            return cls.from_pretrained(location.path, subfolder=subfolder, **extra, **kwargs)
+
+        # diffusers names the load dtype torch_dtype, transformers 5 dtype.
+        weights_d = {"use_safetensors": True, **({"torch_dtype": dtype} if dtype is not None else {})}
+        weights_t = {"use_safetensors": True, **({"dtype": dtype} if dtype is not None else {})}
+        clip_cls = getattr(transformers, family.clip_class)
+        t5_tokenizer_cls = getattr(transformers, "T5TokenizerFast", None) or transformers.T5Tokenizer
+        return DiffusionTransformerParts(
+            transformer=part(getattr(diffusers, family.transformer), "transformer", **weights_d),
+            vae=part(diffusers.AutoencoderKL, "vae", **weights_d),
+            scheduler=part(diffusers.FlowMatchEulerDiscreteScheduler, "scheduler"),
+            clip_encoders=tuple(part(clip_cls, e, **weights_t) for e in family.clip_encoders),
+            clip_tokenizers=tuple(part(transformers.CLIPTokenizer, family.tokenizer_of(e)) for e in family.clip_encoders),
+            t5_encoder=part(transformers.T5EncoderModel, family.t5_encoder, **weights_t),
+            t5_tokenizer=part(t5_tokenizer_cls, family.tokenizer_of(family.t5_encoder)),
+            family=family,
+        )
+
+    return load_pretrained(location, "diffusion transformer components", load)
