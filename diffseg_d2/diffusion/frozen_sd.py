@@ -17,15 +17,11 @@ import torch
 
 from ..numerics import require_finite
 from ..optional_imports import require
-from ..pretrained.frozen import FrozenModel
 from ..pretrained.stable_diffusion import SD_WEIGHTS_KEY, StableDiffusionParts
 from .instrumentation import shared_instrumentation
-from .substrate import PromptEmbeds
+from .substrate import FrozenDiffusion, PromptEmbeds
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class FrozenStableDiffusion(FrozenModel):
+class FrozenStableDiffusion(FrozenDiffusion):
     """Frozen SD components with the few operations the methods need.
 
     Args:
@@ -35,10 +31,7 @@ class FrozenStableDiffusion(FrozenModel):
     """
 
     def __init__(self, parts: StableDiffusionParts, dtype: str = "float32"):
-        super().__init__()
-        if dtype not in _DTYPES:
-            raise ValueError(f"MODEL.DIFFSEG.SD.DTYPE = '{dtype}' is not one of {sorted(_DTYPES)}.")
-        self.requested_dtype = _DTYPES[dtype]
+        super().__init__(dtype)
         self.unet = parts.unet
         self.vae = parts.vae
         self.text_encoder = parts.text_encoder
@@ -55,24 +48,9 @@ class FrozenStableDiffusion(FrozenModel):
         self.freeze()
         self.to(self.device)  # the dtype policy below, before any move
 
-    def _apply(self, fn, recurse: bool = True):
-        # Every .to()/.cuda() runs through here: after a move, apply the dtype policy: the
-        # configured dtype, except float16 on CPU, which stays float32 (CPUs have no fast float16
-        # kernels: the tiny models' float16 convolutions ran about 10x slower than float32 here).
-        super()._apply(fn, recurse)
-        cpu_half = self.device.type != "cuda" and self.requested_dtype == torch.float16
-        want = torch.float32 if cpu_half else self.requested_dtype
-        if self.unet.dtype != want:
-            super()._apply(lambda t: t.to(want) if t.is_floating_point() else t, recurse)
-        return self
-
     @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+    def denoiser(self):
+        return self.unet
 
     @property
     def latent_factor(self) -> int:

@@ -35,11 +35,9 @@ from torch import nn
 from ..numerics import require_finite
 from ..optional_imports import require
 from ..pretrained.diffusion_transformers import DiffusionTransformerParts
-from ..pretrained.frozen import FrozenModel
 from ..pretrained.stable_diffusion import SD_WEIGHTS_KEY
 from ..pretrained.tokens import find_subsequence
-from .frozen_sd import _DTYPES
-from .substrate import PromptEmbeds
+from .substrate import FrozenDiffusion, PromptEmbeds
 
 __all__ = ["FrozenDiffusionTransformer", "PromptIds", "TextLayout"]
 
@@ -81,7 +79,7 @@ class TextLayout:
     image_first: bool
 
 
-class FrozenDiffusionTransformer(FrozenModel):
+class FrozenDiffusionTransformer(FrozenDiffusion):
     """Frozen SD3 / FLUX components with the substrate's operations.
 
     Args:
@@ -91,10 +89,7 @@ class FrozenDiffusionTransformer(FrozenModel):
     """
 
     def __init__(self, parts: DiffusionTransformerParts, dtype: str = "float32"):
-        super().__init__()
-        if dtype not in _DTYPES:
-            raise ValueError(f"MODEL.DIFFSEG.SD.DTYPE = '{dtype}' is not one of {sorted(_DTYPES)}.")
-        self.requested_dtype = _DTYPES[dtype]
+        super().__init__(dtype)
         self.family = parts.family
         self.transformer = parts.transformer
         self.vae = parts.vae
@@ -110,23 +105,9 @@ class FrozenDiffusionTransformer(FrozenModel):
         self.freeze()
         self.to(self.device)  # the dtype policy below, before any move
 
-    def _apply(self, fn, recurse: bool = True):
-        # Every .to()/.cuda() runs through here: after a move, the configured dtype, except float16 on
-        # CPU, which stays float32 (CPUs have no fast float16 kernels).
-        super()._apply(fn, recurse)
-        cpu_half = self.device.type != "cuda" and self.requested_dtype == torch.float16
-        want = torch.float32 if cpu_half else self.requested_dtype
-        if self.transformer.dtype != want:
-            super()._apply(lambda t: t.to(want) if t.is_floating_point() else t, recurse)
-        return self
-
     @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
+    def denoiser(self):
+        return self.transformer
 
     # ------------------------------------------------------------------------------------------ geometry
     @property

@@ -22,8 +22,55 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
+from torch import nn
 
-__all__ = ["PromptEmbeds", "load_diffusion"]
+from ..pretrained.frozen import FrozenModel
+
+__all__ = ["DTYPES", "FrozenDiffusion", "PromptEmbeds", "load_diffusion"]
+
+#: ``MODEL.DIFFSEG.SD.DTYPE`` names.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class FrozenDiffusion(FrozenModel):
+    """Base of every family's substrate: frozen parts, and one dtype policy for all of them.
+
+    Subclasses set their parts, then call ``self.freeze()`` and ``self.to(self.device)``; ``denoiser``
+    is the part whose parameters say where the model lives and in which dtype (the UNet, the
+    transformer).
+
+    Args:
+        dtype: compute dtype of every part. float16 is only used on CUDA (on CPU the parts stay
+            float32: CPUs have no fast float16 kernels, about 10x slower than float32 here);
+            bfloat16 is used on both.
+    """
+
+    def __init__(self, dtype: str = "float32"):
+        super().__init__()
+        if dtype not in DTYPES:
+            raise ValueError(f"MODEL.DIFFSEG.SD.DTYPE = '{dtype}' is not one of {sorted(DTYPES)}.")
+        self.requested_dtype = DTYPES[dtype]
+
+    @property
+    def denoiser(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _apply(self, fn, recurse: bool = True):
+        # Every .to()/.cuda() runs through here: after a move, apply the dtype policy.
+        super()._apply(fn, recurse)
+        cpu_half = self.device.type != "cuda" and self.requested_dtype == torch.float16
+        want = torch.float32 if cpu_half else self.requested_dtype
+        if self.denoiser.dtype != want:
+            super()._apply(lambda t: t.to(want) if t.is_floating_point() else t, recurse)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.denoiser.dtype
 
 
 @dataclass(frozen=True)

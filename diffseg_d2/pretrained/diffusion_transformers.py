@@ -34,9 +34,9 @@ from .frozen import load_pretrained, random_init
 from .stable_diffusion import (
     SD_WEIGHTS_KEY,
     UnsupportedFamilyError,
-    _read_json,
-    _text_encoder,
-    _write_tokenizer,
+    read_weights_json,
+    clip_text_encoder,
+    write_clip_tokenizer,
     supported_families,
 )
 from .weights import TINY, MissingWeightsError, WeightsLocation, resolve_weights
@@ -237,7 +237,7 @@ def random_diffusion_transformer(architecture: str, clip_tokenizers, t5_tokenize
         n_vae = len(sizes["vae"]["block_out_channels"])
         vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n_vae,
                                       up_block_types=("UpDecoderBlock2D",) * n_vae, **sizes["vae"])
-        clip_encoders = tuple(_text_encoder(transformers, t, clip, with_projection=projected) for t in clip_tokenizers)
+        clip_encoders = tuple(clip_text_encoder(transformers, t, clip, with_projection=projected) for t in clip_tokenizers)
         t5_config = transformers.T5Config(vocab_size=len(t5_tokenizer), pad_token_id=t5_tokenizer.pad_token_id,
                                           eos_token_id=t5_tokenizer.eos_token_id, **_TINY_T5)
         t5_encoder = transformers.T5EncoderModel(t5_config)
@@ -253,7 +253,7 @@ def build_tiny_diffusion_transformer(folder: Path, architecture: str) -> None:
     transformers = require("transformers", "transformers", "The tiny diffusion-transformer presets")
     family = TRANSFORMER_FAMILIES[TRANSFORMER_ARCHITECTURES[architecture]["family"]]
     # SD3's second CLIP tokenizer pads with "!" (OpenCLIP's convention), the first with end-of-text.
-    clip_tokenizers = [_write_tokenizer(transformers, folder / family.tokenizer_of(e), pad_token="!" if i else None)
+    clip_tokenizers = [write_clip_tokenizer(transformers, folder / family.tokenizer_of(e), pad_token="!" if i else None)
                        for i, e in enumerate(family.clip_encoders)]
     parts = random_diffusion_transformer(architecture, clip_tokenizers, _t5_tokenizer(transformers))
     components = dict(transformer=parts.transformer, vae=parts.vae, scheduler=parts.scheduler)
@@ -306,8 +306,8 @@ def load_diffusion_transformer(weights: str, revision: Optional[str] = None,
     kwargs = {} if location.is_local or not revision else {"revision": revision}
 
     def load() -> DiffusionTransformerParts:
-        family = family_of_transformer_folder(_read_json(location, "model_index.json", kwargs),
-                                              _read_json(location, "transformer/config.json", kwargs),
+        family = family_of_transformer_folder(read_weights_json(location, "model_index.json", kwargs),
+                                              read_weights_json(location, "transformer/config.json", kwargs),
                                               f"{SD_WEIGHTS_KEY} = '{location.path}'")
         if location.is_local:
             missing = [f for f in family.required_files if not list(Path(location.path).glob(f))]

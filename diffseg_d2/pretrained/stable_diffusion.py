@@ -245,7 +245,7 @@ SD_ARCHITECTURES = {
 }
 
 
-def _text_encoder(transformers, tokenizer, sizes: dict, with_projection: bool = False):
+def clip_text_encoder(transformers, tokenizer, sizes: dict, with_projection: bool = False):
     config = transformers.CLIPTextConfig(
         vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sizes,
@@ -278,10 +278,10 @@ def random_stable_diffusion(architecture: str, tokenizer, seed: int = RANDOM_SEE
             down_block_types=("DownEncoderBlock2D",) * n_vae, up_block_types=("UpDecoderBlock2D",) * n_vae,
             **vae_sizes,
         )
-        text_encoder = _text_encoder(transformers, tokenizer, sizes["text"])
+        text_encoder = clip_text_encoder(transformers, tokenizer, sizes["text"])
         if "text2" in sizes:
             tokenizer_2 = tokenizer_2 or tokenizer
-            text_encoder_2 = _text_encoder(transformers, tokenizer_2, sizes["text2"], with_projection=True)
+            text_encoder_2 = clip_text_encoder(transformers, tokenizer_2, sizes["text2"], with_projection=True)
     # SD's training noise schedule (1.x, 2.x and XL share it).
     scheduler = diffusers.DDIMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -293,7 +293,7 @@ def random_stable_diffusion(architecture: str, tokenizer, seed: int = RANDOM_SEE
                                 family=family)
 
 
-def _write_tokenizer(transformers, folder: Path, pad_token: Optional[str] = None):
+def write_clip_tokenizer(transformers, folder: Path, pad_token: Optional[str] = None):
     """SD's tokenizer folder (vocab.json, merges.txt, tokenizer_config.json), read back through from_pretrained."""
     write_clip_tokenizer_files(folder)
     config = {"model_max_length": 77, **({"pad_token": pad_token} if pad_token else {})}
@@ -306,10 +306,10 @@ def build_tiny_stable_diffusion(folder: Path, architecture: str = "tiny") -> Non
     through diffusers' own pipeline class of that family."""
     diffusers = require("diffusers", "diffusers", "The tiny Stable Diffusion presets")
     transformers = require("transformers", "transformers", "The tiny Stable Diffusion presets")
-    tokenizer = _write_tokenizer(transformers, folder / "tokenizer")
+    tokenizer = write_clip_tokenizer(transformers, folder / "tokenizer")
     if UNET_FAMILIES[SD_ARCHITECTURES[architecture]["family"]].name == "sdxl":
         # SDXL's second tokenizer pads with "!" (OpenCLIP's convention), the first with end-of-text.
-        tokenizer_2 = _write_tokenizer(transformers, folder / "tokenizer_2", pad_token="!")
+        tokenizer_2 = write_clip_tokenizer(transformers, folder / "tokenizer_2", pad_token="!")
         parts = random_stable_diffusion(architecture, tokenizer, tokenizer_2=tokenizer_2)
         pipe = diffusers.StableDiffusionXLPipeline(
             vae=parts.vae, text_encoder=parts.text_encoder, text_encoder_2=parts.text_encoder_2,
@@ -342,7 +342,7 @@ def resolve_sd_weights(weights: str) -> WeightsLocation:
     return resolve_weights(weights, config_key=SD_WEIGHTS_KEY, required_files=SD_REQUIRED_FILES, micro="diffusion")
 
 
-def _read_json(location: WeightsLocation, name: str, kwargs: dict) -> Optional[dict]:
+def read_weights_json(location: WeightsLocation, name: str, kwargs: dict) -> Optional[dict]:
     """A json file of the weights (a local folder's, or downloaded from the hub), None when it has none."""
     if location.is_local:
         path = Path(location.path) / name
@@ -387,8 +387,8 @@ def load_stable_diffusion(weights: str, revision: Optional[str] = None) -> Stabl
     kwargs = {} if location.is_local or not revision else {"revision": revision}
 
     def load() -> StableDiffusionParts:
-        model_index = _read_json(location, "model_index.json", kwargs)
-        family = family_of_folder(model_index, _read_json(location, "text_encoder/config.json", kwargs),
+        model_index = read_weights_json(location, "model_index.json", kwargs)
+        family = family_of_folder(model_index, read_weights_json(location, "text_encoder/config.json", kwargs),
                                   f"{SD_WEIGHTS_KEY} = '{location.path}'")
         if location.is_local:
             missing = [f for f in family.required_files if not list(Path(location.path).glob(f))]
