@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CodePayload  # tests/conftest.py
+
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_DIFFSEG = str(ROOT / "configs" / "tiny" / "diffsegmenter.yaml")
@@ -20,16 +22,6 @@ MICRO_DAAM = str(ROOT / "configs" / "micro" / "daam.yaml")
 # diffusion backbone under a stock architecture.
 EVERY_MODEL = {"DiffSegmenter": TINY_DIFFSEG, "DAAM": MICRO_DAAM, "FreeDA": TINY_FREEDA, "ODISE": TINY_ODISE,
                "DiffusionUNetBackbone": PANOPTIC_FPN, "build_diffusion_unet_fpn_backbone": PANOPTIC_FPN}
-
-
-class _Payload:
-    """Unpickling this object creates the file ``marker``: proof that a loader ran the file's code."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 def _cfg(path, *opts):
@@ -46,9 +38,9 @@ def crafted(tmp_path):
 
     marker = tmp_path / "PAYLOAD_RAN"
     pkl = tmp_path / "model.pkl"
-    pkl.write_bytes(pickle.dumps({"model": {"w": _Payload(marker)}}))
+    pkl.write_bytes(pickle.dumps({"model": {"w": CodePayload(marker)}}))
     pth = tmp_path / "model.pth"
-    torch.save({"model": {"w": _Payload(marker)}}, pth)
+    torch.save({"model": {"w": CodePayload(marker)}}, pth)
     return marker, pkl, pth
 
 

@@ -14,21 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CodePayload  # tests/conftest.py
+
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_DIFFSEG = str(ROOT / "configs" / "tiny" / "diffsegmenter.yaml")
 PANOPTIC_FPN_PROJECT = ROOT / "projects" / "diffusion_panoptic_fpn"
 LIBRARY_PROJECT = ROOT / "projects" / "use_as_library"
-
-
-class _Payload:
-    """Unpickling this object creates the file ``marker``: proof that a loader ran the file's code."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 def _cfg(path, *opts):
@@ -51,7 +43,7 @@ def test_a_query_string_does_not_hide_a_pickle_next_to_a_harmless_file(tmp_path)
     from detectron2.engine import DefaultPredictor
 
     marker = tmp_path / "PAYLOAD_RAN"
-    (tmp_path / "m.pkl").write_bytes(pickle.dumps({"model": {"w": _Payload(marker)}}))
+    (tmp_path / "m.pkl").write_bytes(pickle.dumps({"model": {"w": CodePayload(marker)}}))
     harmless = tmp_path / "m.pkl?dl=1"
     torch.save({"model": {}}, harmless)
     with pytest.raises(Exception) as refused:
@@ -71,7 +63,7 @@ def pickle_server(tmp_path):
     marker = tmp_path / "PAYLOAD_RAN"
     served = tmp_path / "served"
     served.mkdir()
-    (served / "model.pkl").write_bytes(pickle.dumps({"model": {"w": _Payload(marker)}}))
+    (served / "model.pkl").write_bytes(pickle.dumps({"model": {"w": CodePayload(marker)}}))
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def __init__(self, *args, **kwargs):
@@ -124,7 +116,7 @@ def test_resume_never_unpickles_what_last_checkpoint_names(route, tmp_path):
     from diffseg_d2.engine import SafeCheckpointer, StrictCheckpointer
 
     marker = tmp_path / "PAYLOAD_RAN"
-    (tmp_path / "model_0000009.pkl").write_bytes(pickle.dumps({"model": {"w": _Payload(marker)}}))
+    (tmp_path / "model_0000009.pkl").write_bytes(pickle.dumps({"model": {"w": CodePayload(marker)}}))
     (tmp_path / "last_checkpoint").write_text("model_0000009.pkl")
     model = build_model(_cfg(TINY_DIFFSEG))
     checkpointer = (SafeCheckpointer if route == "safe" else StrictCheckpointer)(model, save_dir=str(tmp_path))
@@ -141,7 +133,7 @@ def test_example_project_resume_never_unpickles_what_last_checkpoint_names(tmp_p
 
     project = _load_script(PANOPTIC_FPN_PROJECT / "train_net.py", "diffusion_panoptic_fpn_train_net")
     marker = tmp_path / "PAYLOAD_RAN"
-    (tmp_path / "model_0000009.pkl").write_bytes(pickle.dumps({"model": {"w": _Payload(marker)}}))
+    (tmp_path / "model_0000009.pkl").write_bytes(pickle.dumps({"model": {"w": CodePayload(marker)}}))
     (tmp_path / "last_checkpoint").write_text("model_0000009.pkl")
     cfg = get_diffseg_cfg(str(PANOPTIC_FPN_PROJECT / "configs" / "tiny.yaml"),
                           ["OUTPUT_DIR", str(tmp_path), "DATALOADER.NUM_WORKERS", "0"])

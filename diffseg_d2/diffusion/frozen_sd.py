@@ -52,11 +52,6 @@ class FrozenStableDiffusion(FrozenDiffusion):
     def denoiser(self):
         return self.unet
 
-    @property
-    def latent_factor(self) -> int:
-        """Pixels per latent cell along each side (8 for SD 1.5)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
     def check_timestep(self, step: int, config_key: str) -> None:
         """Raise unless ``step`` is a timestep of the scheduler's training schedule (0 .. T-1)."""
         total = int(self.scheduler.config.num_train_timesteps)

@@ -111,11 +111,6 @@ class FrozenDiffusionTransformer(FrozenDiffusion):
 
     # ------------------------------------------------------------------------------------------ geometry
     @property
-    def latent_factor(self) -> int:
-        """Pixels per latent cell along each side (8)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
     def patch(self) -> int:
         """Latent cells per image token along each side: the pipeline's packing times the transformer's
         own patch size (2 for SD3 and FLUX)."""

@@ -72,6 +72,11 @@ class FrozenDiffusion(FrozenModel):
     def dtype(self) -> torch.dtype:
         return self.denoiser.dtype
 
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent cell along each side (8 for Stable Diffusion's VAEs)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
 
 @dataclass(frozen=True)
 class PromptEmbeds:

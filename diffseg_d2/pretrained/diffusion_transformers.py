@@ -34,12 +34,13 @@ from .frozen import load_pretrained, random_init
 from .stable_diffusion import (
     SD_WEIGHTS_KEY,
     UnsupportedFamilyError,
+    check_family_folder,
     read_weights_json,
     clip_text_encoder,
     write_clip_tokenizer,
     supported_families,
 )
-from .weights import TINY, MissingWeightsError, WeightsLocation, resolve_weights
+from .weights import TINY, WeightsLocation, resolve_weights
 
 __all__ = ["DiffusionTransformerParts", "TRANSFORMER_FAMILIES", "TINY_TRANSFORMER_PRESETS", "TransformerFamily",
            "family_of_transformer_folder", "load_diffusion_transformer", "resolve_transformer_weights"]
@@ -309,13 +310,7 @@ def load_diffusion_transformer(weights: str, revision: Optional[str] = None,
         family = family_of_transformer_folder(read_weights_json(location, "model_index.json", kwargs),
                                               read_weights_json(location, "transformer/config.json", kwargs),
                                               f"{SD_WEIGHTS_KEY} = '{location.path}'")
-        if location.is_local:
-            missing = [f for f in family.required_files if not list(Path(location.path).glob(f))]
-            if missing:
-                raise MissingWeightsError(
-                    f"The {family.title} folder '{location.path}' ({SD_WEIGHTS_KEY}) is incomplete: missing "
-                    f"{', '.join(missing)}. Download the whole model into it."
-                )
+        check_family_folder(location, family)
 
         def part(cls, subfolder, **extra):
             return cls.from_pretrained(location.path, subfolder=subfolder, **extra, **kwargs)

@@ -342,6 +342,19 @@ def resolve_sd_weights(weights: str) -> WeightsLocation:
     return resolve_weights(weights, config_key=SD_WEIGHTS_KEY, required_files=SD_REQUIRED_FILES, micro="diffusion")
 
 
+def check_family_folder(location: WeightsLocation, family) -> None:
+    """Raise ``MissingWeightsError`` naming the files a local folder of ``family`` lacks (any family
+    record with ``title`` and ``required_files``); a hub id is checked by its download."""
+    if not location.is_local:
+        return
+    missing = [f for f in family.required_files if not list(Path(location.path).glob(f))]
+    if missing:
+        raise MissingWeightsError(
+            f"The {family.title} folder '{location.path}' ({SD_WEIGHTS_KEY}) is incomplete: missing "
+            f"{', '.join(missing)}. Download the whole model into it."
+        )
+
+
 def read_weights_json(location: WeightsLocation, name: str, kwargs: dict) -> Optional[dict]:
     """A json file of the weights (a local folder's, or downloaded from the hub), None when it has none."""
     if location.is_local:
@@ -390,13 +403,7 @@ def load_stable_diffusion(weights: str, revision: Optional[str] = None) -> Stabl
         model_index = read_weights_json(location, "model_index.json", kwargs)
         family = family_of_folder(model_index, read_weights_json(location, "text_encoder/config.json", kwargs),
                                   f"{SD_WEIGHTS_KEY} = '{location.path}'")
-        if location.is_local:
-            missing = [f for f in family.required_files if not list(Path(location.path).glob(f))]
-            if missing:
-                raise MissingWeightsError(
-                    f"The {family.title} folder '{location.path}' ({SD_WEIGHTS_KEY}) is incomplete: missing "
-                    f"{', '.join(missing)}. Download the whole model into it."
-                )
+        check_family_folder(location, family)
 
         def part(cls, subfolder, **extra):
             return cls.from_pretrained(location.path, subfolder=subfolder, **extra, **kwargs)
