@@ -141,11 +141,7 @@ class FrozenStableDiffusion(FrozenDiffusion):
             second, outputs = self._hidden_states(self.text_encoder_2, self._second_ids(input_ids))
             out = torch.cat([out, second.to(out.dtype)], dim=-1)
             pooled = outputs.text_embeds
-        out = require_finite(out, f"the text encoder ({SD_WEIGHTS_KEY})")
-        if emphasis is not None and weight != 1.0:
-            empty = self.empty_prompt_context().tokens.to(out.dtype)
-            mask = emphasis.to(out.device)[..., None]
-            out = torch.where(mask, empty + float(weight) * (out - empty), out)
+        out = self.emphasize(require_finite(out, f"the text encoder ({SD_WEIGHTS_KEY})"), emphasis, weight)
         return PromptEmbeds(out.to(self.dtype), None if pooled is None else pooled.to(self.dtype))
 
     def added_conditions(self, context: PromptEmbeds, latents: torch.Tensor) -> Optional[dict]:
@@ -237,14 +233,6 @@ class FrozenStableDiffusion(FrozenDiffusion):
             guided = free + guidance_scale * (cond - free)
             latents = scheduler.step(guided, t, latents).prev_sample
         return self.decode_latents(latents)
-
-    def empty_prompt_context(self) -> PromptEmbeds:
-        """Encoded empty prompt (one prompt: (1, L, D) tokens), cached per device."""
-        cached = getattr(self, "_empty_context", None)
-        if cached is None or cached.device != self.device:
-            cached = self.encode_text(self.tokenize([""]))
-            self._empty_context = cached
-        return cached
 
     def unconditional_context(self) -> PromptEmbeds:
         """The unconditional half of classifier-free guidance: the encoded empty prompt, or zeros for

@@ -277,19 +277,8 @@ class FrozenDiffusionTransformer(FrozenDiffusion):
             clip = nn.functional.pad(clip, (0, tokens.shape[-1] - clip.shape[-1]))
             tokens = torch.cat([clip.to(tokens.dtype), tokens], dim=-2)
         tokens = require_finite(tokens, f"the text encoders ({SD_WEIGHTS_KEY})")
-        if emphasis is not None and weight != 1.0:
-            empty = self.empty_prompt_context().tokens.to(tokens.dtype)
-            mask = emphasis.to(tokens.device)[..., None]
-            tokens = torch.where(mask, empty + float(weight) * (tokens - empty), tokens)
+        tokens = self.emphasize(tokens, emphasis, weight)
         return PromptEmbeds(tokens.to(self.dtype), torch.cat(pooled, dim=-1).to(self.dtype))
-
-    def empty_prompt_context(self) -> PromptEmbeds:
-        """Encoded empty prompt (one prompt), cached per device."""
-        cached = getattr(self, "_empty_context", None)
-        if cached is None or cached.device != self.device:
-            cached = self.encode_text(self.tokenize([""]))
-            self._empty_context = cached
-        return cached
 
     def unconditional_context(self) -> PromptEmbeds:
         """The unconditional half of classifier-free guidance: the encoded empty prompt (SD3's pipeline)."""

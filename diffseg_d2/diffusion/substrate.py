@@ -77,6 +77,24 @@ class FrozenDiffusion(FrozenModel):
         """Pixels per latent cell along each side (8 for Stable Diffusion's VAEs)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    def empty_prompt_context(self) -> "PromptEmbeds":
+        """The encoded empty prompt (one prompt), cached per device."""
+        cached = getattr(self, "_empty_context", None)
+        if cached is None or cached.device != self.device:
+            cached = self.encode_text(self.tokenize([""]))
+            self._empty_context = cached
+        return cached
+
+    def emphasize(self, tokens: torch.Tensor, emphasis: Optional[torch.Tensor], weight: float) -> torch.Tensor:
+        """Compel's ``word++`` on (B, L, D) token states: ``empty + weight * (z - empty)`` where
+        ``emphasis`` (B, L) is true, the empty prompt's state at the same position (weight 1.1 ** 2 =
+        1.21, the reference's markup); unchanged where it is false, or without emphasis."""
+        if emphasis is None or weight == 1.0:
+            return tokens
+        empty = self.empty_prompt_context().tokens.to(tokens.dtype)
+        mask = emphasis.to(tokens.device)[..., None]
+        return torch.where(mask, empty + float(weight) * (tokens - empty), tokens)
+
 
 @dataclass(frozen=True)
 class PromptEmbeds:
