@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from detectron2.modeling import build_model
 
 from diffseg_d2 import get_diffseg_cfg
-from diffseg_d2.diffusion import AttentionStore, build_joint_prompt, record_attention
+from diffseg_d2.diffusion import build_joint_prompt
 from diffseg_d2.modeling.meta_arch import DAAM
 from diffseg_d2.vocabulary import VocabularyError
 

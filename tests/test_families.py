@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffseg_d2 import get_diffseg_cfg
-from diffseg_d2.diffusion import AttentionStore, load_diffusion, record_attention
+from diffseg_d2.diffusion import load_diffusion
 from diffseg_d2.pretrained.stable_diffusion import UnsupportedFamilyError, resolve_sd_weights
 from diffseg_d2.pretrained.weights import MissingWeightsError
 
