@@ -396,14 +396,19 @@ class AttentionRecorder:
         else:
             k = key
             rows = store.batch_classes
-        maps = class_token_maps(query, k, store.token_index[rows], store.token_weight[rows], attn.scale)
-        store.add_cross(self.factor, rows, maps)
-        if store.per_layer_heads:
-            if store.readout_context is not None or query.shape[0] != 1:
-                raise ValueError("per-layer head maps are read from one pass on one prompt naming every class.")
-            probs = torch.matmul(query[0], k[0].transpose(-1, -2)).float().mul_(attn.scale).softmax(dim=-1)  # (H, N, L)
-            picked = probs[:, :, store.token_index.reshape(-1).to(probs.device)]  # (H, N, K*T)
-            store.add_layer_heads(self.name or f"factor-{self.factor}", self.factor, picked.transpose(1, 2).contiguous())
+        if not store.per_layer_heads:
+            maps = class_token_maps(query, k, store.token_index[rows], store.token_weight[rows], attn.scale)
+            store.add_cross(self.factor, rows, maps)
+            return
+        # DAAM's per-head maps, from the same single softmax that gives the head-averaged class maps.
+        if store.readout_context is not None or query.shape[0] != 1:
+            raise ValueError("per-layer head maps are read from one pass on one prompt naming every class.")
+        probs = torch.matmul(query[0], k[0].transpose(-1, -2)).float().mul_(attn.scale).softmax(dim=-1)  # (H, N, L)
+        K, T = store.token_index.shape
+        picked = probs[:, :, store.token_index.reshape(-1).to(probs.device)]  # (H, N, K*T)
+        w = store.token_weight.to(device=probs.device, dtype=torch.float32)
+        store.add_cross(self.factor, rows, (picked.view(*picked.shape[:2], K, T) * w).sum(-1).mean(0).transpose(0, 1))
+        store.add_layer_heads(self.name or f"factor-{self.factor}", self.factor, picked.transpose(1, 2).contiguous())
 
     def _self_attention(self, query, key, value, scale: float) -> torch.Tensor:
         """Attention output (B, H, N, d), computed in blocks of query rows whose probabilities
