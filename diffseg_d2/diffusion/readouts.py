@@ -33,6 +33,19 @@ def _rows(seq_len: int, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // (4 * max(seq_len, 1)))
 
 
+def _row_log_probs(query: torch.Tensor, key: torch.Tensor, b: int, rows: slice, scale: float, chunk_bytes: int):
+    """For batch element ``b``, each head and each block of the query rows ``rows``: ``(start, stop,
+    log-probabilities (stop - start, S))``, the block's logits against ALL keys less their
+    log-sum-exp. One ``(rows, S)`` float32 block exists at a time."""
+    block = _rows(key.shape[2], chunk_bytes)
+    for h in range(query.shape[1]):
+        key_t = key[b, h].transpose(0, 1)
+        for start in range(rows.start, rows.stop, block):
+            stop = min(rows.stop, start + block)
+            logits = torch.matmul(query[b, h, start:stop], key_t).float().mul_(scale)
+            yield start, stop, logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+
+
 def _class_columns(text: slice, token_index: torch.Tensor) -> torch.Tensor:
     """Sequence positions of the class words' text tokens: (K, T)."""
     return token_index + text.start
@@ -62,22 +75,16 @@ def image_to_text(query: torch.Tensor, key: torch.Tensor, image: slice, text: sl
     Returns:
         (K, N_img) float32.
     """
-    B, H, S, _ = query.shape
+    B, H = query.shape[:2]
     K = token_index.shape[0]
     columns = _class_columns(text, token_index.to(query.device))  # (K, T)
     weight = token_weight.to(query.device, torch.float32)
     out = torch.zeros(K, image.stop - image.start, dtype=torch.float32, device=query.device)
-    rows = _rows(S, chunk_bytes)
     for b, cls in _class_batches(B, K):
         cols, w = columns[cls], weight[cls]  # (k, T)
-        for h in range(H):
-            key_t = key[b, h].transpose(0, 1)
-            for r in range(image.start, image.stop, rows):
-                stop = min(image.stop, r + rows)
-                logits = torch.matmul(query[b, h, r:stop], key_t).float().mul_(scale)  # (rows, S)
-                lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-                probs = (logits[:, cols] - lse[..., None]).exp_()  # (rows, k, T)
-                out[cls, r - image.start:stop - image.start] += (probs * w).sum(-1).transpose(0, 1)
+        for start, stop, log_probs in _row_log_probs(query, key, b, image, scale, chunk_bytes):
+            probs = log_probs[:, cols].exp_()  # (rows, k, T)
+            out[cls, start - image.start:stop - image.start] += (probs * w).sum(-1).transpose(0, 1)
     return out / H
 
 
@@ -86,7 +93,7 @@ def text_to_image(query: torch.Tensor, key: torch.Tensor, image: slice, text: sl
     """Each class's map over the image from the other direction: the class word's text queries'
     softmax probability (over ALL keys) on each image key, mean over the word's tokens and heads.
     Arguments and result as :func:`image_to_text`: (K, N_img) float32."""
-    B, H, S, _ = query.shape
+    B, H = query.shape[:2]
     K = token_index.shape[0]
     columns = _class_columns(text, token_index.to(query.device))
     weight = token_weight.to(query.device, torch.float32)
@@ -112,18 +119,11 @@ def image_self_apply(query: torch.Tensor, key: torch.Tensor, image: slice, maps:
     Returns:
         (K, N_img) float32.
     """
-    _, H, S, _ = query.shape
+    H = query.shape[1]
     c = maps.to(query.device, torch.float32).transpose(0, 1)  # (N_img, K)
-    n_img = image.stop - image.start
-    out = torch.zeros(n_img, c.shape[1], dtype=torch.float32, device=query.device)
-    rows = _rows(S, chunk_bytes)
-    for h in range(H):
-        key_t = key[0, h].transpose(0, 1)
-        for r in range(image.start, image.stop, rows):
-            stop = min(image.stop, r + rows)
-            logits = torch.matmul(query[0, h, r:stop], key_t).float().mul_(scale)
-            probs = (logits - torch.logsumexp(logits, dim=-1, keepdim=True)).exp_()[:, image]  # (rows, N_img)
-            out[r - image.start:stop - image.start] += probs @ c
+    out = torch.zeros(image.stop - image.start, c.shape[1], dtype=torch.float32, device=query.device)
+    for start, stop, log_probs in _row_log_probs(query, key, 0, image, scale, chunk_bytes):
+        out[start - image.start:stop - image.start] += log_probs[:, image].exp_() @ c  # (rows, N_img) @ (N_img, K)
     return (out / H).transpose(0, 1)
 
 
