@@ -52,30 +52,9 @@ class FrozenStableDiffusion(FrozenDiffusion):
     def denoiser(self):
         return self.unet
 
-    def check_timestep(self, step: int, config_key: str) -> None:
-        """Raise unless ``step`` is a timestep of the scheduler's training schedule (0 .. T-1)."""
-        total = int(self.scheduler.config.num_train_timesteps)
-        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < total:
-            raise ValueError(f"{config_key} = {step!r} must be a timestep in [0, {total - 1}] of this scheduler.")
-
     @property
     def context_length(self) -> int:
         return int(self.tokenizer.model_max_length)
-
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor, sample_generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Scaled VAE latents: (B, 3, H, W) in [-1, 1] -> (B, C_lat, H/f, W/f).
-
-        Args:
-            sample_generator: None for the posterior mean; else a draw from the posterior,
-                ``mean + std * eps`` with ``eps`` from this generator (reproducible).
-        """
-        posterior = self.vae.encode(images.to(self.dtype)).latent_dist
-        latents = require_finite(posterior.mean, f"the VAE encoder ({SD_WEIGHTS_KEY})")
-        if sample_generator is not None:
-            eps = torch.randn(latents.shape, generator=sample_generator, device=sample_generator.device)
-            latents = latents + posterior.std * eps.to(device=latents.device, dtype=latents.dtype)
-        return latents * self.vae.config.scaling_factor
 
     def add_noise(
         self, latents: torch.Tensor, step: int, generator: torch.Generator, *, same_for_batch: bool = False
@@ -181,12 +160,6 @@ class FrozenStableDiffusion(FrozenDiffusion):
                 stack.enter_context(_time_offsets(self.unet).active(time_offset.to(self.dtype)))
             out = self.unet(latents.to(self.dtype), t, encoder_hidden_states=context.tokens.to(self.dtype), **extra).sample
         return require_finite(out, f"the UNet ({SD_WEIGHTS_KEY})")
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE decoding: (B, C_lat, h, w) scaled latents -> (B, 3, h*f, w*f) RGB in [0, 255]."""
-        images = self.vae.decode(latents.to(self.dtype) / self.vae.config.scaling_factor).sample
-        return ((images.float().clamp(-1, 1) + 1) * 127.5).round()
 
     @torch.no_grad()
     def generate(

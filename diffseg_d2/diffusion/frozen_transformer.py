@@ -138,37 +138,7 @@ class FrozenDiffusionTransformer(FrozenDiffusion):
         """L_text, the text tokens of the joint sequence."""
         return self.text_layout.length
 
-    # ------------------------------------------------------------------------------------------ images
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor, sample_generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Latents as the pipelines make them, ``(z - shift_factor) * scaling_factor``: (B, 3, H, W) in [-1, 1]
-        -> (B, 16, H/f, W/f).
-
-        Args:
-            sample_generator: None for the posterior mean; else a draw ``mean + std * eps`` with ``eps``
-                from this generator.
-        """
-        posterior = self.vae.encode(images.to(self.dtype)).latent_dist
-        latents = require_finite(posterior.mean, f"the VAE encoder ({SD_WEIGHTS_KEY})")
-        if sample_generator is not None:
-            eps = torch.randn(latents.shape, generator=sample_generator, device=sample_generator.device)
-            latents = latents + posterior.std * eps.to(device=latents.device, dtype=latents.dtype)
-        return (latents - (self.vae.config.shift_factor or 0.0)) * self.vae.config.scaling_factor
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE decoding: (B, 16, h, w) latents -> (B, 3, h*f, w*f) RGB in [0, 255]."""
-        z = latents.to(self.dtype) / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
-        images = self.vae.decode(z).sample
-        return ((images.float().clamp(-1, 1) + 1) * 127.5).round()
-
     # ------------------------------------------------------------------------------------------ schedule
-    def check_timestep(self, step: int, config_key: str) -> None:
-        """Raise unless ``step`` is a step of the unshifted flow-matching grid (0 .. T-1)."""
-        total = int(self.scheduler.config.num_train_timesteps)
-        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < total:
-            raise ValueError(f"{config_key} = {step!r} must be a timestep in [0, {total - 1}] of this scheduler.")
-
     def resolution_shift(self, image_tokens: int) -> Optional[float]:
         """The schedule's ``mu`` for an image of ``image_tokens`` tokens when the scheduler shifts with the
         resolution (FLUX dev), else None: linear in the token count, ``base_shift`` at

@@ -24,7 +24,9 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..numerics import require_finite
 from ..pretrained.frozen import FrozenModel
+from ..pretrained.stable_diffusion import SD_WEIGHTS_KEY
 
 __all__ = ["DTYPES", "FrozenDiffusion", "PromptEmbeds", "load_diffusion"]
 
@@ -76,6 +78,44 @@ class FrozenDiffusion(FrozenModel):
     def latent_factor(self) -> int:
         """Pixels per latent cell along each side (8 for Stable Diffusion's VAEs)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def check_timestep(self, step: int, config_key: str) -> None:
+        """Raise unless ``step`` is a timestep of the scheduler's training schedule (0 .. T-1)."""
+        total = int(self.scheduler.config.num_train_timesteps)
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < total:
+            raise ValueError(f"{config_key} = {step!r} must be a timestep in [0, {total - 1}] of this scheduler.")
+
+    @property
+    def _latent_shift(self) -> float:
+        # The VAE's shift factor (SD3 / FLUX); SD 1.x / 2.x / XL have none.
+        return self.vae.config.get("shift_factor") or 0.0
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, sample_generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Latents as the family's pipeline makes them, ``(z - shift_factor) * scaling_factor``:
+        (B, 3, H, W) in [-1, 1] -> (B, C_lat, H/f, W/f).
+
+        Args:
+            sample_generator: None for the posterior mean; else a draw from the posterior,
+                ``mean + std * eps`` with ``eps`` from this generator (reproducible).
+        """
+        posterior = self.vae.encode(images.to(self.dtype)).latent_dist
+        latents = require_finite(posterior.mean, f"the VAE encoder ({SD_WEIGHTS_KEY})")
+        if sample_generator is not None:
+            eps = torch.randn(latents.shape, generator=sample_generator, device=sample_generator.device)
+            latents = latents + posterior.std * eps.to(device=latents.device, dtype=latents.dtype)
+        if self._latent_shift:
+            latents = latents - self._latent_shift
+        return latents * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE decoding: (B, C_lat, h, w) latents (of ``encode_images``) -> (B, 3, h*f, w*f) RGB in [0, 255]."""
+        z = latents.to(self.dtype) / self.vae.config.scaling_factor
+        if self._latent_shift:
+            z = z + self._latent_shift
+        images = self.vae.decode(z).sample
+        return ((images.float().clamp(-1, 1) + 1) * 127.5).round()
 
     def empty_prompt_context(self) -> "PromptEmbeds":
         """The encoded empty prompt (one prompt), cached per device."""

@@ -37,6 +37,7 @@ from .stable_diffusion import (
     check_family_folder,
     read_weights_json,
     clip_text_encoder,
+    random_vae,
     write_clip_tokenizer,
     supported_families,
 )
@@ -235,9 +236,7 @@ def random_diffusion_transformer(architecture: str, clip_tokenizers, t5_tokenize
     clip = dict(_TINY_CLIP) if projected else {k: v for k, v in _TINY_CLIP.items() if k != "projection_dim"}
     with random_init():
         transformer = getattr(diffusers, family.transformer)(**sizes["transformer"])
-        n_vae = len(sizes["vae"]["block_out_channels"])
-        vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n_vae,
-                                      up_block_types=("UpDecoderBlock2D",) * n_vae, **sizes["vae"])
+        vae = random_vae(diffusers, sizes["vae"])
         clip_encoders = tuple(clip_text_encoder(transformers, t, clip, with_projection=projected) for t in clip_tokenizers)
         t5_config = transformers.T5Config(vocab_size=len(t5_tokenizer), pad_token_id=t5_tokenizer.pad_token_id,
                                           eos_token_id=t5_tokenizer.eos_token_id, **_TINY_T5)

@@ -245,6 +245,16 @@ SD_ARCHITECTURES = {
 }
 
 
+def random_vae(diffusers, sizes: dict):
+    """An ``AutoencoderKL`` of ``sizes`` (its ``block_out_channels`` set the number of levels; 4 latent
+    channels unless ``sizes`` says otherwise) with the weights of the current random state."""
+    levels = len(sizes["block_out_channels"])
+    return diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, **{"latent_channels": 4, **sizes},
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+    )
+
+
 def clip_text_encoder(transformers, tokenizer, sizes: dict, with_projection: bool = False):
     config = transformers.CLIPTextConfig(
         vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
@@ -271,13 +281,7 @@ def random_stable_diffusion(architecture: str, tokenizer, seed: int = RANDOM_SEE
     text_encoder_2 = None
     with random_init(seed):
         unet = diffusers.UNet2DConditionModel(in_channels=4, out_channels=4, **sizes["unet"])
-        vae_sizes = dict(sizes["vae"])
-        n_vae = len(vae_sizes["block_out_channels"])
-        vae = diffusers.AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4,
-            down_block_types=("DownEncoderBlock2D",) * n_vae, up_block_types=("UpDecoderBlock2D",) * n_vae,
-            **vae_sizes,
-        )
+        vae = random_vae(diffusers, sizes["vae"])
         text_encoder = clip_text_encoder(transformers, tokenizer, sizes["text"])
         if "text2" in sizes:
             tokenizer_2 = tokenizer_2 or tokenizer
