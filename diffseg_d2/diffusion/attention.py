@@ -28,7 +28,7 @@ from typing import Callable, Dict, FrozenSet, Iterator, Optional, Sequence, Tupl
 import torch
 import torch.nn.functional as F
 
-from .instrumentation import SharedInstrumentation, shared_instrumentation
+from .instrumentation import SharedInstrumentation, shared_instrumentation, wrap_attention_processors
 from .substrate import tokens_of
 
 # Largest transient tensor (bytes) a recorder materialises at once. It bounds the extra memory
@@ -459,27 +459,9 @@ class _Recording:
 
 def _install_recording_processors(unet, instrumentation: SharedInstrumentation) -> Callable[[], None]:
     """Wrap every attention processor of ``unet`` in a ``_RecordingProcessor``; return the undo."""
-    originals = dict(unet.attn_processors)
     layers = attention_layers(unet)
-    unet.set_attn_processor({
-        name: _RecordingProcessor(proc, *layers.get(name, (None, None)), instrumentation, name)
-        for name, proc in originals.items()
-    })
-
-    def uninstall() -> None:
-        # A layer whose processor was replaced while calls recorded (the user's set_attn_processor)
-        # keeps the replacement: only our own wrappers are taken away.
-        current = unet.attn_processors
-        unet.set_attn_processor({
-            name: originals[name] if _is_ours(proc, instrumentation) and name in originals else proc
-            for name, proc in current.items()
-        })
-
-    return uninstall
-
-
-def _is_ours(processor, instrumentation: SharedInstrumentation) -> bool:
-    return isinstance(processor, _RecordingProcessor) and processor.instrumentation is instrumentation
+    return wrap_attention_processors(
+        unet, lambda name, proc: _RecordingProcessor(proc, *layers.get(name, (None, None)), instrumentation, name))
 
 
 @contextlib.contextmanager

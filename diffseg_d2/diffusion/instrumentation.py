@@ -96,6 +96,25 @@ class SharedInstrumentation:
                     uninstall()
 
 
+def wrap_attention_processors(model: nn.Module, wrap: Callable[[str, Any], Any]) -> Callable[[], None]:
+    """Replace every attention processor ``p`` of a diffusers ``model`` (its ``attn_processors``) by
+    ``wrap(name, p)``, and return the undo: it puts the original back wherever one of these wrappers
+    still sits, and keeps a processor that was set in the meantime (the user's ``set_attn_processor``)."""
+    originals = dict(model.attn_processors)
+    wrapped = {name: wrap(name, proc) for name, proc in originals.items()}
+    # id -> wrapper: the wrappers stay referenced here, so their ids cannot be reused meanwhile.
+    ours = {id(p): p for name, p in wrapped.items() if p is not originals[name]}
+    model.set_attn_processor(dict(wrapped))  # diffusers empties the dict it is given
+
+    def uninstall() -> None:
+        current = model.attn_processors
+        model.set_attn_processor({
+            name: originals[name] if id(p) in ours and name in originals else p for name, p in current.items()
+        })
+
+    return uninstall
+
+
 def shared_instrumentation(module: nn.Module, name: str, install: Installer) -> SharedInstrumentation:
     """The one ``SharedInstrumentation`` called ``name`` of ``module`` (made on first use)."""
     with _REGISTRY_LOCK:

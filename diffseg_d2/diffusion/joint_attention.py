@@ -20,7 +20,7 @@ from typing import Dict, FrozenSet, Iterator, List, Optional, Sequence
 
 import torch
 
-from .instrumentation import SharedInstrumentation, shared_instrumentation
+from .instrumentation import SharedInstrumentation, shared_instrumentation, wrap_attention_processors
 from .readouts import image_self_apply, image_to_text, joint_layout, text_to_image
 
 __all__ = ["JointAttentionStore", "joint_attention_layers", "record_joint_attention"]
@@ -189,27 +189,17 @@ class _FluxRecordingProcessor(_JointRecordingProcessor):
 
 
 def _install(transformer, instrumentation: SharedInstrumentation):
-    originals = dict(transformer.attn_processors)
+    """Wrap the joint-attention layers' processors of ``transformer``; return the undo."""
     layers = joint_attention_layers(transformer)
-    wrapped = {}
-    for name, proc in originals.items():
+
+    def wrap(name: str, proc):
         block = name[: -len(".attn.processor")] if name.endswith(".attn.processor") else None
-        if block in layers:
-            cls = _SD3RecordingProcessor if layers[block] else _FluxRecordingProcessor
-            wrapped[name] = cls(proc, block, layers[block], instrumentation)
-        else:
-            wrapped[name] = proc
-    transformer.set_attn_processor(wrapped)
+        if block not in layers:
+            return proc
+        cls = _SD3RecordingProcessor if layers[block] else _FluxRecordingProcessor
+        return cls(proc, block, layers[block], instrumentation)
 
-    def uninstall() -> None:
-        current = transformer.attn_processors
-        transformer.set_attn_processor({
-            name: originals[name] if isinstance(p, _JointRecordingProcessor) and p.instrumentation is instrumentation
-            else p
-            for name, p in current.items()
-        })
-
-    return uninstall
+    return wrap_attention_processors(transformer, wrap)
 
 
 @contextlib.contextmanager
