@@ -17,6 +17,11 @@ class VocabularyError(ValueError):
     """A vocabulary that cannot be segmented with."""
 
 
+def name_key(name: str) -> str:
+    """How class names are compared: case and runs of spaces ignored ("Potted  Plant" = "potted plant")."""
+    return " ".join(str(name).lower().split())
+
+
 def parse_vocabulary(names: Union[str, Iterable[str]]) -> List[str]:
     """Validate class names (a list, or one comma-separated string) and return them cleaned.
 
@@ -42,7 +47,7 @@ def parse_vocabulary(names: Union[str, Iterable[str]]) -> List[str]:
         )
     seen, dupes = {}, []
     for n in names:
-        k = " ".join(n.lower().split())
+        k = name_key(n)
         if k in seen and n not in dupes:
             dupes.append(n)
         seen[k] = n
@@ -207,17 +212,16 @@ def panoptic_roles(names: Sequence[str], thing_classes: Optional[Sequence[str]] 
     Raises:
         VocabularyError: ``stuff_classes`` names a class that is not in ``names``, or both lists are given.
     """
-    key = lambda n: " ".join(str(n).lower().split())  # noqa: E731
     if thing_classes is not None:
         if stuff_classes:
             raise VocabularyError("Give thing_classes (a dataset's) or stuff_classes (for your vocabulary), not both.")
-        thing_set = {key(t) for t in thing_classes}
-        return [THING if key(n) in thing_set else STUFF for n in names]
-    stuff_set = {key(t) for t in stuff_classes or ()}
-    unknown = sorted(stuff_set - {key(n) for n in names})
+        thing_set = {name_key(t) for t in thing_classes}
+        return [THING if name_key(n) in thing_set else STUFF for n in names]
+    stuff_set = {name_key(t) for t in stuff_classes or ()}
+    unknown = sorted(stuff_set - {name_key(n) for n in names})
     if unknown:
         raise VocabularyError(
             f"The stuff classes {unknown} are not in the vocabulary {list(names)}: name each as it appears "
             "there (MODEL.DIFFSEG.PANOPTIC.STUFF_CLASSES, or the input's 'stuff_classes')."
         )
-    return [VOID if key(n) == BACKGROUND else STUFF if key(n) in stuff_set else THING for n in names]
+    return [VOID if name_key(n) == BACKGROUND else STUFF if name_key(n) in stuff_set else THING for n in names]

@@ -18,7 +18,7 @@ from torch import nn
 from ...checkpoint_safety import refuse_partial_loads
 from ...lru import LRUCache
 from ...numerics import require_finite
-from ...vocabulary import THING, classes_from_metadata, panoptic_roles, parse_vocabulary, synonym_classes
+from ...vocabulary import THING, classes_from_metadata, name_key, panoptic_roles, parse_vocabulary, synonym_classes
 from .semantic_to_panoptic import semantic_to_panoptic
 
 _CACHE_SIZE = 8
@@ -86,8 +86,8 @@ class OpenVocabularyMixin:
 
     def _roles_of(self, names: Sequence[str], thing_classes, stuff_classes) -> List[str]:
         if thing_classes is None and stuff_classes is None:
-            present = {" ".join(n.lower().split()) for n in names}
-            stuff_classes = [c for c in self._stuff_classes if " ".join(c.lower().split()) in present]
+            present = {name_key(n) for n in names}
+            stuff_classes = [c for c in self._stuff_classes if name_key(c) in present]
         return panoptic_roles(names, thing_classes, stuff_classes)
 
     def _check_vocabulary(self, names: Sequence[str]) -> None:
