@@ -109,6 +109,21 @@ def add_diffseg_config(cfg: CN) -> CN:
     _c.SELF_ATTN_FACTOR = 1
     # Apply the self-attention refinement M = S @ c.
     _c.REFINE = True
+    # On a diffusion transformer (SD3 / SD3.5, FLUX.1), which joint-attention blocks are read instead of
+    # CROSS_ATTN_FACTORS / SELF_ATTN_FACTOR (those name UNet resolutions). Names as diffusers numbers the
+    # blocks: "transformer_blocks.N" (SD3's joint blocks, FLUX's double-stream ones) and
+    # "single_transformer_blocks.M" (FLUX's single-stream ones).
+    _c.TRANSFORMER = CN()
+    # Blocks whose class maps are averaged (each map: the class word's attention probability, normalised
+    # over ALL keys of the joint sequence, mean over heads and the word's selected tokens). Empty: every block.
+    _c.TRANSFORMER.BLOCKS = []
+    # Blocks whose image-to-image attention (rows normalised over all keys, mean over heads and blocks)
+    # refines the maps, as SELF_ATTN_FACTOR's does on a UNet; applied in row blocks, never an N x N matrix.
+    _c.TRANSFORMER.REFINE_BLOCKS = []
+    # Which tokens of the text sequence the class word is read from: "t5" or, on SD3, "clip".
+    _c.TRANSFORMER.TEXT_SEGMENT = "t5"
+    # "image_to_text" (image queries on the class tokens' keys, Seg4Diff's choice) or "text_to_image".
+    _c.TRANSFORMER.DIRECTION = "image_to_text"
     # Score of the background channel; a pixel whose normalised class scores all fall below it is background.
     _c.BACKGROUND_THRESHOLD = 0.4
     # Class names to segment; empty = the stuff_classes of DATASETS.TEST[0].

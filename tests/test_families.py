@@ -75,11 +75,16 @@ def test_sdxl_unet_call_takes_pooled_text_and_size_ids_as_its_pipeline_does():
 
 
 def test_a_folder_of_another_family_is_named_with_the_supported_ones(tmp_path):
-    folder = tmp_path / "flux"
+    folder = tmp_path / "cascade"
     shutil.copytree(resolve_sd_weights("tiny").path, folder)
     index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableCascadeDecoderPipeline"}))
+    with pytest.raises(UnsupportedFamilyError, match=r"holds a StableCascadeDecoderPipeline.*Stable Diffusion 1\.x"
+                       r".*Stable Diffusion XL.*Stable Diffusion 3 / 3\.5.*FLUX\.1 \[dev\]"):
+        load_diffusion(str(folder))
+    # A folder that names a FLUX pipeline is read as FLUX: an incomplete one is named so.
     (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
-    with pytest.raises(UnsupportedFamilyError, match=r"holds a FluxPipeline.*Stable Diffusion 1\.x.*Stable Diffusion XL"):
+    with pytest.raises(MissingWeightsError, match=r"FLUX\.1 \[schnell\] folder .* missing transformer/config\.json"):
         load_diffusion(str(folder))
     sdxl = tmp_path / "sdxl"
     shutil.copytree(resolve_sd_weights("tiny-sdxl").path, sdxl)

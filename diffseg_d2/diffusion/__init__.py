@@ -16,6 +16,8 @@ from .attention import (
 from .features import FeatureTap, decoder_inputs, feature_taps, record_inputs, tap_modules, tappable_layers
 from ..pretrained.stable_diffusion import StableDiffusionParts, load_stable_diffusion
 from .frozen_sd import FrozenStableDiffusion
+from .frozen_transformer import FrozenDiffusionTransformer
+from .joint_attention import JointAttentionStore, joint_attention_layers, record_joint_attention
 from .substrate import PromptEmbeds, load_diffusion
 from .prompts import TOKEN_SELECTIONS, ClassPrompts, build_class_prompts, build_joint_prompt
 
@@ -24,7 +26,11 @@ __all__ = [
     "AttentionStore",
     "ClassPrompts",
     "FeatureTap",
+    "FrozenDiffusionTransformer",
     "FrozenStableDiffusion",
+    "JointAttentionStore",
+    "joint_attention_layers",
+    "record_joint_attention",
     "PromptEmbeds",
     "StableDiffusionParts",
     "attention_layers",

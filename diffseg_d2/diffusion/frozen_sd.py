@@ -19,6 +19,7 @@ from ..numerics import require_finite
 from ..optional_imports import require
 from ..pretrained.stable_diffusion import SD_WEIGHTS_KEY, StableDiffusionParts
 from .instrumentation import shared_instrumentation
+from .prompts import ClassPrompts, build_class_prompts, build_joint_prompt
 from .substrate import FrozenDiffusion, PromptEmbeds
 
 class FrozenStableDiffusion(FrozenDiffusion):
@@ -82,6 +83,24 @@ class FrozenStableDiffusion(FrozenDiffusion):
         if ids.shape[1] > self.context_length:
             raise ValueError(f"prompts longer than the text encoder's context of {self.context_length} tokens")
         return ids
+
+    #: the encoder parts of the text a class word can be read from: one CLIP tokenisation
+    text_segments = ("clip",)
+
+    def class_prompts(self, names: Sequence[str], template: str, suffix: str = "", *, continuations=None,
+                      selection: str = "mean", ing_rule: bool = False, segment: Optional[str] = None) -> ClassPrompts:
+        """One prompt per class and where each class word's tokens sit (``build_class_prompts``).
+        ``segment`` (a diffusion transformer's choice of text encoder) is not read: one tokenisation."""
+        return build_class_prompts(self.tokenizer, names, template, suffix, continuations=continuations,
+                                   selection=selection, ing_rule=ing_rule)
+
+    def joint_prompt(self, names: Sequence[str], template: str, segment: Optional[str] = None) -> ClassPrompts:
+        """ONE prompt naming every class (``build_joint_prompt``); ``segment`` as in ``class_prompts``."""
+        return build_joint_prompt(self.tokenizer, names, template)
+
+    def denoise(self, latents: torch.Tensor, step: int, context, *, grad: bool = False) -> torch.Tensor:
+        """The substrate's one denoiser pass (``unet_forward``), under the name every family shares."""
+        return self.unet_forward(latents, step, context, grad=grad)
 
     def _second_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The second tokenizer's ids of prompts tokenised by the first: the same tokens (one

@@ -37,6 +37,7 @@ from ..optional_imports import require
 from ..pretrained.diffusion_transformers import DiffusionTransformerParts
 from ..pretrained.stable_diffusion import SD_WEIGHTS_KEY
 from ..pretrained.tokens import find_subsequence
+from .prompts import ClassPrompts, build_class_prompts, build_joint_prompt
 from .substrate import FrozenDiffusion, PromptEmbeds
 
 __all__ = ["FrozenDiffusionTransformer", "PromptIds", "TextLayout"]
@@ -219,6 +220,41 @@ class FrozenDiffusionTransformer(FrozenDiffusion):
             if start >= 0:
                 out[name] = list(range(segment.start + start, segment.start + start + len(word_ids)))
         return out
+
+    @property
+    def text_segments(self) -> Tuple[str, ...]:
+        """The encoder parts of the text sequence a class word can be read from (SD3: "clip", "t5"; FLUX: "t5")."""
+        return tuple(self.text_layout.segments)
+
+    def class_prompts(self, names: Sequence[str], template: str, suffix: str = "", *, continuations=None,
+                      selection: str = "mean", ing_rule: bool = False, segment: Optional[str] = None) -> ClassPrompts:
+        """One prompt per class (``build_class_prompts``) in every tokenizer of the family: ``input_ids`` is a
+        :class:`PromptIds`, ``token_index`` the class word's positions among the text tokens in ``segment``
+        ("t5", the default, or SD3's "clip"), ``emphasis`` (K, L_text) the last word's tokens in every segment."""
+        def build(tokenizer, length):
+            return build_class_prompts(tokenizer, names, template, suffix, continuations=continuations,
+                                       selection=selection, ing_rule=ing_rule, length=length)
+        return self._in_sequence(build, segment)
+
+    def joint_prompt(self, names: Sequence[str], template: str, segment: Optional[str] = None) -> ClassPrompts:
+        """ONE prompt naming every class (``build_joint_prompt``), in the layout of ``class_prompts``."""
+        return self._in_sequence(lambda tokenizer, length: build_joint_prompt(tokenizer, names, template, length), segment)
+
+    def _in_sequence(self, build, segment: Optional[str]) -> ClassPrompts:
+        """Prompts built by ``build(tokenizer, length)`` in each tokenizer, joined into the text sequence."""
+        layout = self.text_layout
+        segment = segment or "t5"
+        if segment not in layout.segments:
+            raise ValueError(f"MODEL.DIFFSEG.TRANSFORMER.TEXT_SEGMENT = {segment!r}: the {self.family.title} text "
+                             f"sequence has the segments {list(layout.segments)}.")
+        t5 = build(self.t5_tokenizer, self.family.t5_length)
+        clips = [build(tokenizer, int(tokenizer.model_max_length)) for tokenizer in self.clip_tokenizers]
+        parts = ([clips[0]] if "clip" in layout.segments else []) + [t5]
+        sequence = torch.cat([p.input_ids for p in parts], dim=1)
+        emphasis = None if t5.emphasis is None else torch.cat([p.emphasis for p in parts], dim=1)
+        read = clips[0] if segment == "clip" else t5
+        return ClassPrompts(t5.prompts, PromptIds(sequence, tuple(c.input_ids for c in clips)),
+                            read.token_index + layout.segments[segment].start, read.token_weight, emphasis)
 
     @torch.no_grad()
     def encode_text(self, ids: PromptIds, emphasis: Optional[torch.Tensor] = None, weight: float = 1.0) -> PromptEmbeds:

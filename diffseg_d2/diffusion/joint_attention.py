@@ -36,13 +36,15 @@ class JointAttentionStore:
         token_index, token_weight: (K, T) positions of each class word among the text tokens and
             their weights (1/n on a word's n tokens): see ``readouts.image_to_text``.
         direction: "image_to_text" (image queries on the class tokens' keys) or "text_to_image".
-        refine_blocks: blocks whose image queries and keys are kept (for ``refine``); empty: none.
+        refine_blocks: blocks whose queries and keys are kept (for ``refine``); empty: none.
+        map_blocks: blocks whose class maps are read (None: every recorded block).
     """
 
     token_index: torch.Tensor
     token_weight: torch.Tensor
     direction: str = "image_to_text"
     refine_blocks: FrozenSet[str] = frozenset()
+    map_blocks: Optional[FrozenSet[str]] = None
     #: block name -> (K, N_img) read-out summed over the calls that recorded it
     layers: Dict[str, torch.Tensor] = field(default_factory=dict)
     counts: Dict[str, int] = field(default_factory=dict)
@@ -54,13 +56,15 @@ class JointAttentionStore:
 
     def record(self, name: str, query: torch.Tensor, key: torch.Tensor, image: slice, text: slice) -> None:
         """Read one layer call: query / key (B, H, S, D) with the image and text ranges of the sequence."""
-        scale = query.shape[-1] ** -0.5
-        read = image_to_text if self.direction == "image_to_text" else text_to_image
-        maps = read(query, key, image, text, self.token_index, self.token_weight, scale)
-        self.layers[name] = self.layers.get(name, 0) + maps
-        self.counts[name] = self.counts.get(name, 0) + 1
+        if self.map_blocks is None or name in self.map_blocks:
+            scale = query.shape[-1] ** -0.5
+            read = image_to_text if self.direction == "image_to_text" else text_to_image
+            maps = read(query, key, image, text, self.token_index, self.token_weight, scale)
+            self.layers[name] = self.layers.get(name, 0) + maps
+            self.counts[name] = self.counts.get(name, 0) + 1
         if name in self.refine_blocks:
-            self._kept.append((query[:1].detach(), key[:1].detach(), image))
+            # Every batch element: a batch of one pass per class refines each class by its own pass.
+            self._kept.append((query.detach(), key.detach(), image))
 
     def maps(self) -> torch.Tensor:
         """(K, N_img): the mean over the recorded layer calls."""
@@ -70,7 +74,8 @@ class JointAttentionStore:
 
     def refine(self, maps: torch.Tensor) -> torch.Tensor:
         """``S c`` with S the image-to-image attention of the kept blocks (mean over them and heads,
-        rows normalised over all keys), applied in row blocks: (K, N_img) -> (K, N_img)."""
+        rows normalised over all keys), applied in row blocks: (K, N_img) -> (K, N_img). With one pass
+        per class (batch of K) each class is refined by its own pass's S, else by element 0's."""
         if not self._kept:
             raise RuntimeError("No block's queries and keys were kept: give refine_blocks.")
         return sum(image_self_apply(q, k, image, maps, q.shape[-1] ** -0.5) for q, k, image in self._kept) / len(self._kept)

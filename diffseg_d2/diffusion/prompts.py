@@ -43,10 +43,10 @@ def _name_tokens(tokenizer, name: str) -> List[int]:
     return ids
 
 
-def _padded(tokenizer, ids: List[int]) -> List[int]:
-    """``ids`` padded to the tokenizer's context with its pad (or end-of-text) token."""
+def _padded(tokenizer, ids: List[int], length: int) -> List[int]:
+    """``ids`` padded to ``length`` with the tokenizer's pad (or end-of-text) token."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return ids + [pad] * (int(tokenizer.model_max_length) - len(ids))
+    return ids + [pad] * (length - len(ids))
 
 
 #: Which of a class name's tokens are read: the first sub-token (the reference's VOC script), the
@@ -63,6 +63,7 @@ def build_class_prompts(
     continuations: Optional[Sequence[str]] = None,
     selection: str = "mean",
     ing_rule: bool = False,
+    length: Optional[int] = None,
 ) -> ClassPrompts:
     """Prompt ``template.format(name)`` per class, optionally continued, and which tokens are read.
 
@@ -78,6 +79,8 @@ def build_class_prompts(
         selection: which of the name's tokens are read, one of ``TOKEN_SELECTIONS``.
         ing_rule: the reference's "-ing" rule: when the word after the name ends in "ing", the
             token after the last selected one is averaged in as well.
+        length: the text encoder's context L (None: the tokenizer's ``model_max_length``; a diffusion
+            transformer reads fewer T5 tokens than T5's tokenizer allows).
 
     Raises:
         VocabularyError: a name that tokenises to nothing, a prompt longer than
@@ -89,7 +92,7 @@ def build_class_prompts(
         raise ValueError(f"MODEL.DIFFSEG.TOKEN_SELECTION must be one of {TOKEN_SELECTIONS}, not {selection!r}.")
     if continuations is not None and len(continuations) != len(names):
         raise ValueError(f"{len(continuations)} continuations for {len(names)} class prompts.")
-    context = int(tokenizer.model_max_length)
+    context = int(tokenizer.model_max_length if length is None else length)
     prompts, rows, positions, emphasis = [], [], [], []
     for k, name in enumerate(names):
         name_ids = _name_tokens(tokenizer, name)
@@ -121,7 +124,7 @@ def build_class_prompts(
         tail = name_ids[-len(last_word_ids):] == last_word_ids
         weighted = name_positions[-len(last_word_ids):] if tail else name_positions
         prompts.append(prompt)
-        rows.append(_padded(tokenizer, ids))
+        rows.append(_padded(tokenizer, ids, context))
         positions.append(read)
         emphasis.append(weighted)
     token_index, token_weight = token_mean_table(positions)
@@ -131,10 +134,11 @@ def build_class_prompts(
     return ClassPrompts(prompts, torch.tensor(rows, dtype=torch.long), token_index, token_weight, mask)
 
 
-def build_joint_prompt(tokenizer, names: Sequence[str], template: str) -> ClassPrompts:
+def build_joint_prompt(tokenizer, names: Sequence[str], template: str, length: Optional[int] = None) -> ClassPrompts:
     """ONE prompt naming every class, ``template.format(", ".join(names))``, and where each
     name's tokens sit in it (the names are searched in order, so "red square" after "square"
-    is found at its own place). Returned as K identical prompts, one per class.
+    is found at its own place). Returned as K identical prompts, one per class; ``length`` as in
+    ``build_class_prompts``.
 
     Raises:
         VocabularyError: as ``build_class_prompts``; the joint prompt must fit the
@@ -143,7 +147,7 @@ def build_joint_prompt(tokenizer, names: Sequence[str], template: str) -> ClassP
     _check_template(template)
     prompt = template.format(", ".join(names))
     ids = tokenizer(prompt).input_ids
-    context = int(tokenizer.model_max_length)
+    context = int(tokenizer.model_max_length if length is None else length)
     if len(ids) > context:
         raise VocabularyError(
             f"The prompt naming all {len(names)} classes is {len(ids)} tokens long, more than the text "
@@ -161,5 +165,5 @@ def build_joint_prompt(tokenizer, names: Sequence[str], template: str) -> ClassP
         positions.append(list(range(at, at + len(name_ids))))
         start = at + len(name_ids)
     token_index, token_weight = token_mean_table(positions)
-    row = _padded(tokenizer, ids)
+    row = _padded(tokenizer, ids, context)
     return ClassPrompts([prompt] * len(names), torch.tensor([row] * len(names), dtype=torch.long), token_index, token_weight)

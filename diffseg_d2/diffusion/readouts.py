@@ -19,7 +19,7 @@ Queries and keys come in as ``(B, H, S, D)`` with the image and text tokens at t
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -29,7 +29,8 @@ __all__ = ["image_to_text", "image_self_apply", "text_to_image"]
 CHUNK_BYTES = 16 * 2**20
 
 
-def _rows(seq_len: int, chunk_bytes: int) -> int:
+def _rows(seq_len: int, chunk_bytes: Optional[int]) -> int:
+    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes  # read at call time (tests lower it)
     return max(1, chunk_bytes // (4 * max(seq_len, 1)))
 
 
@@ -60,7 +61,7 @@ def _class_batches(B: int, K: int):
 
 
 def image_to_text(query: torch.Tensor, key: torch.Tensor, image: slice, text: slice, token_index: torch.Tensor,
-                  token_weight: torch.Tensor, scale: float, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+                  token_weight: torch.Tensor, scale: float, chunk_bytes: Optional[int] = None) -> torch.Tensor:
     """Each class's map over the image: the image queries' softmax probability (over ALL keys) on the
     class word's text keys, mean over the word's tokens and over heads.
 
@@ -109,12 +110,13 @@ def text_to_image(query: torch.Tensor, key: torch.Tensor, image: slice, text: sl
 
 
 def image_self_apply(query: torch.Tensor, key: torch.Tensor, image: slice, maps: torch.Tensor, scale: float,
-                     chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+                     chunk_bytes: Optional[int] = None) -> torch.Tensor:
     """``S c``: the image-to-image part of the joint attention (rows normalised over ALL keys, mean over
     heads) applied to ``maps`` (K, N_img), one block of query rows at a time.
 
     Args:
-        query, key: (B, H, S, D); batch element 0 is read (the refinement's pass).
+        query, key: (B, H, S, D). For a batch of B = K passes (one per class) class k is refined by
+            element k's attention, else every class by element 0's.
 
     Returns:
         (K, N_img) float32.
@@ -122,8 +124,10 @@ def image_self_apply(query: torch.Tensor, key: torch.Tensor, image: slice, maps:
     H = query.shape[1]
     c = maps.to(query.device, torch.float32).transpose(0, 1)  # (N_img, K)
     out = torch.zeros(image.stop - image.start, c.shape[1], dtype=torch.float32, device=query.device)
-    for start, stop, log_probs in _row_log_probs(query, key, 0, image, scale, chunk_bytes):
-        out[start - image.start:stop - image.start] += log_probs[:, image].exp_() @ c  # (rows, N_img) @ (N_img, K)
+    for b, cls in _class_batches(query.shape[0], c.shape[1]):
+        for start, stop, log_probs in _row_log_probs(query, key, b, image, scale, chunk_bytes):
+            # (rows, N_img) @ (N_img, k)
+            out[start - image.start:stop - image.start, cls] += log_probs[:, image].exp_() @ c[:, cls]
     return (out / H).transpose(0, 1)
 
 

@@ -11,10 +11,12 @@ A substrate is a frozen text-to-image diffusion model with the few operations th
   ``record_inputs`` read the chosen layers;
 * ``generate(context, ...)``: text-to-image, for FreeDA's bank.
 
-``FrozenStableDiffusion`` implements it for the UNet families (SD 1.x, SD 2.x, SDXL); what differs
-between those is data (``diffseg_d2.pretrained.stable_diffusion.UNetFamily``), picked from the
-weights (a folder's ``model_index.json``, a hub id's, or a preset). ``load_diffusion`` is the one
-place a config's weights become a substrate.
+``FrozenStableDiffusion`` implements it for the UNet families (SD 1.x, SD 2.x, SDXL),
+``FrozenDiffusionTransformer`` for the diffusion transformers (SD3 / SD3.5, FLUX.1); what differs
+within each is data (``UNetFamily``, ``TransformerFamily``), picked from the weights (a folder's
+``model_index.json``, a hub id's, or a preset). ``load_diffusion`` is the one place a config's
+weights become a substrate. Both also build class prompts (``class_prompts``, ``joint_prompt``:
+where each class word's tokens sit in the text the denoiser reads) and run ``denoise``.
 """
 from __future__ import annotations
 
@@ -202,12 +204,20 @@ def tokens_of(context: Union[PromptEmbeds, torch.Tensor]) -> torch.Tensor:
 
 
 def load_diffusion(weights: str, revision: Optional[str] = None, dtype: str = "float32"):
-    """The frozen substrate of ``MODEL.DIFFSEG.SD.WEIGHTS``: its family is read from the weights.
+    """The frozen substrate of ``MODEL.DIFFSEG.SD.WEIGHTS``: its family is read from the weights (a
+    diffusion transformer's folder or preset gives a ``FrozenDiffusionTransformer``, anything else a
+    ``FrozenStableDiffusion``).
 
     Raises:
         UnsupportedFamilyError: the weights are a model of a family not supported (the message names
             the supported ones).
     """
+    from ..pretrained.diffusion_transformers import load_diffusion_transformer, names_transformer_family
+
+    if names_transformer_family(weights, revision or None):
+        from .frozen_transformer import FrozenDiffusionTransformer
+
+        return FrozenDiffusionTransformer(load_diffusion_transformer(weights, revision or None), dtype=dtype)
     from ..pretrained.stable_diffusion import load_stable_diffusion
     from .frozen_sd import FrozenStableDiffusion
 

@@ -33,6 +33,8 @@ from ..optional_imports import require
 from .frozen import load_pretrained, random_init
 from .stable_diffusion import (
     SD_WEIGHTS_KEY,
+    TINY_SD_PRESETS,
+    UNET_FAMILIES,
     UnsupportedFamilyError,
     check_family_folder,
     read_weights_json,
@@ -41,10 +43,11 @@ from .stable_diffusion import (
     write_clip_tokenizer,
     supported_families,
 )
-from .weights import TINY, WeightsLocation, resolve_weights
+from .weights import MICRO, TINY, WeightsLocation, resolve_weights
 
 __all__ = ["DiffusionTransformerParts", "TRANSFORMER_FAMILIES", "TINY_TRANSFORMER_PRESETS", "TransformerFamily",
-           "family_of_transformer_folder", "load_diffusion_transformer", "resolve_transformer_weights"]
+           "family_of_transformer_folder", "load_diffusion_transformer", "names_transformer_family",
+           "resolve_transformer_weights"]
 
 
 @dataclass(frozen=True)
@@ -283,6 +286,36 @@ def resolve_transformer_weights(weights: str) -> WeightsLocation:
         return resolve_weights(TINY, config_key=SD_WEIGHTS_KEY, tiny=(folder, builder))
     # The family's own files are checked once model_index.json has named it.
     return resolve_weights(weights, config_key=SD_WEIGHTS_KEY, required_files=("model_index.json",))
+
+
+def names_transformer_family(weights: str, revision: Optional[str] = None) -> bool:
+    """Whether ``MODEL.DIFFSEG.SD.WEIGHTS`` names a diffusion transformer: a tiny transformer preset, or a
+    folder / hub id whose ``model_index.json`` names a transformer family's pipeline. The UNet presets and
+    unreadable weights are left to the UNet loader (its errors say what is missing).
+
+    Raises:
+        UnsupportedFamilyError: the ``model_index.json`` names a pipeline of no supported family (the message
+            names every supported family, UNet and transformer).
+    """
+    weights = (weights or "").strip()
+    if weights in TINY_TRANSFORMER_PRESETS:
+        return True
+    if not weights or weights.startswith("random:") or weights in (TINY, MICRO, *TINY_SD_PRESETS):
+        return False
+    try:
+        location = resolve_weights(weights, config_key=SD_WEIGHTS_KEY)
+        kwargs = {} if location.is_local or not revision else {"revision": revision}
+        model_index = read_weights_json(location, "model_index.json", kwargs)
+    except Exception:  # noqa: BLE001 - the UNet loader reports unreadable weights with the full message
+        return False
+    pipeline = (model_index or {}).get("_class_name")
+    if pipeline in {f.pipeline for f in TRANSFORMER_FAMILIES.values()}:
+        return True
+    if pipeline is not None and pipeline not in {f.pipeline for f in UNET_FAMILIES.values()}:
+        raise UnsupportedFamilyError(
+            f"{SD_WEIGHTS_KEY} = '{location.path}' holds a {pipeline}; it must name a model of a supported family: "
+            f"{supported_families()}; {supported_transformer_families()}.")
+    return False
 
 
 def load_diffusion_transformer(weights: str, revision: Optional[str] = None,

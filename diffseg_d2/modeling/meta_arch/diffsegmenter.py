@@ -1,10 +1,14 @@
-"""DiffSegmenter: training-free segmentation from a diffusion UNet's attention.
+"""DiffSegmenter: training-free segmentation from a diffusion model's attention.
 
 One image: keep the classes the category filter judges present, resize to a
-square, VAE-encode, add noise at a fixed timestep, run the UNet (one pass per
+square, VAE-encode, add noise at a fixed timestep, run the denoiser (one pass per
 kept class in reference mode) while recording attention; each class's
 cross-attention on its word tokens is its segmentation score, refined by the
 self-attention; a fixed background score decides where no class is.
+
+On a UNet (SD 1.x / 2.x / XL) the maps are read by latent resolution (the reference's
+factors and weights); on a diffusion transformer (SD3 / SD3.5, FLUX.1) from chosen
+joint-attention blocks, exactly and streamed (``diffusion.readouts``).
 """
 from __future__ import annotations
 
@@ -21,14 +25,18 @@ from ...config import CARRIER_TEMPLATE, check_config
 from ...diffusion import (
     AttentionStore,
     ClassPrompts,
-    FrozenStableDiffusion,
+    FrozenDiffusionTransformer,
+    JointAttentionStore,
     TOKEN_SELECTIONS,
     available_factors,
-    build_class_prompts,
+    joint_attention_layers,
     load_diffusion,
     minmax_per_map,
     record_attention,
+    record_joint_attention,
 )
+from ...diffusion.joint_attention import DIRECTIONS
+from ...diffusion.substrate import FrozenDiffusion
 from ...pretrained.blip import BlipCaptioner
 from ...pretrained.clip import OpenCLIP
 from ...vocabulary import background_index
@@ -54,7 +62,7 @@ class DiffSegmenter(OpenVocabularySegmenter):
     def __init__(
         self,
         *,
-        diffusion: FrozenStableDiffusion,
+        diffusion: FrozenDiffusion,
         vocabulary: Optional[Sequence[str]] = None,
         thing_classes: Optional[Sequence[str]] = None,
         stuff_classes: Optional[Sequence[str]] = None,
@@ -77,6 +85,10 @@ class DiffSegmenter(OpenVocabularySegmenter):
         cross_attn_weights: Sequence[float] = (0.3, 0.5, 0.1, 0.1),
         self_attn_factor: int = 1,
         refine: bool = True,
+        transformer_blocks: Sequence[str] = (),
+        refine_blocks: Sequence[str] = (),
+        text_segment: str = "t5",
+        attention_direction: str = "image_to_text",
         background_threshold: float = 0.4,
         category_filter: Optional[nn.Module] = None,
         class_lists: Optional[ImageClassLists] = None,
@@ -89,7 +101,7 @@ class DiffSegmenter(OpenVocabularySegmenter):
         argument (the config key in capitals under MODEL.DIFFSEG).
 
         Args:
-            diffusion: the frozen SD substrate.
+            diffusion: the frozen diffusion substrate (a UNet or a diffusion-transformer family).
             vocabulary: class names, the channel order of ``sem_seg``; a class
                 named "background" gets the constant ``background_threshold``.
                 May be set later with ``set_vocabulary`` or per input.
@@ -121,6 +133,11 @@ class DiffSegmenter(OpenVocabularySegmenter):
             cross_attn_weights: weight of each factor's normalised map.
             self_attn_factor: latent factor of the self-attention used for refinement.
             refine: apply the self-attention refinement.
+            transformer_blocks, refine_blocks, text_segment, attention_direction: on a diffusion
+                transformer (``MODEL.DIFFSEG.TRANSFORMER``), in place of the factors above: the
+                joint-attention blocks whose class maps are averaged (empty: all), the blocks whose
+                image-to-image attention refines them, the text encoder's tokens the class word is
+                read from ("t5"; SD3 also "clip"), and "image_to_text" or "text_to_image".
             background_threshold: score of the background channel.
             category_filter: optional module ``(image, names) -> keep (K,) bool``.
             class_lists: the reference's per-image class lists (``CATEGORY_FILTER.CLASS_LISTS``);
@@ -146,17 +163,24 @@ class DiffSegmenter(OpenVocabularySegmenter):
                 "MODEL.DIFFSEG.CROSS_ATTN_FACTORS and CROSS_ATTN_WEIGHTS must be non-empty and of equal length, "
                 f"got {list(cross_attn_factors)} and {list(cross_attn_weights)}."
             )
-        unet = diffusion.unet
-        for key, kind, wanted in (
-            ("CROSS_ATTN_FACTORS", "cross", list(cross_attn_factors)),
-            ("SELF_ATTN_FACTOR", "self", [self_attn_factor] if refine else []),
-        ):
-            have = available_factors(unet, kind)
-            if any(f not in have for f in wanted):
-                raise ValueError(
-                    f"MODEL.DIFFSEG.{key} = {wanted}, but this UNet has {kind}-attention only at latent factors {have}."
-                )
-        multiple = diffusion.latent_factor * max(available_factors(unet, "self") + available_factors(unet, "cross"))
+        self.is_transformer = isinstance(diffusion, FrozenDiffusionTransformer)
+        if self.is_transformer:
+            transformer_blocks, refine_blocks = self._check_transformer_reads(
+                diffusion, transformer_blocks, refine_blocks if refine else (), text_segment, attention_direction,
+                refinement)
+            multiple = diffusion.latent_factor * diffusion.patch
+        else:
+            unet = diffusion.unet
+            for key, kind, wanted in (
+                ("CROSS_ATTN_FACTORS", "cross", list(cross_attn_factors)),
+                ("SELF_ATTN_FACTOR", "self", [self_attn_factor] if refine else []),
+            ):
+                have = available_factors(unet, kind)
+                if any(f not in have for f in wanted):
+                    raise ValueError(
+                        f"MODEL.DIFFSEG.{key} = {wanted}, but this UNet has {kind}-attention only at latent factors {have}."
+                    )
+            multiple = diffusion.latent_factor * max(available_factors(unet, "self") + available_factors(unet, "cross"))
         if image_size <= 0 or image_size % multiple:
             raise ValueError(f"MODEL.DIFFSEG.IMAGE_SIZE = {image_size} must be a positive multiple of {multiple}.")
         diffusion.check_timestep(noise_step, "MODEL.DIFFSEG.NOISE_STEP")
@@ -184,6 +208,10 @@ class DiffSegmenter(OpenVocabularySegmenter):
         self.cross_attn_weights = [float(w) for w in cross_attn_weights]
         self.self_attn_factor = int(self_attn_factor)
         self.refine = bool(refine)
+        self.transformer_blocks = tuple(transformer_blocks)
+        self.refine_blocks = tuple(refine_blocks)
+        self.text_segment = text_segment
+        self.attention_direction = attention_direction
         self.background_threshold = float(background_threshold)
         self.category_filter = category_filter
         self.class_lists = class_lists
@@ -232,6 +260,10 @@ class DiffSegmenter(OpenVocabularySegmenter):
             "cross_attn_weights": list(d.CROSS_ATTN_WEIGHTS),
             "self_attn_factor": d.SELF_ATTN_FACTOR,
             "refine": d.REFINE,
+            "transformer_blocks": list(d.TRANSFORMER.BLOCKS),
+            "refine_blocks": list(d.TRANSFORMER.REFINE_BLOCKS),
+            "text_segment": d.TRANSFORMER.TEXT_SEGMENT,
+            "attention_direction": d.TRANSFORMER.DIRECTION,
             "background_threshold": d.BACKGROUND_THRESHOLD,
             "category_filter": category_filter,
             "class_lists": class_lists,
@@ -254,9 +286,9 @@ class DiffSegmenter(OpenVocabularySegmenter):
 
     def _build_prompts(self, names: Sequence[str], *, suffix: str = "", continuations=None) -> Tuple[ClassPrompts, torch.Tensor]:
         """Class prompts for ``names`` and their encoded text ``(K, L, D)`` (class words weighted)."""
-        prompts = build_class_prompts(
-            self.diffusion.tokenizer, [self.prompt_name(n) for n in names], self.prompt_template, suffix,
-            continuations=continuations, selection=self.token_selection, ing_rule=self.ing_rule,
+        prompts = self.diffusion.class_prompts(
+            [self.prompt_name(n) for n in names], self.prompt_template, suffix, continuations=continuations,
+            selection=self.token_selection, ing_rule=self.ing_rule, segment=self.text_segment,
         )
         context = self.diffusion.encode_text(prompts.input_ids, prompts.emphasis, self.class_token_weight)
         return prompts, context
@@ -350,6 +382,8 @@ class DiffSegmenter(OpenVocabularySegmenter):
             prompts, context = self._image_prompts(image, [names[r] for r in rows])
             token_index, token_weight = prompts.token_index, prompts.token_weight
         noisy = self.noisy_latents(image)
+        if self.is_transformer:
+            return self._transformer_maps(noisy, [names[r] for r in rows], context, token_index, token_weight)
         self_factors = [self.self_attn_factor] if self.refine else []
 
         if self.conditioning == "shared":
@@ -376,6 +410,64 @@ class DiffSegmenter(OpenVocabularySegmenter):
                 store.batch_classes = chunk
                 d.unet_forward(noisy.expand(chunk.stop - chunk.start, -1, -1, -1), self.noise_step, context[chunk])
         return self._combine(store)
+
+    # ------------------------------------------------------------------ diffusion transformers
+    @staticmethod
+    def _check_transformer_reads(diffusion, blocks, refine_blocks, text_segment, direction, refinement):
+        """The blocks to read on a diffusion transformer (all when none are named), checked."""
+        layers = list(joint_attention_layers(diffusion.transformer))
+        blocks = list(blocks) or layers
+        for key, wanted in (("BLOCKS", blocks), ("REFINE_BLOCKS", list(refine_blocks))):
+            missing = [b for b in wanted if b not in layers]
+            if missing:
+                raise ValueError(f"MODEL.DIFFSEG.TRANSFORMER.{key} names {missing}, which the {diffusion.family.title} "
+                                 f"transformer does not have; its joint-attention blocks are {layers}.")
+        if refinement != "own" and refine_blocks:
+            raise ValueError("MODEL.DIFFSEG.REFINEMENT averaged is read on UNets only; on a diffusion transformer "
+                             "each class is refined by its own pass (REFINEMENT own).")
+        if text_segment not in diffusion.text_segments:
+            raise ValueError(f"MODEL.DIFFSEG.TRANSFORMER.TEXT_SEGMENT = {text_segment!r}: the {diffusion.family.title} "
+                             f"text sequence has {list(diffusion.text_segments)}.")
+        if direction not in DIRECTIONS:
+            raise ValueError(f"MODEL.DIFFSEG.TRANSFORMER.DIRECTION must be one of {list(DIRECTIONS)}, not {direction!r}.")
+        return tuple(blocks), tuple(refine_blocks)
+
+    def _transformer_maps(self, noisy: torch.Tensor, names: Sequence[str], context, token_index: torch.Tensor,
+                          token_weight: torch.Tensor) -> torch.Tensor:
+        """Class maps ``(K, h, w)`` on the transformer's token grid: the mean over ``transformer_blocks`` of
+        each class word's attention probabilities (normalised over all keys; mean over heads and the word's
+        tokens), min-max normalised, then refined by ``refine_blocks``' image-to-image attention.
+        ``per_class``: one pass per class prompt (in chunks), each class refined by its own pass;
+        ``shared``: one pass on one prompt naming every class (``CARRIER_TEMPLATE``), every class read from it."""
+        d = self.diffusion
+
+        def run(index, weight, latents, ctx) -> torch.Tensor:
+            store = JointAttentionStore(index, weight, self.attention_direction, frozenset(self.refine_blocks),
+                                        frozenset(self.transformer_blocks))
+            with record_joint_attention(d.transformer, store, set(self.transformer_blocks) | set(self.refine_blocks),
+                                        d.text_layout.length):
+                d.denoise(latents, self.noise_step, ctx)
+            maps = minmax_per_map(store.maps())
+            return store.refine(maps) if self.refine_blocks else maps
+
+        if self.conditioning == "shared":
+            words = tuple(self.prompt_name(n) for n in names)
+            joint, ctx = self._cached(("joint", words), lambda: self._joint_context(words))
+            maps = run(joint.token_index, joint.token_weight, noisy, ctx)
+        else:
+            maps = torch.cat([
+                run(token_index[chunk], token_weight[chunk], noisy.expand(chunk.stop - chunk.start, -1, -1, -1),
+                    context[chunk])
+                for chunk in (slice(s, min(len(names), s + self.class_chunk_size))
+                              for s in range(0, len(names), self.class_chunk_size))
+            ])
+        return maps.view(len(names), noisy.shape[-2] // d.patch, noisy.shape[-1] // d.patch)
+
+    def _joint_context(self, words: Tuple[str, ...]):
+        """The prompt naming every class (``CARRIER_TEMPLATE``) and its encoding ``(1, L, D)``."""
+        d = self.diffusion
+        joint = d.joint_prompt(list(words), self.carrier_template, self.text_segment)
+        return joint, d.encode_text(joint.input_ids[0])
 
     def _combine(self, store: AttentionStore) -> torch.Tensor:
         """Weighted sum of per-factor normalised maps, then the self-attention refinement: (K, h, w)."""

@@ -1,0 +1,136 @@
+"""DiffSegmenter on the diffusion transformers (SD3's MMDiT, FLUX.1): through DefaultPredictor from the weights
+key alone, class maps equal to the materialised attention of each class's own pass, row blocks, and the
+configuration errors."""
+import numpy as np
+import pytest
+import torch
+
+from diffseg_d2 import get_diffseg_cfg
+from diffseg_d2.diffusion import JointAttentionStore, minmax_per_map
+from diffseg_d2.diffusion import readouts
+
+TINY_DIFFSEG = "configs/tiny/diffsegmenter.yaml"
+# The block each test reads: SD3's second joint block, FLUX's last single-stream block (one concatenated
+# sequence, text first).
+BLOCK = {"tiny-sd3": "transformer_blocks.1", "tiny-flux": "single_transformer_blocks.1"}
+NAMES = ["cat", "dog", "red car"]
+
+
+def _cfg(weights, *opts):
+    return get_diffseg_cfg(TINY_DIFFSEG, ["MODEL.DIFFSEG.SD.WEIGHTS", weights, "DATASETS.TEST", "()",
+                                          "MODEL.DIFFSEG.CATEGORY_FILTER.ENABLED", "False", *opts])
+
+
+def _model(weights, *opts):
+    from detectron2.modeling import build_model
+
+    return build_model(_cfg(weights, "MODEL.DIFFSEG.TRANSFORMER.BLOCKS", f"['{BLOCK[weights]}']",
+                            "MODEL.DIFFSEG.TRANSFORMER.REFINE_BLOCKS", f"['{BLOCK[weights]}']", *opts)).eval()
+
+
+def _image(seed=0, shape=(3, 64, 64)):
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 255, shape, dtype=np.uint8))
+
+
+@pytest.mark.parametrize("weights, family", [("tiny-sd3", "sd3"), ("tiny-flux", "flux-dev")])
+def test_diffsegmenter_segments_with_each_transformer_family_through_default_predictor(weights, family):
+    from detectron2.engine import DefaultPredictor
+
+    cfg = _cfg(weights, "MODEL.DIFFSEG.VOCABULARY", "['background', 'cat', 'dog']",
+               "MODEL.DIFFSEG.TRANSFORMER.REFINE_BLOCKS", f"['{BLOCK[weights]}']")
+    predictor = DefaultPredictor(cfg)
+    image = np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8)  # not square
+    scores = predictor(image)["sem_seg"]
+    assert scores.shape == (3, 48, 80) and torch.isfinite(scores).all()
+    assert predictor.model.diffusion.family.name == family
+    # Every joint-attention block is read when none is named.
+    assert len(predictor.model.transformer_blocks) == {"sd3": 2, "flux-dev": 4}[family]
+    # Each prompted class's scores span [0, 1] (min-max after upsampling); background is the constant.
+    assert torch.all(scores[0] == 0.4)
+    torch.testing.assert_close(scores[1:].amax((1, 2)), torch.ones(2))
+
+
+@pytest.mark.parametrize("weights", ["tiny-sd3", "tiny-flux"])
+def test_class_maps_are_each_class_pass_attention_materialised(weights, monkeypatch):
+    """The maps equal what the full (B, H, S, S) softmax of the read block gives: class k's word tokens'
+    probabilities for every image query (normalised over ALL keys, mean over heads), min-max normalised,
+    then multiplied by the image-to-image part of the same pass's attention. Two chunks (2 + 1 classes)
+    check that each class is read and refined from its own batch element."""
+    model = _model(weights, "MODEL.DIFFSEG.CLASS_CHUNK_SIZE", "2", "MODEL.DIFFSEG.TOKEN_SELECTION", "mean")
+    seen = []
+    record = JointAttentionStore.record
+
+    def spy(self, name, query, key, image, text):
+        seen.append((query.clone(), key.clone(), image, text))
+        return record(self, name, query, key, image, text)
+
+    monkeypatch.setattr(JointAttentionStore, "record", spy)
+    with torch.no_grad():
+        maps = model.class_maps(_image(), NAMES, [0, 1, 2])
+    assert len(seen) == 2  # one record per chunk's pass: the block is read once per call
+    prompts, _ = model._vocabulary_prompts(tuple(NAMES))
+    expected = []
+    for query, key, image, text in seen:
+        probs = (query @ key.transpose(-1, -2) * query.shape[-1] ** -0.5).softmax(-1)  # (B, H, S, S)
+        for b in range(query.shape[0]):
+            k = len(expected)
+            cols = prompts.token_index[k] + text.start
+            m = (probs[b][:, image][:, :, cols] * prompts.token_weight[k]).sum(-1).mean(0)
+            m = minmax_per_map(m[None])[0]
+            expected.append(probs[b][:, image][:, :, image].mean(0) @ m)
+    torch.testing.assert_close(maps.flatten(1), torch.stack(expected), rtol=1e-5, atol=1e-6)
+    # The read positions are the class words' own T5 pieces, in the T5 part of the text sequence.
+    d = model.diffusion
+    t5 = d.text_layout.segments["t5"]
+    for k, name in enumerate(NAMES):
+        idx = prompts.token_index[k][prompts.token_weight[k] > 0]
+        assert idx.min() >= t5.start and idx.max() < t5.stop
+        pieces = d.t5_tokenizer.convert_ids_to_tokens(prompts.input_ids.sequence[k, idx].tolist())
+        assert "".join(pieces).replace("\u2581", " ").strip() == name
+
+
+def test_sd3_reads_the_clip_segment_when_asked():
+    model = _model("tiny-sd3", "MODEL.DIFFSEG.TRANSFORMER.TEXT_SEGMENT", "clip")
+    prompts, _ = model._vocabulary_prompts(tuple(NAMES))
+    clip = model.diffusion.text_layout.segments["clip"]
+    assert prompts.token_index.max() < clip.stop
+    tokenizer = model.diffusion.clip_tokenizers[0]
+    first = tokenizer.convert_ids_to_tokens(prompts.input_ids.sequence[0, prompts.token_index[0, 0]].item())
+    assert first == "cat</w>"
+
+
+@pytest.mark.parametrize("weights", ["tiny-sd3", "tiny-flux"])
+def test_refinement_in_several_row_blocks_equals_one_block(weights, monkeypatch):
+    model = _model(weights)
+    x = [{"image": _image(1, (3, 40, 72)), "vocabulary": ["background", *NAMES]}]
+    with torch.no_grad():
+        whole = model(x)[0]["sem_seg"]
+    monkeypatch.setattr(readouts, "CHUNK_BYTES", 4 * 200 * 3)  # 3 query rows of a ~200-key sequence at a time
+    with torch.no_grad():
+        blocks = model(x)[0]["sem_seg"]
+    torch.testing.assert_close(blocks, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_conditioning_reads_every_class_from_one_prompt(monkeypatch):
+    model = _model("tiny-flux", "MODEL.DIFFSEG.CONDITIONING", "shared")
+    batches = []
+    record = JointAttentionStore.record
+    monkeypatch.setattr(JointAttentionStore, "record",
+                        lambda self, name, q, k, image, text: (batches.append(q.shape[0]), record(self, name, q, k, image, text)))
+    with torch.no_grad():
+        maps = model.class_maps(_image(), NAMES, [0, 1, 2])
+    assert batches == [1] and maps.shape == (3, 8, 8)
+    assert not torch.allclose(maps[0], maps[1])
+
+
+def test_transformer_settings_are_checked_with_the_blocks_named():
+    from detectron2.modeling import build_model
+
+    with pytest.raises(ValueError, match=r"TRANSFORMER.BLOCKS names \['transformer_blocks.9'\].*single_transformer_blocks.1"):
+        build_model(_cfg("tiny-flux", "MODEL.DIFFSEG.TRANSFORMER.BLOCKS", "['transformer_blocks.9']"))
+    with pytest.raises(ValueError, match=r"TEXT_SEGMENT = 'clip'.*\['t5'\]"):
+        build_model(_cfg("tiny-flux", "MODEL.DIFFSEG.TRANSFORMER.TEXT_SEGMENT", "clip"))
+    with pytest.raises(ValueError, match="DIRECTION must be one of"):
+        build_model(_cfg("tiny-sd3", "MODEL.DIFFSEG.TRANSFORMER.DIRECTION", "sideways"))
+    with pytest.raises(ValueError, match="IMAGE_SIZE = 120 must be a positive multiple of 16"):
+        build_model(_cfg("tiny-sd3", "MODEL.DIFFSEG.IMAGE_SIZE", "120"))
