@@ -267,3 +267,30 @@ def test_no_benchmark_module_patches_the_package():
             assert "mock" not in f.read(), path
     assert {"harness.py", "diffsegmenter.py", "retrieval.py", "odise.py", "freeda.py", "freeda_build.py"} <= \
         set(map(os.path.basename, files))
+
+
+def test_transformer_readout_rows_compare_the_same_maps(monkeypatch):
+    """The sd3 / flux presets' materialised row computes the maps ours does (so the table compares two ways of
+    one result), on the released widths with one block at 128x128; and the section renders its targets."""
+    import torch
+
+    from benchmarks import transformer_readout as tr
+    from diffseg_d2.diffusion import JointAttentionStore, joint_attention_layers, record_joint_attention
+
+    monkeypatch.setattr(tr, "IMAGE_SIZE", 128)
+    transformer, inputs, text = tr.build("sd3", (1,))
+    layers = list(joint_attention_layers(transformer))
+    index, weight = torch.tensor([[3], [80], [300]]), torch.ones(3, 1)
+    ours, materialised = JointAttentionStore(index, weight), tr._materialised_store(index, weight)
+    for store in (ours, materialised):
+        with torch.no_grad(), record_joint_attention(transformer, store, layers, text):
+            transformer(**inputs)
+    torch.testing.assert_close(ours.maps(), materialised.maps(), rtol=1e-4, atol=1e-7)
+    result = {"times": [2.0], "peak_mib": 100.0, "layers": 6, "blocks": [6], "tokens": 4429, "other_load": 0.0}
+    run = {"preset": "sd3", "wall_s": 1.0, "specs": [{"name": k, "label": v, "repeats": 1} for k, v in tr.KINDS.items()],
+           "results": {"plain": result, "ours-maps": {**result, "times": [2.2], "peak_mib": 110.0},
+                       "ours-refine": {**result, "times": [3.0]}, "materialised": {**result, "peak_mib": 900.0}}}
+    text_out = tr.render(run, "python tools/benchmark.py --preset sd3")
+    assert "**PASS** ours-maps: time <= 1.3x plain: 2.20 s / 2.00 s = **1.10x**" in text_out
+    assert "**FAIL** ours-refine: time <= 1.3x plain: 3.00 s / 2.00 s = **1.50x**" in text_out
+    assert "materialised, for comparison: 1.00x the time, 9.00x the peak memory of plain" in text_out

@@ -114,3 +114,24 @@ def test_family_configs_read_layers_their_architecture_has(leaf, architecture, i
     assert set(d.CROSS_ATTN_FACTORS) <= set(available_factors(unet, "cross"))
     assert d.SELF_ATTN_FACTOR == min(available_factors(unet, "self"))  # the finest self-attention, as the reference
     assert d.IMAGE_SIZE == image_size and (d.IMAGE_SIZE // 8) % max(d.CROSS_ATTN_FACTORS) == 0
+
+
+@pytest.mark.parametrize("leaf, family, blocks", [("voc21_sd3.yaml", "sd3", 24), ("voc21_flux.yaml", "flux-dev", 57)])
+def test_transformer_configs_read_blocks_their_model_has(leaf, family, blocks):
+    """The SD3 / FLUX configs' blocks exist in the released transformer of that family (built on the meta
+    device: its structure, no weights), and the image size tiles its patches."""
+    import diffusers
+    import torch
+
+    from diffseg_d2.diffusion import joint_attention_layers
+    from diffseg_d2.pretrained.diffusion_transformers import RELEASED_TRANSFORMERS, TRANSFORMER_FAMILIES
+
+    d = get_diffseg_cfg(os.path.join(ROOT, "configs", "diffsegmenter", leaf)).MODEL.DIFFSEG
+    cls = getattr(diffusers, TRANSFORMER_FAMILIES[family].transformer)
+    with torch.device("meta"):
+        transformer = cls(**RELEASED_TRANSFORMERS[family])
+    layers = joint_attention_layers(transformer)
+    assert len(layers) == blocks
+    assert set(d.TRANSFORMER.BLOCKS) <= set(layers) and set(d.TRANSFORMER.REFINE_BLOCKS) <= set(layers)
+    assert d.TRANSFORMER.REFINE_BLOCKS and d.IMAGE_SIZE == TRANSFORMER_FAMILIES[family].native_size
+    assert d.IMAGE_SIZE % 16 == 0

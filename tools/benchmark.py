@@ -14,7 +14,9 @@ Presets, each measured by a module of tools/benchmarks/ (its docstring says what
 * ``odise``: ODISE's backbone, inference and training step, with floating-point operation counts;
 * ``freeda``: FreeDA's test time per stage, reference mode and ours;
 * ``freeda-build`` (``freeda_build``): one caption of FreeDA's bank build per stage, extrapolated
-  from ``--build-steps`` to the configured DDIM steps.
+  from ``--build-steps`` to the configured DDIM steps;
+* ``sd3``, ``flux`` (``transformer_readout``): a diffusion transformer's pass plain, with our exact
+  streamed attention read-out, and with the attention matrix materialised per block.
 
 Every full-size model is the real architecture with random weights (the ``random:<architecture>``
 weights presets), built by the normal config path: speed and memory do not depend on the weights,
@@ -32,7 +34,7 @@ import sys
 import time
 
 # Run as `python tools/benchmark.py`, this file's folder is on sys.path: the package is tools/benchmarks/.
-from benchmarks import diffsegmenter, freeda, freeda_build, harness, odise, retrieval
+from benchmarks import diffsegmenter, freeda, freeda_build, harness, odise, retrieval, transformer_readout
 
 logger = logging.getLogger("diffseg_d2.benchmark")
 
@@ -46,6 +48,8 @@ PRESETS = {
     odise.PRESET: odise,
     freeda.PRESET: freeda,
     freeda_build.PRESET: freeda_build,
+    "sd3": transformer_readout,
+    "flux": transformer_readout,
 }
 
 
@@ -104,6 +108,10 @@ def parse_args(argv=None):
     b.add_argument("--build-models", choices=tuple(freeda_build.BUILD_MODELS), default="reference",
                    help="reference: SD 1.5, DINOv2 ViT-L/14 and CLIP ViT-L/14 architectures with random weights "
                    "and configs/freeda/Base-FreeDA.yaml's build settings; tiny: configs/tiny/freeda.yaml (seconds)")
+    t = p.add_argument_group("sd3 / flux presets (attention read-outs of a diffusion transformer)")
+    t.add_argument("--transformer-blocks", metavar="N[,M]",
+                   help="blocks to build: sd3 = joint blocks (default 6 of 24); flux = double-stream,single-stream "
+                   "(default 2,2 of 19,38)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: JSON spec of one configuration
     args = p.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
@@ -122,6 +130,13 @@ def parse_args(argv=None):
         return values
 
     args.classes = int_list("--classes", 1, 20)  # the VOC vocabulary
+    if args.transformer_blocks:
+        try:
+            args.transformer_blocks = tuple(int(v) for v in args.transformer_blocks.split(","))
+        except ValueError:
+            p.error(f"--transformer-blocks must be comma-separated integers, got {args.transformer_blocks!r}")
+        if min(args.transformer_blocks) < 1:
+            p.error("--transformer-blocks must be at least 1")
     args.bank_sizes = int_list("--bank-sizes", retrieval.RETRIEVAL_TOP_K)
     args.ef_construction = int_list("--ef-construction", 1)
     args.ef_search = int_list("--ef-search", 1)

@@ -46,7 +46,7 @@ from .stable_diffusion import (
 from .weights import MICRO, TINY, WeightsLocation, resolve_weights
 
 __all__ = ["DiffusionTransformerParts", "TRANSFORMER_FAMILIES", "TINY_TRANSFORMER_PRESETS", "TransformerFamily",
-           "family_of_transformer_folder", "load_diffusion_transformer", "names_transformer_family",
+           "RELEASED_TRANSFORMERS", "family_of_transformer_folder", "load_diffusion_transformer", "names_transformer_family",
            "resolve_transformer_weights"]
 
 
@@ -206,6 +206,20 @@ TRANSFORMER_ARCHITECTURES = {
         "scheduler": dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                           max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
     },
+}
+
+
+#: The released transformers' shapes (their diffusers configs): what the configs' block names must exist in,
+#: and what tools/benchmark.py's ``sd3`` / ``flux`` presets build with random weights.
+RELEASED_TRANSFORMERS = {
+    # stabilityai/stable-diffusion-3-medium-diffusers: 24 joint blocks of 24 heads x 64.
+    "sd3": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+                num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                pooled_projection_dim=2048, pos_embed_max_size=192),
+    # black-forest-labs/FLUX.1-dev: 19 double- and 38 single-stream blocks of 24 heads x 128.
+    "flux-dev": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                     num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                     axes_dims_rope=(16, 56, 56)),
 }
 
 
