@@ -42,12 +42,13 @@ def test_streamed_readouts_equal_the_materialised_softmax(image_first, batch):
     probs = _explicit(query, key)
     scale = 8 ** -0.5
     for chunk in (64, 1 << 20):  # a few rows at a time, and all rows at once
-        got = image_to_text(query, key, image, text, TOKEN_INDEX, TOKEN_WEIGHT, scale, chunk_bytes=chunk)
+        got = image_to_text(query, key, image, text, TOKEN_INDEX, TOKEN_WEIGHT, scale, chunk_bytes=chunk,
+                            per_element=batch == 2)
         torch.testing.assert_close(got, _expected(probs, image, text, "image_to_text", batch == 2), rtol=1e-5, atol=1e-6)
-    got = text_to_image(query, key, image, text, TOKEN_INDEX, TOKEN_WEIGHT, scale)
+    got = text_to_image(query, key, image, text, TOKEN_INDEX, TOKEN_WEIGHT, scale, per_element=batch == 2)
     torch.testing.assert_close(got, _expected(probs, image, text, "text_to_image", batch == 2), rtol=1e-5, atol=1e-6)
     maps = torch.rand(2, n_img, generator=g)
-    refined = image_self_apply(query, key, image, maps, scale, chunk_bytes=64)
+    refined = image_self_apply(query, key, image, maps, scale, chunk_bytes=64, per_element=batch == 2)
     # A batch of one pass per class refines each class by its own pass, else all by element 0's.
     expected = torch.stack([probs[k if batch == 2 else 0][:, image][:, :, image].mean(0) @ maps[k] for k in range(2)])
     torch.testing.assert_close(refined, expected, rtol=1e-5, atol=1e-6)

@@ -134,3 +134,34 @@ def test_transformer_settings_are_checked_with_the_blocks_named():
         build_model(_cfg("tiny-sd3", "MODEL.DIFFSEG.TRANSFORMER.DIRECTION", "sideways"))
     with pytest.raises(ValueError, match="IMAGE_SIZE = 120 must be a positive multiple of 16"):
         build_model(_cfg("tiny-sd3", "MODEL.DIFFSEG.IMAGE_SIZE", "120"))
+
+
+@pytest.mark.parametrize("weights", ["tiny-sd3", "tiny-flux"])
+def test_daam_sums_every_blocks_attention_over_its_timesteps(weights, monkeypatch):
+    """DAAM on a transformer: one prompt naming every class; each class's map is the mean over blocks and heads
+    of its words' image-to-text probabilities (the materialised softmax of each block), summed over the
+    timesteps, each a noising of the same latents with the same noise sample."""
+    from detectron2.modeling import build_model
+
+    cfg = _cfg(weights, "MODEL.META_ARCHITECTURE", "DAAM", "MODEL.DIFFSEG.DAAM.TIMESTEPS", "[700, 300]")
+    model = build_model(cfg).eval()
+    seen = []
+    record = JointAttentionStore.record
+
+    def spy(self, name, query, key, image, text):
+        seen.append((query.clone(), key.clone(), image, text))
+        return record(self, name, query, key, image, text)
+
+    monkeypatch.setattr(JointAttentionStore, "record", spy)
+    with torch.no_grad():
+        maps = model.class_maps(_image(), NAMES, [0, 1, 2])
+    layers = len(model.transformer_blocks)
+    assert len(seen) == 2 * layers and all(q.shape[0] == 1 for q, *_ in seen)
+    prompts, _ = model._vocabulary_prompts(tuple(NAMES))
+    assert len(set(prompts.prompts)) == 1 and all(n in prompts.prompts[0] for n in NAMES)
+    expected = 0
+    for query, key, image, text in seen:
+        probs = (query @ key.transpose(-1, -2) * query.shape[-1] ** -0.5).softmax(-1)[0]
+        cols = prompts.token_index + text.start  # (K, T)
+        expected = expected + (probs[:, image][:, :, cols] * prompts.token_weight).sum(-1).mean(0).T / layers
+    torch.testing.assert_close(maps.flatten(1), expected, rtol=1e-5, atol=1e-7)

@@ -38,6 +38,9 @@ class JointAttentionStore:
         direction: "image_to_text" (image queries on the class tokens' keys) or "text_to_image".
         refine_blocks: blocks whose queries and keys are kept (for ``refine``); empty: none.
         map_blocks: blocks whose class maps are read (None: every recorded block).
+        per_element: the batch holds one prompt per class (class k read and refined from element k);
+            False: every class from element 0 (one prompt naming them all, or the prompted half of a
+            classifier-free-guidance batch).
     """
 
     token_index: torch.Tensor
@@ -45,6 +48,7 @@ class JointAttentionStore:
     direction: str = "image_to_text"
     refine_blocks: FrozenSet[str] = frozenset()
     map_blocks: Optional[FrozenSet[str]] = None
+    per_element: bool = False
     #: block name -> (K, N_img) read-out summed over the calls that recorded it
     layers: Dict[str, torch.Tensor] = field(default_factory=dict)
     counts: Dict[str, int] = field(default_factory=dict)
@@ -59,12 +63,14 @@ class JointAttentionStore:
         if self.map_blocks is None or name in self.map_blocks:
             scale = query.shape[-1] ** -0.5
             read = image_to_text if self.direction == "image_to_text" else text_to_image
-            maps = read(query, key, image, text, self.token_index, self.token_weight, scale)
+            maps = read(query, key, image, text, self.token_index, self.token_weight, scale,
+                        per_element=self.per_element)
             self.layers[name] = self.layers.get(name, 0) + maps
             self.counts[name] = self.counts.get(name, 0) + 1
         if name in self.refine_blocks:
-            # Every batch element: a batch of one pass per class refines each class by its own pass.
-            self._kept.append((query.detach(), key.detach(), image))
+            # A batch of one pass per class refines each class by its own pass: keep every element.
+            n = query.shape[0] if self.per_element else 1
+            self._kept.append((query[:n].detach(), key[:n].detach(), image))
 
     def maps(self) -> torch.Tensor:
         """(K, N_img): the mean over the recorded layer calls."""
@@ -74,11 +80,12 @@ class JointAttentionStore:
 
     def refine(self, maps: torch.Tensor) -> torch.Tensor:
         """``S c`` with S the image-to-image attention of the kept blocks (mean over them and heads,
-        rows normalised over all keys), applied in row blocks: (K, N_img) -> (K, N_img). With one pass
-        per class (batch of K) each class is refined by its own pass's S, else by element 0's."""
+        rows normalised over all keys), applied in row blocks: (K, N_img) -> (K, N_img). With
+        ``per_element`` each class is refined by its own pass's S, else by element 0's."""
         if not self._kept:
             raise RuntimeError("No block's queries and keys were kept: give refine_blocks.")
-        return sum(image_self_apply(q, k, image, maps, q.shape[-1] ** -0.5) for q, k, image in self._kept) / len(self._kept)
+        return sum(image_self_apply(q, k, image, maps, q.shape[-1] ** -0.5, per_element=self.per_element)
+                   for q, k, image in self._kept) / len(self._kept)
 
 
 @dataclass(frozen=True)

@@ -52,16 +52,20 @@ def _class_columns(text: slice, token_index: torch.Tensor) -> torch.Tensor:
     return token_index + text.start
 
 
-def _class_batches(B: int, K: int):
-    """``(batch element, classes)`` pairs: class k from element k for a batch of K prompts (one per
-    class), else every class from element 0 (one prompt naming them all)."""
-    if B == K and B > 1:
-        return [(k, slice(k, k + 1)) for k in range(K)]
-    return [(0, slice(0, K))]
+def _class_batches(per_element: bool, B: int, K: int):
+    """``(batch element, classes)`` pairs: class k from element k when ``per_element`` (a batch of K
+    prompts, one per class), else every class from element 0 (one prompt naming them all; with
+    classifier-free guidance, element 0 is the prompted half)."""
+    if not per_element:
+        return [(0, slice(0, K))]
+    if B != K:
+        raise ValueError(f"One prompt per class was asked for, but the batch has {B} elements for {K} classes.")
+    return [(k, slice(k, k + 1)) for k in range(K)]
 
 
 def image_to_text(query: torch.Tensor, key: torch.Tensor, image: slice, text: slice, token_index: torch.Tensor,
-                  token_weight: torch.Tensor, scale: float, chunk_bytes: Optional[int] = None) -> torch.Tensor:
+                  token_weight: torch.Tensor, scale: float, chunk_bytes: Optional[int] = None,
+                  per_element: bool = False) -> torch.Tensor:
     """Each class's map over the image: the image queries' softmax probability (over ALL keys) on the
     class word's text keys, mean over the word's tokens and over heads.
 
@@ -69,9 +73,10 @@ def image_to_text(query: torch.Tensor, key: torch.Tensor, image: slice, text: sl
         query, key: (B, H, S, D) of one attention layer (after its norms and rotary embedding).
         image, text: the index ranges of the image and text tokens in the sequence.
         token_index, token_weight: (K, T) positions within the text tokens of each class word, and
-            weights (1/n on a word's n tokens, 0 on padding). For a batch of B = K prompts class k is
-            read from batch element k, else every class from element 0.
+            weights (1/n on a word's n tokens, 0 on padding).
         scale: the logits' scale (1/sqrt(D) for scaled-dot-product attention).
+        per_element: class k is read from batch element k (a batch of K prompts, one per class);
+            False: every class from element 0.
 
     Returns:
         (K, N_img) float32.
@@ -81,7 +86,7 @@ def image_to_text(query: torch.Tensor, key: torch.Tensor, image: slice, text: sl
     columns = _class_columns(text, token_index.to(query.device))  # (K, T)
     weight = token_weight.to(query.device, torch.float32)
     out = torch.zeros(K, image.stop - image.start, dtype=torch.float32, device=query.device)
-    for b, cls in _class_batches(B, K):
+    for b, cls in _class_batches(per_element, B, K):
         cols, w = columns[cls], weight[cls]  # (k, T)
         for start, stop, log_probs in _row_log_probs(query, key, b, image, scale, chunk_bytes):
             probs = log_probs[:, cols].exp_()  # (rows, k, T)
@@ -90,7 +95,7 @@ def image_to_text(query: torch.Tensor, key: torch.Tensor, image: slice, text: sl
 
 
 def text_to_image(query: torch.Tensor, key: torch.Tensor, image: slice, text: slice, token_index: torch.Tensor,
-                  token_weight: torch.Tensor, scale: float) -> torch.Tensor:
+                  token_weight: torch.Tensor, scale: float, per_element: bool = False) -> torch.Tensor:
     """Each class's map over the image from the other direction: the class word's text queries'
     softmax probability (over ALL keys) on each image key, mean over the word's tokens and heads.
     Arguments and result as :func:`image_to_text`: (K, N_img) float32."""
@@ -99,7 +104,7 @@ def text_to_image(query: torch.Tensor, key: torch.Tensor, image: slice, text: sl
     columns = _class_columns(text, token_index.to(query.device))
     weight = token_weight.to(query.device, torch.float32)
     out = torch.zeros(K, image.stop - image.start, dtype=torch.float32, device=query.device)
-    for b, cls in _class_batches(B, K):
+    for b, cls in _class_batches(per_element, B, K):
         cols, w = columns[cls], weight[cls]  # (k, T)
         q = query[b][:, cols.reshape(-1)]  # (H, k*T, D): a few rows
         logits = torch.matmul(q, key[b].transpose(-1, -2)).float().mul_(scale)  # (H, k*T, S)
@@ -110,13 +115,14 @@ def text_to_image(query: torch.Tensor, key: torch.Tensor, image: slice, text: sl
 
 
 def image_self_apply(query: torch.Tensor, key: torch.Tensor, image: slice, maps: torch.Tensor, scale: float,
-                     chunk_bytes: Optional[int] = None) -> torch.Tensor:
+                     chunk_bytes: Optional[int] = None, per_element: bool = False) -> torch.Tensor:
     """``S c``: the image-to-image part of the joint attention (rows normalised over ALL keys, mean over
     heads) applied to ``maps`` (K, N_img), one block of query rows at a time.
 
     Args:
-        query, key: (B, H, S, D). For a batch of B = K passes (one per class) class k is refined by
-            element k's attention, else every class by element 0's.
+        query, key: (B, H, S, D).
+        per_element: class k is refined by batch element k's attention (one pass per class); False:
+            every class by element 0's.
 
     Returns:
         (K, N_img) float32.
@@ -124,7 +130,7 @@ def image_self_apply(query: torch.Tensor, key: torch.Tensor, image: slice, maps:
     H = query.shape[1]
     c = maps.to(query.device, torch.float32).transpose(0, 1)  # (N_img, K)
     out = torch.zeros(image.stop - image.start, c.shape[1], dtype=torch.float32, device=query.device)
-    for b, cls in _class_batches(query.shape[0], c.shape[1]):
+    for b, cls in _class_batches(per_element, query.shape[0], c.shape[1]):
         for start, stop, log_probs in _row_log_probs(query, key, b, image, scale, chunk_bytes):
             # (rows, N_img) @ (N_img, k)
             out[start - image.start:stop - image.start, cls] += log_probs[:, image].exp_() @ c[:, cls]

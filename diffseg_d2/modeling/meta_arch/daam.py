@@ -17,6 +17,11 @@ own words in that prompt. What DAAM does not have, and this baseline therefore
 leaves out: per-resolution weights and normalisation, self-attention refinement and
 the category filter. Classes become channels as in DiffSegmenter: per-class min-max
 maps, with "background" at the constant ``BACKGROUND_THRESHOLD`` (DAAM's threshold).
+
+On a diffusion transformer (SD3 / FLUX) the same aggregation reads the joint attention: each
+class word's image-to-text probability (normalised over the whole joint sequence) of every head
+of every block (``MODEL.DIFFSEG.TRANSFORMER.BLOCKS``, empty: all), averaged, summed over the
+timesteps; all blocks share one token grid, so nothing is upsampled before the mean.
 """
 from __future__ import annotations
 
@@ -29,10 +34,11 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from ...diffusion import (
     AttentionStore,
     ClassPrompts,
+    JointAttentionStore,
     available_factors,
-    build_joint_prompt,
     daam_heat_maps,
     record_attention,
+    record_joint_attention,
 )
 from .diffsegmenter import DiffSegmenter
 
@@ -72,12 +78,11 @@ class DAAM(DiffSegmenter):
         cfg.MODEL.DIFFSEG.CATEGORY_FILTER.ENABLED = False
         cfg.MODEL.DIFFSEG.CAPTION.ENABLED = False
         args = super().from_config(cfg)
-        factors = available_factors(args["diffusion"].unet, "cross")
-        args.update(
-            timesteps=list(cfg.MODEL.DIFFSEG.DAAM.TIMESTEPS),
-            cross_attn_factors=factors,  # every cross-attention layer, equally
-            cross_attn_weights=[1.0] * len(factors),
-        )
+        args["timesteps"] = list(cfg.MODEL.DIFFSEG.DAAM.TIMESTEPS)
+        unet = getattr(args["diffusion"], "unet", None)
+        if unet is not None:  # every cross-attention layer, equally (a transformer reads TRANSFORMER.BLOCKS)
+            factors = available_factors(unet, "cross")
+            args.update(cross_attn_factors=factors, cross_attn_weights=[1.0] * len(factors))
         return args
 
     def _vocabulary_prompts(self, names: Tuple[str, ...]) -> Tuple[ClassPrompts, torch.Tensor]:
@@ -85,7 +90,7 @@ class DAAM(DiffSegmenter):
         ``(1, L, D)``, cached per vocabulary; building it checks the names and the length."""
 
         def compute():
-            prompts = build_joint_prompt(self.diffusion.tokenizer, names, self.carrier_template)
+            prompts = self.diffusion.joint_prompt(list(names), self.carrier_template, self.text_segment)
             return prompts, self.diffusion.encode_text(prompts.input_ids[:1])
 
         return self._cached(("vocabulary", names), compute)
@@ -95,6 +100,8 @@ class DAAM(DiffSegmenter):
         d = self.diffusion
         prompts, context = self._vocabulary_prompts(tuple(names[r] for r in rows))
         latents = self.encode(image, torch.Generator().manual_seed(self.seed))  # CPU draws: see noisy_latents
+        if self.is_transformer:
+            return self._transformer_daam(latents, context, prompts)
         # The UNet runs on the joint prompt itself, so each layer's own attention is read:
         # one softmax per layer, each class taken from its tokens.
         store = AttentionStore(latents.shape[-2:], prompts.token_index, prompts.token_weight, per_layer_heads=True)
@@ -104,6 +111,17 @@ class DAAM(DiffSegmenter):
                 generator = torch.Generator().manual_seed(self.seed)
                 d.unet_forward(d.add_noise(latents, t, generator), t, context)
         return self._combine(store)
+
+    def _transformer_daam(self, latents: torch.Tensor, context, prompts: ClassPrompts) -> torch.Tensor:
+        """The blocks' mean image-to-text attention of each class word, summed over ``timesteps``: (K, h, w)."""
+        d = self.diffusion
+        store = JointAttentionStore(prompts.token_index, prompts.token_weight, self.attention_direction)
+        with record_joint_attention(d.transformer, store, self.transformer_blocks, d.text_layout.length):
+            for t in self.timesteps:
+                generator = torch.Generator().manual_seed(self.seed)  # one noise sample, as on the UNet
+                d.denoise(d.add_noise(latents, t, generator), t, context)
+        maps = store.maps() * len(self.timesteps)  # the mean over calls, times the calls: the sum over timesteps
+        return maps.view(-1, latents.shape[-2] // d.patch, latents.shape[-1] // d.patch)
 
     def _combine(self, store: AttentionStore) -> torch.Tensor:
         return daam_heat_maps(store, store.resolution(min(self.cross_attn_factors)))

@@ -443,7 +443,7 @@ class DiffSegmenter(OpenVocabularySegmenter):
 
         def run(index, weight, latents, ctx) -> torch.Tensor:
             store = JointAttentionStore(index, weight, self.attention_direction, frozenset(self.refine_blocks),
-                                        frozenset(self.transformer_blocks))
+                                        frozenset(self.transformer_blocks), per_element=len(ctx) > 1)
             with record_joint_attention(d.transformer, store, set(self.transformer_blocks) | set(self.refine_blocks),
                                         d.text_layout.length):
                 d.denoise(latents, self.noise_step, ctx)
