@@ -165,3 +165,31 @@ def test_daam_sums_every_blocks_attention_over_its_timesteps(weights, monkeypatc
         cols = prompts.token_index + text.start  # (K, T)
         expected = expected + (probs[:, image][:, :, cols] * prompts.token_weight).sum(-1).mean(0).T / layers
     torch.testing.assert_close(maps.flatten(1), expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("weights", ["tiny-sd3", "tiny-flux"])
+def test_freeda_bank_builder_localises_nouns_on_each_transformer_family(weights, monkeypatch):
+    """The bank builder generates with the transformer and reads each noun's T5 tokens from the prompted half
+    of every step's call: the noun maps are the blocks' and steps' mean image-to-text attention."""
+    from diffseg_d2.freeda.builder import PrototypeBankBuilder
+
+    builder = PrototypeBankBuilder.from_config(get_diffseg_cfg("configs/tiny/freeda.yaml", [
+        "MODEL.DIFFSEG.SD.WEIGHTS", weights, "MODEL.DIFFSEG.FREEDA.BUILD.NOUNS", "list",
+        "MODEL.DIFFSEG.FREEDA.BUILD.NOUN_LIST", "configs/tiny/freeda_nouns.txt", "MODEL.DIFFSEG.FREEDA.BUILD.STEPS", "2",
+        "MODEL.DIFFSEG.FREEDA.BUILD.IMAGE_SIZE", "128"])).eval()
+    batches = []
+    record = JointAttentionStore.record
+    monkeypatch.setattr(JointAttentionStore, "record",
+                        lambda self, name, q, k, image, text: (batches.append((q.shape[0], self.per_element)),
+                                                                record(self, name, q, k, image, text)))
+    rows = builder.caption_prototypes(0, "a dog on a sofa")
+    assert rows.nouns == ["dog", "sofa"] and rows.image.shape == (3, 128, 128)
+    assert torch.isfinite(rows.prototypes).all() and torch.isfinite(rows.keys).all()
+    # SD3 guides with classifier-free guidance (a batch of 2, read from element 0); FLUX dev reads its guidance.
+    blocks = len(builder.transformer_blocks)
+    assert batches == [(2 if weights == "tiny-sd3" else 1, False)] * (2 * blocks)
+    ids, kept, positions = builder._noun_tokens("a dog on a sofa", ["dog", "sofa", "whale"])
+    assert kept == ["dog", "sofa"]
+    t5 = builder.diffusion.text_layout.segments["t5"]
+    assert all(t5.start <= p < t5.stop for pos in positions for p in pos)
+    assert builder.spec(["a dog on a sofa"])["build"]["transformer_blocks"] == builder.transformer_blocks

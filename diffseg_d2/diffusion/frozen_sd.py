@@ -11,13 +11,14 @@ Its parameters never train and it stays in eval mode.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from ..numerics import require_finite
 from ..optional_imports import require
 from ..pretrained.stable_diffusion import SD_WEIGHTS_KEY, StableDiffusionParts
+from ..pretrained.tokens import find_subsequence
 from .instrumentation import shared_instrumentation
 from .prompts import ClassPrompts, build_class_prompts, build_joint_prompt
 from .substrate import FrozenDiffusion, PromptEmbeds
@@ -97,6 +98,13 @@ class FrozenStableDiffusion(FrozenDiffusion):
     def joint_prompt(self, names: Sequence[str], template: str, segment: Optional[str] = None) -> ClassPrompts:
         """ONE prompt naming every class (``build_joint_prompt``); ``segment`` as in ``class_prompts``."""
         return build_joint_prompt(self.tokenizer, names, template)
+
+    def word_positions(self, ids: torch.Tensor, row: int, word: str) -> Dict[str, List[int]]:
+        """Positions of the first occurrence of ``word``'s tokens in prompt ``row`` of ``ids`` (of ``tokenize``),
+        as ``{"clip": positions}``; empty when it does not occur (the transformers' form)."""
+        word_ids = self.tokenizer(word, add_special_tokens=False).input_ids
+        start = find_subsequence(ids[row].tolist(), word_ids)
+        return {"clip": list(range(start, start + len(word_ids)))} if start >= 0 else {}
 
     def denoise(self, latents: torch.Tensor, step: int, context, *, grad: bool = False) -> torch.Tensor:
         """The substrate's one denoiser pass (``unet_forward``), under the name every family shares."""

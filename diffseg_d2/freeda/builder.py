@@ -28,13 +28,17 @@ from torch import nn
 
 from ..diffusion import (
     AttentionStore,
-    FrozenStableDiffusion,
+    FrozenDiffusionTransformer,
+    JointAttentionStore,
     available_factors,
+    joint_attention_layers,
     minmax_per_map,
     record_attention,
+    record_joint_attention,
     summed_cross_maps,
 )
-from ..diffusion.prompts import find_subsequence, token_mean_table
+from ..diffusion.prompts import token_mean_table
+from ..diffusion.substrate import FrozenDiffusion
 from .bank import (
     MANIFEST_FILE,
     SHARD_DIR,
@@ -88,25 +92,38 @@ class PrototypeBankBuilder(nn.Module):
         steps: DDIM steps.
         guidance_scale: classifier-free guidance weight.
         seed: caption ``i`` is generated with seed ``seed + i``.
-        cross_attn_factors: latent factors whose cross-attention is summed (empty = all).
+        cross_attn_factors: latent factors whose cross-attention is summed (empty = all); UNets.
+        transformer_blocks: on a diffusion transformer, the joint-attention blocks whose image-to-text
+            attention is averaged (empty = all; ``MODEL.DIFFSEG.TRANSFORMER.BLOCKS``).
         mask_threshold: binarisation threshold of the normalised noun maps.
         shard_size: captions per shard.
         keep_images: also save images and masks under ``<bank>/inspect/``.
     """
 
-    def __init__(self, *, diffusion: FrozenStableDiffusion, clip: nn.Module, dino: nn.Module, nouns, models: dict,
+    def __init__(self, *, diffusion: FrozenDiffusion, clip: nn.Module, dino: nn.Module, nouns, models: dict,
                  image_size: int = 512, steps: int = 50, guidance_scale: float = 7.5, seed: int = 0,
-                 cross_attn_factors: Sequence[int] = (), mask_threshold: float = 0.4, shard_size: int = 64,
-                 keep_images: bool = False):
+                 cross_attn_factors: Sequence[int] = (), transformer_blocks: Sequence[str] = (),
+                 mask_threshold: float = 0.4, shard_size: int = 64, keep_images: bool = False):
         super().__init__()
-        have = available_factors(diffusion.unet, "cross")
-        factors = [int(f) for f in cross_attn_factors] or have
-        if any(f not in have for f in factors):
-            raise ValueError(f"MODEL.DIFFSEG.FREEDA.BUILD.CROSS_ATTN_FACTORS = {list(cross_attn_factors)}, but this "
-                             f"UNet has cross-attention only at latent factors {have}.")
-        if image_size <= 0 or image_size % (diffusion.latent_factor * max(have)):
+        self.is_transformer = isinstance(diffusion, FrozenDiffusionTransformer)
+        factors, blocks = [], []
+        if self.is_transformer:
+            layers = list(joint_attention_layers(diffusion.transformer))
+            blocks = list(transformer_blocks) or layers
+            if any(b not in layers for b in blocks):
+                raise ValueError(f"MODEL.DIFFSEG.TRANSFORMER.BLOCKS = {list(transformer_blocks)}, but the "
+                                 f"{diffusion.family.title} transformer's joint-attention blocks are {layers}.")
+            multiple = diffusion.latent_factor * diffusion.patch
+        else:
+            have = available_factors(diffusion.unet, "cross")
+            factors = [int(f) for f in cross_attn_factors] or have
+            if any(f not in have for f in factors):
+                raise ValueError(f"MODEL.DIFFSEG.FREEDA.BUILD.CROSS_ATTN_FACTORS = {list(cross_attn_factors)}, but "
+                                 f"this UNet has cross-attention only at latent factors {have}.")
+            multiple = diffusion.latent_factor * max(have)
+        if image_size <= 0 or image_size % multiple:
             raise ValueError(f"MODEL.DIFFSEG.FREEDA.BUILD.IMAGE_SIZE = {image_size} must be a positive multiple of "
-                             f"{diffusion.latent_factor * max(have)}.")
+                             f"{multiple}.")
         if not 0.0 < mask_threshold < 1.0:
             raise ValueError(f"MODEL.DIFFSEG.FREEDA.BUILD.MASK_THRESHOLD must be in (0, 1), got {mask_threshold}.")
         if shard_size < 1 or steps < 1:
@@ -121,6 +138,7 @@ class PrototypeBankBuilder(nn.Module):
         self.guidance_scale = float(guidance_scale)
         self.seed = int(seed)
         self.cross_attn_factors = factors
+        self.transformer_blocks = blocks
         self.mask_threshold = float(mask_threshold)
         self.shard_size = int(shard_size)
         self.keep_images = bool(keep_images)
@@ -151,6 +169,7 @@ class PrototypeBankBuilder(nn.Module):
             guidance_scale=b.GUIDANCE_SCALE,
             seed=b.SEED,
             cross_attn_factors=list(b.CROSS_ATTN_FACTORS),
+            transformer_blocks=list(d.TRANSFORMER.BLOCKS),
             mask_threshold=b.MASK_THRESHOLD,
             shard_size=b.SHARD_SIZE,
             keep_images=b.KEEP_IMAGES,
@@ -165,6 +184,7 @@ class PrototypeBankBuilder(nn.Module):
             "build": {
                 "image_size": self.image_size, "steps": self.steps, "guidance_scale": self.guidance_scale,
                 "seed": self.seed, "cross_attn_factors": self.cross_attn_factors,
+                **({"transformer_blocks": self.transformer_blocks} if self.is_transformer else {}),
                 "mask_threshold": self.mask_threshold, "shard_size": self.shard_size,
             },
             "nouns": {"source": nouns.pop("source"),
@@ -174,19 +194,20 @@ class PrototypeBankBuilder(nn.Module):
 
     # ------------------------------------------------------------------ one caption
     def _noun_tokens(self, caption: str, nouns: Sequence[str]):
-        """SD token ids of the caption and, per usable noun, its token positions."""
-        tok = self.diffusion.tokenizer
-        ids = self.diffusion.tokenize([caption], truncate=True)[0].tolist()
+        """The caption's token ids (of the diffusion model's text encoders) and, per usable noun, its
+        positions in the text the denoiser reads (a transformer's T5 tokens)."""
+        d = self.diffusion
+        ids = d.tokenize([caption], truncate=True)
+        segment = d.text_segments[-1]  # the UNets' one CLIP tokenisation; a transformer's T5 tokens
         kept, positions = [], []
         for noun in nouns:
-            noun_ids = tok(noun, add_special_tokens=False).input_ids
-            start = find_subsequence(ids, noun_ids)
+            found = d.word_positions(ids, 0, noun).get(segment)
             # nouns cut off by either model's context length get no map
-            if start < 0 or self.clip.word_positions(caption, noun) is None:
+            if found is None or self.clip.word_positions(caption, noun) is None:
                 continue
             kept.append(noun)
-            positions.append(list(range(start, start + len(noun_ids))))
-        return torch.tensor([ids]), kept, positions
+            positions.append(found)
+        return ids, kept, positions
 
     @contextlib.contextmanager
     def _stage(self, name: str):
@@ -220,14 +241,25 @@ class PrototypeBankBuilder(nn.Module):
         token_index, token_weight = token_mean_table(positions)
         with self._stage("text encoder"):
             context = d.encode_text(ids)
-        store = AttentionStore((side, side), token_index, token_weight, readout_context=context)
         # A CPU generator: the same caption gets the same image on any device.
         generator = torch.Generator().manual_seed(self.seed + index)
-        with self._stage("generation"), record_attention(d.unet, store, self.cross_attn_factors, ()):
+        if self.is_transformer:
+            # Element 0 of each call: the prompted half of a guided batch.
+            store = JointAttentionStore(token_index, token_weight)
+            recording = record_joint_attention(d.transformer, store, self.transformer_blocks, d.text_layout.length)
+        else:
+            store = AttentionStore((side, side), token_index, token_weight, readout_context=context)
+            recording = record_attention(d.unet, store, self.cross_attn_factors, ())
+        with self._stage("generation"), recording:
             image = d.generate(context, image_size=self.image_size, steps=self.steps,
                                guidance_scale=self.guidance_scale, generator=generator)
         with self._stage("masks"):
-            heat = summed_cross_maps(store, self.cross_attn_factors, (side, side))
+            if self.is_transformer:
+                # The mean over blocks and steps on the token grid, to the latent grid as the UNet's factors are.
+                grid = store.maps().view(k, side // d.patch, side // d.patch)
+                heat = F.interpolate(grid[None], size=(side, side), mode="bicubic", align_corners=False)[0].clamp_(min=0)
+            else:
+                heat = summed_cross_maps(store, self.cross_attn_factors, (side, side))
             masks = minmax_per_map(heat) >= self.mask_threshold  # (K, side, side)
 
         with self._stage("dino"):
