@@ -193,3 +193,18 @@ def test_freeda_bank_builder_localises_nouns_on_each_transformer_family(weights,
     t5 = builder.diffusion.text_layout.segments["t5"]
     assert all(t5.start <= p < t5.stop for pos in positions for p in pos)
     assert builder.spec(["a dog on a sofa"])["build"]["transformer_blocks"] == builder.transformer_blocks
+
+
+def test_odise_refuses_a_diffusion_transformer_before_loading_it():
+    """Refused from the weights string (quoted in the message), before the model is loaded; a transformer
+    substrate handed to the backbone directly is refused by its family."""
+    from detectron2.modeling import build_model
+
+    from diffseg_d2.diffusion import load_diffusion
+    from diffseg_d2.modeling.backbone.diffusion_unet import DiffusionUNetBackbone
+
+    with pytest.raises(ValueError, match=r"ODISE's backbone taps a UNet's decoder blocks.*'tiny-flux' is a diffusion "
+                                         r"transformer.*Use Stable Diffusion 1\.x, 2\.x or XL weights"):
+        build_model(get_diffseg_cfg("configs/tiny/odise.yaml", ["MODEL.DIFFSEG.SD.WEIGHTS", "tiny-flux"]))
+    with pytest.raises(ValueError, match=r"= FLUX\.1 \[dev\] is a diffusion transformer"):
+        DiffusionUNetBackbone(diffusion=load_diffusion("tiny-flux"), captioner=None, taps={"unet": [1]})

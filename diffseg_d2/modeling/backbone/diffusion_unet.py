@@ -56,6 +56,7 @@ from ...diffusion import (
 )
 from ...diffusion.features import PARTS
 from ...pretrained.clip import OpenCLIP
+from ...pretrained.diffusion_transformers import names_transformer_family
 from ...pretrained.frozen import exclude_from_checkpoints
 from ...tiling import window_starts
 from ..odise.captioner import ImplicitCaptioner
@@ -67,6 +68,9 @@ LEVEL_STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 #: Input sides must be multiples of this (the reference pads to 64 too).
 SIZE_DIVISIBILITY = 64
 _KEY = "MODEL.DIFFSEG.ODISE.BACKBONE"
+# ODISE's features are a UNet's: its up-blocks' outputs at strides 8..64 (no diffusion transformer has them).
+_NOT_A_UNET = ("ODISE's backbone taps a UNet's decoder blocks, and MODEL.DIFFSEG.SD.WEIGHTS = {title} is a diffusion "
+               "transformer (one token grid, no multi-scale decoder). Use Stable Diffusion 1.x, 2.x or XL weights.")
 
 
 def _clamped_stride(stride: int) -> int:
@@ -129,6 +133,8 @@ class DiffusionUNetBackbone(Backbone):
         seed: int = 42,
     ):
         super().__init__()
+        if not isinstance(diffusion, FrozenStableDiffusion):
+            raise ValueError(_NOT_A_UNET.format(title=diffusion.family.title))
         unknown = [f for f in out_features if f not in LEVEL_STRIDES]
         if unknown or not out_features:
             raise ValueError(f"{_KEY}.OUT_FEATURES {list(out_features)}: choose among {list(LEVEL_STRIDES)}.")
@@ -184,6 +190,8 @@ class DiffusionUNetBackbone(Backbone):
         check_config(cfg)
         c = cfg.MODEL.DIFFSEG
         o = c.ODISE.BACKBONE
+        if names_transformer_family(c.SD.WEIGHTS, c.SD.REVISION):  # refused before its weights load
+            raise ValueError(_NOT_A_UNET.format(title=f"'{c.SD.WEIGHTS}'"))
         diffusion = load_diffusion(c.SD.WEIGHTS, c.SD.REVISION, dtype=c.SD.DTYPE)
         captioner = None
         if c.ODISE.CAPTIONER.ENABLED:
