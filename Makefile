@@ -42,8 +42,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
+# Every preset by default: hours on a CPU (sd15 alone took 33 min here); PRESET=tiny (seconds), sd15, ... picks one.
 benchmark: $(STAMP)
-	$(PY) tools/benchmark.py
+	@$(if $(PRESET),,echo "make benchmark: every preset of tools/benchmark.py; on a CPU this runs for hours (the full-size presets). make benchmark PRESET=tiny runs one.")
+	$(PY) tools/benchmark.py $(if $(PRESET),--preset $(PRESET),)
 
 clean-venv:
 	rm -rf $(VENV)

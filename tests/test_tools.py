@@ -139,3 +139,58 @@ def test_train_net_ends_an_expected_error_with_one_message(tiny_cfg_path, tmp_pa
     assert "Traceback" not in proc.stderr and "--debug shows the traceback" in proc.stderr
     debug = subprocess.run(cmd[:2] + ["--debug"] + cmd[2:], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_demo_takes_overrides_trailing_or_after_opts():
+    base = ["--config-file", "configs/tiny/diffsegmenter.yaml", "--vocab", "cat", "--output", "o"]
+    assert demo.parse_args(base + ["MODEL.DEVICE", "cpu"]).opts == ["MODEL.DEVICE", "cpu"]
+    assert demo.parse_args(base + ["--opts", "MODEL.DEVICE", "cpu"]).opts == ["MODEL.DEVICE", "cpu"]
+    # After --input the overrides start at the first config key; a file named like one stays an input.
+    args = demo.parse_args(base + ["--input", "a.png", "IMG.JPG", "MODEL.DEVICE", "cpu", "SEED", "3"])
+    assert args.input == ["a.png", "IMG.JPG"] and args.opts == ["MODEL.DEVICE", "cpu", "SEED", "3"]
+    with pytest.raises(SystemExit):
+        demo.parse_args(base + ["not_a_key", "1"])
+
+
+def test_bank_builder_refuses_gpus_the_machine_lacks_in_one_line(tmp_path, capsys):
+    import torch
+
+    import build_freeda_bank
+
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a dog on a sofa\n")
+    args = ["--config-file", "configs/tiny/freeda.yaml", "--captions", str(captions), "--output", str(tmp_path / "bank")]
+    have = torch.cuda.device_count()
+    assert build_freeda_bank.cli(args + ["--num-gpus", str(have + 2), "MODEL.DEVICE", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("build_freeda_bank: error: --num-gpus") and "\n" not in err and "use --num-gpus" in err
+    if not torch.cuda.is_available():
+        assert build_freeda_bank.cli(args + ["--num-gpus", "8", "MODEL.DEVICE", "cuda"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "no usable CUDA GPU" in err and "\n" not in err
+    assert not (tmp_path / "bank").exists()
+
+
+def test_the_missing_weights_advice_knows_whether_the_hub_is_offline(monkeypatch):
+    from diffseg_d2.pretrained.weights import WeightsLocation, hub_load_error
+
+    location = WeightsLocation("org/model", False, "MODEL.DIFFSEG.SD.WEIGHTS")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert "set HF_HUB_OFFLINE=1" in str(hub_load_error(location, "UNet", OSError("no network")))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    message = str(hub_load_error(location, "UNet", OSError("no network")))
+    assert "set HF_HUB_OFFLINE=1" not in message and "HF_HUB_OFFLINE is set" in message
+
+
+def test_the_library_example_refuses_a_missing_image_in_one_line(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("segment_example", os.path.join(ROOT, "projects", "use_as_library", "segment.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    with pytest.raises(SystemExit) as exit_info:
+        example.main(["--config-file", "configs/tiny/diffsegmenter.yaml", "--image", str(tmp_path / "nope.png"),
+                      "--vocab", "person,sofa;couch"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert "nope.png" in err and "Traceback" not in err and len(err.splitlines()) == 1

@@ -74,6 +74,19 @@ def main(args) -> None:
         )
 
 
+def check_processes(args) -> None:
+    """Refuse, in one line and before any process starts, a device or a number of GPUs this machine lacks."""
+    from diffseg_d2.config import check_device
+
+    device = get_diffseg_cfg(args.config_file, args.opts).MODEL.DEVICE
+    check_device(device)
+    if args.num_gpus > 1:
+        have = torch.cuda.device_count() if torch.device(device).type == "cuda" else 0
+        if args.num_gpus > have:
+            raise ValueError(f"--num-gpus {args.num_gpus} starts one process per GPU, but MODEL.DEVICE = {device!r} "
+                             f"gives {have} CUDA device(s) here; use --num-gpus {max(have, 1)}.")
+
+
 def cli(argv=None) -> int:
     from diffseg_d2.freeda.builder import check_output_folder
 
@@ -83,6 +96,7 @@ def cli(argv=None) -> int:
         # traceback from a child process.
         read_captions(args.captions)
         check_output_folder(args.output)
+        check_processes(args)
         launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(args,))
     except (BankError, CaptionsError, FileNotFoundError, LookupError, ValueError) as e:

@@ -57,8 +57,29 @@ def parse_args(argv=None):
     p.add_argument("--no-background", action="store_true", help="do not add a 'background' class")
     p.add_argument("--max-side", type=int, default=2048, help="shrink larger images to this long side first")
     p.add_argument("--debug", action="store_true", help="show the traceback of an expected error (missing weights, no hub)")
-    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
-    return p.parse_args(argv)
+    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
+                   help="config overrides: KEY VALUE ... (they may also trail the other arguments, as in train_net.py)")
+    args, extra = p.parse_known_args(argv)
+    # Overrides may trail the other arguments without --opts, as train_net.py and build_freeda_bank.py take them;
+    # after --input they are split off its list at the first config key.
+    if args.input:
+        at = next((i for i, item in enumerate(args.input) if _is_config_key(item)), None)
+        if at is not None:
+            args.input, extra = args.input[:at], args.input[at:] + extra
+    if extra and not _is_config_key(extra[0]):
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.opts = extra + args.opts
+    return args
+
+
+def _is_config_key(text: str) -> bool:
+    """Whether ``text`` names a key of the package's config (``MODEL.DEVICE``, ``OUTPUT_DIR``, ...)."""
+    node = get_diffseg_cfg()
+    for part in text.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def collect_inputs(patterns):

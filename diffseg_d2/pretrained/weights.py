@@ -131,11 +131,13 @@ def resolve_weights(
 
 def hub_load_error(location: WeightsLocation, what: str, error: Exception) -> MissingWeightsError:
     """The error to raise when loading ``what`` from a hub id failed (offline, unknown id, ...)."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    advice = (" (HF_HUB_OFFLINE is set: only models already in the local hub cache load by id)" if offline else
+              " (and set HF_HUB_OFFLINE=1 on a machine without network, so that the hub client does not retry)")
     return MissingWeightsError(
         f"Could not load the {what} from the hub id '{location.path}' ({location.config_key}): {error}. "
-        "Without hub access, download the model elsewhere and set "
-        f"{location.config_key} to its local folder (and set HF_HUB_OFFLINE=1 on a machine without network, "
-        "so that the hub client does not retry)."
+        f"Without hub access, download the model elsewhere and set {location.config_key} to its local folder"
+        f"{advice}."
     )
 
 
