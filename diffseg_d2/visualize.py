@@ -1,13 +1,13 @@
 """Pictures of label maps: an opaque label panel with class names, beside the image (tools/demo.py)."""
 
 import textwrap
-from typing import Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
 from .vocabulary import display_name
 
-__all__ = ["MIN_OVERLAY_SIDE", "PALETTE", "label_colours", "render_overlay"]
+__all__ = ["MIN_OVERLAY_SIDE", "PALETTE", "label_colours", "name_positions", "render_overlay"]
 
 # Overlays of smaller images are magnified so the class names fit.
 MIN_OVERLAY_SIDE = 256
@@ -55,8 +55,10 @@ def render_overlay(rgb: np.ndarray, label: np.ndarray, names: Sequence[str]) -> 
     # Names on regions of at least 1 % of the image (smaller ones are listed under the panels only).
     names = [display_name(n) for n in names]
     named = {i: names[i] for i in present if (label == i).mean() >= 0.01}
-    labels = imgviz.label2rgb(label, image=None, alpha=1.0, label_names=named,
-                              font_size=font, colormap=label_colours(len(names)), loc="centroid")
+    colours = label_colours(len(names))
+    labels = colours[label]
+    for i, (y, x), colour in name_positions(label, named, font, colours):
+        labels = imgviz.draw.text(labels, (y, x), named[i], size=font, color=colour)
     gap = np.full((rgb.shape[0], max(4, rgb.shape[1] // 32), 3), 255, dtype=np.uint8)
     panels = np.concatenate([rgb, gap, labels], axis=1)
     shares = ", ".join(f"{names[i]} {100.0 * (label == i).mean():.0f}%" for i in present)
@@ -66,3 +68,39 @@ def render_overlay(rgb: np.ndarray, label: np.ndarray, names: Sequence[str]) -> 
     for row, line in enumerate(lines):
         caption = imgviz.draw.text(caption, (font // 2 + row * font, 4), line, size=font, color=(0, 0, 0))
     return np.concatenate([panels, caption], axis=0)
+
+
+def name_positions(label: np.ndarray, named: Dict[int, str], font: int,
+                   colours: np.ndarray) -> List[Tuple[int, Tuple[int, int], Tuple[int, int, int]]]:
+    """Where each region's name is written on the label panel: ``(label, (top, left), text colour)``.
+
+    Largest region first, each name is centred on the point of its region farthest from the region's
+    border, else on the next farthest points, at the first place where its box lies inside the panel
+    and overlaps no name already placed; a name with no such place is left to the list under the
+    panels. The text is black on a light region colour and white on a dark one.
+    """
+    import imgviz
+    from scipy import ndimage
+
+    H, W = label.shape
+    step = max(1, max(H, W) // 256)  # distances on a grid of at most ~256 cells a side
+    coarse = label[::step, ::step]
+    placed: List[Tuple[int, int, int, int]] = []
+    out = []
+    for i in sorted(named, key=lambda k: -int((coarse == k).sum())):
+        th, tw = imgviz.draw.text_size(named[i], size=font)
+        if th > H or tw > W:
+            continue
+        dist = ndimage.distance_transform_edt(np.pad(coarse == i, 1))[1:-1, 1:-1]
+        order = np.argsort(-dist, axis=None)[: int((dist > 0).sum())]
+        for flat in order[:: max(1, len(order) // 64)]:  # up to ~64 candidates, farthest first
+            cy, cx = (int(v) * step for v in np.unravel_index(flat, dist.shape))
+            top = min(max(cy - th // 2, 0), H - th)
+            left = min(max(cx - tw // 2, 0), W - tw)
+            box = (top, left, top + th, left + tw)
+            if all(box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1] for b in placed):
+                placed.append(box)
+                luminance = float(np.dot(colours[i].astype(float), (0.299, 0.587, 0.114)))
+                out.append((i, (top, left), (0, 0, 0) if luminance > 140 else (255, 255, 255)))
+                break
+    return out

@@ -55,3 +55,31 @@ def test_describe_counts_labels_under_each_object(tmp_path, capsys):
     assert lines[1 + len(scene.objects)] == "  background: 100% background"
     assert lines[2 + len(scene.objects)] == f"1000001: {render_scene(1_000_001).caption}"
     assert all(line.endswith("100% background") for line in lines[3 + len(scene.objects):])
+
+
+def test_region_names_stay_inside_the_panel_never_overlap_and_contrast_with_their_colour():
+    from diffseg_d2.visualize import PALETTE, name_positions
+
+    import imgviz
+
+    label = np.zeros((120, 200), np.int64)
+    label[40:80, 60:140] = 1          # a ring's inside ...
+    label[30:90, 50:150][label[30:90, 50:150] == 0] = 2  # ... and the ring: both centred on one point
+    label[:, 190:] = 3                # a strip along the right edge
+    names = {0: "background", 1: "circle", 2: "square", 3: "cross"}
+    font = 12
+    placed = name_positions(label, names, font, PALETTE[:4])
+    boxes = []
+    for i, (top, left), colour in placed:
+        th, tw = imgviz.draw.text_size(names[i], size=font)
+        assert 0 <= top and top + th <= 120 and 0 <= left and left + tw <= 200  # never cut at the edge
+        boxes.append((top, left, top + th, left + tw))
+        dark = np.dot(PALETTE[i].astype(float), (0.299, 0.587, 0.114)) <= 140
+        assert colour == ((255, 255, 255) if dark else (0, 0, 0))
+    for a in range(len(boxes)):
+        for b in range(a + 1, len(boxes)):
+            A, B = boxes[a], boxes[b]
+            assert A[2] <= B[0] or B[2] <= A[0] or A[3] <= B[1] or B[3] <= A[1], (placed[a], placed[b])
+    assert {i for i, *_ in placed} >= {0, 1, 2}  # the ring and its inside both named
+    # background (dark grey) gets white text
+    assert dict((i, c) for i, _, c in placed)[0] == (255, 255, 255)
