@@ -124,6 +124,10 @@ def add_diffseg_config(cfg: CN) -> CN:
     _c.TRANSFORMER.TEXT_SEGMENT = "t5"
     # "image_to_text" (image queries on the class tokens' keys, Seg4Diff's choice) or "text_to_image".
     _c.TRANSFORMER.DIRECTION = "image_to_text"
+    # "attention": the class words' attention probabilities (above); "concept" (FLUX only): ConceptAttention's
+    # maps in the attention-output space, one pass on the empty prompt with each class a concept token
+    # travelling through the double-stream BLOCKS (empty: all of them), a softmax over the classes.
+    _c.TRANSFORMER.READOUT = "attention"
     # Score of the background channel; a pixel whose normalised class scores all fall below it is background.
     _c.BACKGROUND_THRESHOLD = 0.4
     # Class names to segment; empty = the stuff_classes of DATASETS.TEST[0].

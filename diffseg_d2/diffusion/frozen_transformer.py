@@ -286,6 +286,14 @@ class FrozenDiffusionTransformer(FrozenDiffusion):
         tokens = self.emphasize(tokens, emphasis, weight)
         return PromptEmbeds(tokens.to(self.dtype), torch.cat(pooled, dim=-1).to(self.dtype))
 
+    @torch.no_grad()
+    def concept_embeddings(self, words: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """ConceptAttention's concept inputs: each word encoded on its own, its first T5 state (C, D_T5); and
+        the pooled vector of the words joined by spaces (P,)."""
+        tokens = self.encode_text(self.tokenize(list(words), truncate=True)).tokens
+        pooled = self.encode_text(self.tokenize([" ".join(words)], truncate=True)).pooled[0]
+        return tokens[:, self.text_layout.segments["t5"].start], pooled
+
     def unconditional_context(self) -> PromptEmbeds:
         """The unconditional half of classifier-free guidance: the encoded empty prompt (SD3's pipeline)."""
         return self.empty_prompt_context()

@@ -12,6 +12,7 @@ joint-attention blocks, exactly and streamed (``diffusion.readouts``).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -35,6 +36,7 @@ from ...diffusion import (
     record_attention,
     record_joint_attention,
 )
+from ...diffusion.concept_attention import ConceptAttentionStore, double_stream_blocks, record_concept_attention
 from ...diffusion.joint_attention import DIRECTIONS
 from ...diffusion.substrate import FrozenDiffusion
 from ...pretrained.blip import BlipCaptioner
@@ -89,6 +91,7 @@ class DiffSegmenter(OpenVocabularySegmenter):
         refine_blocks: Sequence[str] = (),
         text_segment: str = "t5",
         attention_direction: str = "image_to_text",
+        transformer_readout: str = "attention",
         background_threshold: float = 0.4,
         category_filter: Optional[nn.Module] = None,
         class_lists: Optional[ImageClassLists] = None,
@@ -138,6 +141,8 @@ class DiffSegmenter(OpenVocabularySegmenter):
                 joint-attention blocks whose class maps are averaged (empty: all), the blocks whose
                 image-to-image attention refines them, the text encoder's tokens the class word is
                 read from ("t5"; SD3 also "clip"), and "image_to_text" or "text_to_image".
+            transformer_readout: "attention" (the class words' attention probabilities) or "concept"
+                (FLUX: ConceptAttention's output-space maps, each class a concept token; ours).
             background_threshold: score of the background channel.
             category_filter: optional module ``(image, names) -> keep (K,) bool``.
             class_lists: the reference's per-image class lists (``CATEGORY_FILTER.CLASS_LISTS``);
@@ -167,7 +172,7 @@ class DiffSegmenter(OpenVocabularySegmenter):
         if self.is_transformer:
             transformer_blocks, refine_blocks = self._check_transformer_reads(
                 diffusion, transformer_blocks, refine_blocks if refine else (), text_segment, attention_direction,
-                refinement)
+                refinement, transformer_readout)
             multiple = diffusion.latent_factor * diffusion.patch
         else:
             unet = diffusion.unet
@@ -212,6 +217,7 @@ class DiffSegmenter(OpenVocabularySegmenter):
         self.refine_blocks = tuple(refine_blocks)
         self.text_segment = text_segment
         self.attention_direction = attention_direction
+        self.transformer_readout = transformer_readout
         self.background_threshold = float(background_threshold)
         self.category_filter = category_filter
         self.class_lists = class_lists
@@ -264,6 +270,7 @@ class DiffSegmenter(OpenVocabularySegmenter):
             "refine_blocks": list(d.TRANSFORMER.REFINE_BLOCKS),
             "text_segment": d.TRANSFORMER.TEXT_SEGMENT,
             "attention_direction": d.TRANSFORMER.DIRECTION,
+            "transformer_readout": d.TRANSFORMER.READOUT,
             "background_threshold": d.BACKGROUND_THRESHOLD,
             "category_filter": category_filter,
             "class_lists": class_lists,
@@ -413,9 +420,21 @@ class DiffSegmenter(OpenVocabularySegmenter):
 
     # ------------------------------------------------------------------ diffusion transformers
     @staticmethod
-    def _check_transformer_reads(diffusion, blocks, refine_blocks, text_segment, direction, refinement):
+    def _check_transformer_reads(diffusion, blocks, refine_blocks, text_segment, direction, refinement, readout):
         """The blocks to read on a diffusion transformer (all when none are named), checked."""
         layers = list(joint_attention_layers(diffusion.transformer))
+        if readout not in ("attention", "concept"):
+            raise ValueError(f"MODEL.DIFFSEG.TRANSFORMER.READOUT must be 'attention' or 'concept', not {readout!r}.")
+        if readout == "concept":
+            try:
+                double = list(double_stream_blocks(diffusion.transformer))
+            except ValueError:
+                raise ValueError(f"MODEL.DIFFSEG.TRANSFORMER.READOUT concept reads FLUX's double-stream blocks; "
+                                 f"{diffusion.family.title} has none: use READOUT attention.") from None
+            blocks = list(blocks) or double
+            if any(b not in double for b in blocks):
+                raise ValueError(f"MODEL.DIFFSEG.TRANSFORMER.BLOCKS = {list(blocks)}: READOUT concept reads FLUX's "
+                                 f"double-stream blocks, {double}.")
         blocks = list(blocks) or layers
         for key, wanted in (("BLOCKS", blocks), ("REFINE_BLOCKS", list(refine_blocks))):
             missing = [b for b in wanted if b not in layers]
@@ -440,6 +459,8 @@ class DiffSegmenter(OpenVocabularySegmenter):
         ``per_class``: one pass per class prompt (in chunks), each class refined by its own pass;
         ``shared``: one pass on one prompt naming every class (``CARRIER_TEMPLATE``), every class read from it."""
         d = self.diffusion
+        if self.transformer_readout == "concept":
+            return self._concept_maps(noisy, names)
 
         def run(index, weight, latents, ctx) -> torch.Tensor:
             store = JointAttentionStore(index, weight, self.attention_direction, frozenset(self.refine_blocks),
@@ -461,6 +482,27 @@ class DiffSegmenter(OpenVocabularySegmenter):
                 for chunk in (slice(s, min(len(names), s + self.class_chunk_size))
                               for s in range(0, len(names), self.class_chunk_size))
             ])
+        return maps.view(len(names), noisy.shape[-2] // d.patch, noisy.shape[-1] // d.patch)
+
+    def _concept_maps(self, noisy: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+        """ConceptAttention's maps ``(K, h, w)``: one pass on the empty prompt (ConceptAttention's default for a
+        real image), each class a concept token; min-max normalised, then refined as the attention read-out."""
+        d = self.diffusion
+        words = tuple(self.prompt_name(n) for n in names)
+        states, pooled = self._cached(("concepts", words), lambda: d.concept_embeddings(words))
+        store = ConceptAttentionStore(states, pooled, frozenset(self.transformer_blocks))
+        # The refinement's blocks are read in the same pass (their queries and keys only).
+        refine = JointAttentionStore(torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1),
+                                     refine_blocks=frozenset(self.refine_blocks), map_blocks=frozenset())
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(record_concept_attention(d.transformer, store))
+            if self.refine_blocks:
+                stack.enter_context(record_joint_attention(d.transformer, refine, self.refine_blocks,
+                                                           d.text_layout.length))
+            d.denoise(noisy, self.noise_step, d.empty_prompt_context())
+        maps = minmax_per_map(store.maps())
+        if self.refine_blocks:
+            maps = refine.refine(maps)
         return maps.view(len(names), noisy.shape[-2] // d.patch, noisy.shape[-1] // d.patch)
 
     def _joint_context(self, words: Tuple[str, ...]):
