@@ -6,6 +6,9 @@ keeps a detectron2 that is already installed.
 """
 from setuptools import find_packages, setup
 
+# FreeDA's dependencies besides faiss.
+FREEDA_COMMON = ["scikit-image>=0.21", "timm>=1.0.15", "nltk>=3.8", "opencv-python-headless>=4.8,<4.11"]
+
 setup(
     name="diffseg_d2",
     version="0.1.0",
@@ -35,8 +38,10 @@ setup(
         # FreeDA: the key index, superpixels, DINOv2 (timm's local-folder loading) and the POS tagger.
         # opencv-python-headless: the reference's 8-bit bilinear resize (FREEDA.RESIZE "cv2"); from 4.11
         # on its wheels pull numpy 2, which detectron2's evaluator cannot use.
-        "freeda": ["faiss-cpu>=1.7.4", "scikit-image>=0.21", "timm>=1.0.15", "nltk>=3.8",
-                   "opencv-python-headless>=4.8,<4.11"],
+        "freeda": ["faiss-cpu>=1.7.4", *FREEDA_COMMON],
+        # The same with faiss's CUDA 12 build instead (its index searches on the GPU; uninstall faiss-cpu first:
+        # both install the module `faiss`).
+        "freeda-gpu": ["faiss-gpu-cu12>=1.8", *FREEDA_COMMON],
         # The browser app (tools/web_demo.py) and its browser test (selenium drives chromium).
         "web": ["gradio>=4", "selenium>=4.10"],
         # Tools for running the test-suite and the benchmark.

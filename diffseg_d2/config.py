@@ -249,6 +249,9 @@ def add_diffseg_config(cfg: CN) -> CN:
     _c.FREEDA.EF_SEARCH = 50000
     # IVF lists visited per query (faiss nprobe). Ignored by other indexes.
     _c.FREEDA.NPROBE = 16
+    # Where the bank's index is searched: "auto" = on the model's GPU when MODEL.DEVICE is CUDA and faiss is a
+    # GPU build (extra freeda-gpu; flat and IVF indexes, faiss has no GPU HNSW), else on the CPU; "cpu" = always.
+    _c.FREEDA.INDEX_DEVICE = "auto"
 
     # --- FreeDA offline bank building (tools/build_freeda_bank.py) ------------------------
     _c.FREEDA.BUILD = CN()

@@ -783,3 +783,38 @@ def test_a_bank_row_by_hand(tiny_freeda_cfg_path, monkeypatch):
         feature = captured["x"][0, start:start + len(word)].mean(0)
         key = F.normalize(feature @ clip.model.text_projection, dim=0)
         torch.testing.assert_close(rows.keys[k], key, rtol=1e-4, atol=1e-5)
+
+
+def test_the_index_moves_to_the_gpu_only_when_faiss_and_the_model_can(monkeypatch):
+    """INDEX_DEVICE auto: a flat or IVF index is copied to the model's GPU (its nprobe kept) when faiss is a GPU
+    build; an HNSW index, a CPU model, a CPU faiss or INDEX_DEVICE cpu keep the CPU index. The GPU calls are
+    faiss's own (stood in for here; tools/gpu_check.sh compares real GPU searches with the CPU's)."""
+    import faiss
+
+    from diffseg_d2.freeda import bank as bank_module
+
+    flat = faiss.IndexFlatIP(8)
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(8), 8, 4, faiss.METRIC_INNER_PRODUCT)
+    ivf.nprobe = 3
+    hnsw = faiss.IndexHNSWFlat(8, 16, faiss.METRIC_INNER_PRODUCT)
+    for index in (flat, ivf, hnsw):  # this machine's faiss: never moved
+        assert bank_module.index_on_device(index, "cuda:0") is index
+    moved = []
+
+    def to_gpu(resources, device, index):
+        copy = faiss.clone_index(index)
+        moved.append((device, copy))
+        return copy
+
+    monkeypatch.setattr(bank_module, "faiss_has_gpu", lambda: True)
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu, raising=False)
+    assert bank_module.index_on_device(flat, "cuda:1") is moved[-1][1] and moved[-1][0] == 1
+    gpu_ivf = bank_module.index_on_device(ivf, "cuda")
+    assert gpu_ivf is moved[-1][1] and moved[-1][0] == 0 and faiss.downcast_index(gpu_ivf).nprobe == 3
+    assert bank_module.index_on_device(hnsw, "cuda") is hnsw
+    assert bank_module.index_on_device(flat, "cpu") is flat
+    assert bank_module.index_on_device(flat, "cuda", "cpu") is flat
+    assert len(moved) == 2
+    with pytest.raises(ValueError, match="INDEX_DEVICE must be one of"):
+        bank_module.index_on_device(flat, "cuda", "gpu")

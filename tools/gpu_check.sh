@@ -14,6 +14,8 @@
 #                 outputs, tiny ODISE backbone features, one ODISE training step
 #   bench-sd15    python tools/benchmark.py --preset sd15 on CUDA (fewer classes and repeats)
 #   bench-odise   python tools/benchmark.py --preset odise on CUDA (one repeat)
+#   faiss-gpu     the bank's index searched on the GPU (extra freeda-gpu) against the CPU search: same ids;
+#                 not in the default list (it needs faiss's GPU build): GPU_CHECK_STEPS="faiss-gpu"
 #   bench-sd21, bench-sdxl   the sd21 / sdxl presets on CUDA (1 and 20 classes, 2 repeats); not in the
 #                 default list, whose 10 minutes they would exceed: GPU_CHECK_STEPS="bench-sd21 bench-sdxl"
 #   tests-rest    the rest of the fast suite (pytest -m "not slow and not device"), in what time is left
@@ -35,6 +37,7 @@ BUDGET_TESTS_DEVICE=90  # 6 tests, with the tiny presets and the tiny FreeDA ban
 BUDGET_DTYPES=60        # 2 dtypes x (tiny DiffSegmenter, tiny ODISE backbone + training step): ~25 s
 BUDGET_BENCH_SD15=150   # 7 worker processes, each building SD 1.5 (+ BLIP large) with random weights
 BUDGET_BENCH_ODISE=200  # 6 worker processes, each building SD 1.5 + CLIP ViT-L/14-336 with random weights
+BUDGET_FAISS_GPU=60     # a 200k-key flat and IVF index, 150 queries, k = 350, on CPU and GPU
 BUDGET_BENCH_SD21=240   # 5 worker processes building SD 2.1 (768 px) with random weights
 BUDGET_BENCH_SDXL=420   # 5 worker processes building SDXL base (1024 px, 2.6B UNet) with random weights
 BUDGET_TOTAL=570        # tests-rest gets what the steps before it left of this, at most the next line
@@ -247,6 +250,29 @@ step_bench_odise() {
     bench odise --repeats 1
 }
 
+step_faiss_gpu() {
+    # The bank's index on the GPU (extra freeda-gpu: faiss's CUDA build) returns what the CPU index returns.
+    "$PY" - <<'PY'
+import numpy as np, torch
+from diffseg_d2.freeda.bank import faiss_has_gpu, index_on_device
+import faiss
+if not faiss_has_gpu():
+    raise SystemExit("faiss is not a GPU build here: pip uninstall -y faiss-cpu && pip install -e '.[freeda-gpu]'")
+rng = np.random.default_rng(0)
+keys = rng.standard_normal((200_000, 768)).astype("float32"); keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+queries = keys[rng.choice(len(keys), 150)] + 0.05 * rng.standard_normal((150, 768)).astype("float32")
+flat = faiss.IndexFlatIP(768); flat.add(keys)
+ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(768), 768, 1024, faiss.METRIC_INNER_PRODUCT); ivf.train(keys[:50_000]); ivf.add(keys); ivf.nprobe = 16
+for name, cpu in (("flat", flat), ("ivf", ivf)):
+    gpu = index_on_device(cpu, "cuda")
+    assert gpu is not cpu, name
+    (sc, ic), (sg, ig) = cpu.search(queries, 350), gpu.search(queries, 350)
+    same = float((ic == ig).mean()); diff = float(np.abs(sc - sg).max())
+    print(f"{name}: ids equal {100 * same:.2f} %, similarities within {diff:.2e}")
+    assert same > 0.999 and diff < 1e-4, name
+PY
+}
+
 step_bench_sd21() {
     bench sd21 --classes 1,20 --repeats 2 --budget-min 3
 }
@@ -307,6 +333,7 @@ for step in $STEPS; do
         dtypes) run_step dtypes "$BUDGET_DTYPES" || true ;;
         bench-sd15) run_step bench-sd15 "$BUDGET_BENCH_SD15" || true ;;
         bench-odise) run_step bench-odise "$BUDGET_BENCH_ODISE" || true ;;
+        faiss-gpu) run_step faiss-gpu "$BUDGET_FAISS_GPU" || true ;;
         bench-sd21) run_step bench-sd21 "$BUDGET_BENCH_SD21" || true ;;
         bench-sdxl) run_step bench-sdxl "$BUDGET_BENCH_SDXL" || true ;;
         tests-rest)

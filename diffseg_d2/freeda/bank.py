@@ -715,6 +715,40 @@ def check_bank_models(manifest: dict, models: dict, fingerprint: dict, folder) -
     check_fingerprint(manifest.get("fingerprint", {}), fingerprint, f"the bank '{folder}'")
 
 
+#: ``MODEL.DIFFSEG.FREEDA.INDEX_DEVICE`` values.
+INDEX_DEVICES = ("auto", "cpu")
+
+
+def faiss_has_gpu() -> bool:
+    """Whether the installed faiss is a GPU build with a usable GPU (``pip install diffseg_d2[faiss-gpu]``)."""
+    faiss = require("faiss", "faiss-cpu", "FreeDA's bank index")
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def index_on_device(index, device: str, choice: str = "auto"):
+    """The index a bank searches with: with ``choice`` "auto", a copy on the model's GPU when ``device`` is a
+    CUDA device and faiss is a GPU build, for the kinds faiss searches on a GPU (flat and IVF-flat; it has no
+    GPU HNSW); otherwise, and with "cpu", ``index`` itself. A GPU copy returns what the CPU index returns
+    (``tools/gpu_check.sh``, step faiss-gpu), at most float rounding in the similarities."""
+    if choice not in INDEX_DEVICES:
+        raise ValueError(f"MODEL.DIFFSEG.FREEDA.INDEX_DEVICE must be one of {list(INDEX_DEVICES)}, not {choice!r}.")
+    target = torch.device(device)
+    if choice == "cpu" or target.type != "cuda" or not faiss_has_gpu():
+        return index
+    faiss = require("faiss", "faiss-cpu", "FreeDA's bank index")
+    inner = faiss.downcast_index(index)
+    if not isinstance(inner, (faiss.IndexFlat, faiss.IndexIVFFlat)):
+        logger.info("FreeDA: a %s index searches on the CPU (faiss has no GPU version of it).", type(inner).__name__)
+        return index
+    resources = faiss.StandardGpuResources()
+    gpu = faiss.index_cpu_to_gpu(resources, target.index or 0, index)
+    # The resources must live as long as the index (faiss's own attribute for objects an index holds on to).
+    gpu.referenced_objects = [*(getattr(gpu, "referenced_objects", None) or []), resources]
+    if isinstance(inner, faiss.IndexIVFFlat):
+        faiss.downcast_index(gpu).nprobe = inner.nprobe
+    return gpu
+
+
 def search_index(index, queries: torch.Tensor, k: int, other_clip: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """Nearest keys of a bank's faiss index: (Q, Dk) L2-normalised queries -> similarities and ids,
     each (Q, k') with ``k' = min(k, keys)``; id -1 (similarity -inf) where fewer were found.

@@ -21,7 +21,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
 from ...config import check_config
-from ...freeda.bank import PrototypeBank, check_bank_models, model_fingerprint
+from ...freeda.bank import PrototypeBank, check_bank_models, index_on_device, model_fingerprint
 from ...freeda.released import load_bank
 from ...freeda.superpixels import (
     felzenszwalb_superpixels,
@@ -165,6 +165,7 @@ class FreeDA(OpenVocabularySegmenter):
         if isinstance(bank, PrototypeBank):  # ours records the models' config strings too
             check_bank_models(bank.manifest, {"clip": d.CLIP.WEIGHTS, "dino": d.DINO.WEIGHTS},
                               model_fingerprint(clip, dino), f.BANK)
+        bank.index = index_on_device(bank.index, cfg.MODEL.DEVICE, f.INDEX_DEVICE)
         return {
             "bank": bank,
             "clip": clip,
