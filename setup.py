@@ -4,7 +4,30 @@ Detectron2 is not on the package registry and so is not listed below; run
 ``python tools/install_detectron2.py`` (or ``make test``/``make demo``), which
 keeps a detectron2 that is already installed.
 """
+import os
+import shutil
+
 from setuptools import find_packages, setup
+
+
+def _ship_configs() -> None:
+    """Put the repository's configs/ inside the package (diffseg_d2/model_zoo/configs): a link in a clone,
+    a copy where links cannot be made; a wheel holds the files (``diffseg_d2.model_zoo``)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    source, target = os.path.join(here, "configs"), os.path.join(here, "diffseg_d2", "model_zoo", "configs")
+    if not os.path.isdir(source):  # building from an sdist, which already holds the copy
+        return
+    if os.path.islink(target) or os.path.isfile(target):
+        os.unlink(target)
+    elif os.path.isdir(target):
+        shutil.rmtree(target)
+    try:
+        os.symlink(os.path.relpath(source, os.path.dirname(target)), target)
+    except OSError:
+        shutil.copytree(source, target)
+
+
+_ship_configs()
 
 # FreeDA's dependencies besides faiss.
 FREEDA_COMMON = ["scikit-image>=0.21", "timm>=1.0.15", "nltk>=3.8", "opencv-python-headless>=4.8,<4.11"]
@@ -19,7 +42,8 @@ setup(
     packages=find_packages(exclude=("tests", "tools", "configs", "projects")),
     # The micro-world weights (diffseg_d2/microworld/weights/, a few MB of safetensors and json) ship
     # inside the package, so MODEL.DIFFSEG.*.WEIGHTS "micro" works from any install.
-    package_data={"diffseg_d2.microworld": ["weights/*/*", "weights/*/*/*"]},
+    package_data={"diffseg_d2.microworld": ["weights/*/*", "weights/*/*/*"],
+                  "diffseg_d2.model_zoo": ["configs/*/*.yaml", "configs/*/*.txt"]},
     install_requires=[
         "torch>=2.6",  # torch.load is weights-only by default from 2.6 on
         "torchvision>=0.21",

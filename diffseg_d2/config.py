@@ -447,12 +447,19 @@ def merge_config_file(cfg: CN, config_file: str) -> CN:
 
     Raises:
         UnsafeConfigError: a file of the chain holds such a tag (the message names the file and line).
-        ConfigKeyError: the file does not exist.
+        ConfigKeyError: the file does not exist and is not the name of a shipped config.
     """
     import yaml
 
+    from .model_zoo import find_config_file
+
     if not os.path.isfile(config_file):
-        raise ConfigKeyError(f"The config file {config_file} does not exist (configs/ holds the shipped ones).")
+        # A shipped config's name ("diffsegmenter/voc21.yaml", or "configs/..." outside a clone).
+        shipped = find_config_file(config_file)
+        if shipped is None:
+            raise ConfigKeyError(f"The config file {config_file} does not exist, nor is it the name of a shipped "
+                                 "config (diffseg_d2.model_zoo.list_configs() lists them).")
+        config_file = str(shipped)
     try:
         cfg.merge_from_file(config_file, allow_unsafe=False)
     except yaml.constructor.ConstructorError as e:
