@@ -43,7 +43,7 @@ setup(
     # The micro-world weights (diffseg_d2/microworld/weights/, a few MB of safetensors and json) ship
     # inside the package, so MODEL.DIFFSEG.*.WEIGHTS "micro" works from any install.
     package_data={"diffseg_d2.microworld": ["weights/*/*", "weights/*/*/*"],
-                  "diffseg_d2.model_zoo": ["configs/*/*.yaml", "configs/*/*.txt"]},
+                  "diffseg_d2.model_zoo": ["configs/*/*.yaml", "configs/*/*.txt", "configs/*/*.py"]},
     install_requires=[
         "torch>=2.6",  # torch.load is weights-only by default from 2.6 on
         "torchvision>=0.21",

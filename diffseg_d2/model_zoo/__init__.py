@@ -51,8 +51,9 @@ def get_config_file(name: str) -> str:
 
 
 def list_configs() -> List[str]:
-    """The names of the shipped configs (``.yaml`` files), sorted."""
+    """The names of the shipped configs (yacs ``.yaml`` files and the LazyConfig ``.py`` files), sorted."""
     names = set()
     for root in _roots():
-        names.update(str(p.relative_to(root)).replace("\\", "/") for p in root.rglob("*.yaml"))
+        for pattern in ("*.yaml", "*.py"):
+            names.update(str(p.relative_to(root)).replace("\\", "/") for p in root.rglob(pattern))
     return sorted(names)

@@ -37,6 +37,13 @@ def vocabulary_args_from_config(cfg) -> Dict:
     return dict(vocabulary=vocabulary, thing_classes=things, stuff_classes=stuff)
 
 
+def dataset_classes(name: str, things: bool = False):
+    """A registered dataset's class names (its vocabulary), or with ``things`` its thing classes (or None):
+    what a yacs config reads from ``DATASETS.TEST[0]``, for LazyConfig files."""
+    vocabulary, thing_classes = classes_from_metadata(name)
+    return thing_classes if things else vocabulary
+
+
 def open_vocab_args_from_config(cfg) -> Dict:
     """The training-free base's keyword arguments from a config: :func:`vocabulary_args_from_config`
     and ``panoptic_min_area`` (None when ``PANOPTIC.ENABLED`` is off)."""
