@@ -21,6 +21,13 @@ __all__ = ["add_diffseg_config", "get_diffseg_cfg", "merge_config_file"]
 CARRIER_TEMPLATE = "a photograph of {}."
 
 
+#: FreeDA's class-query templates (the reference's seven), MODEL.DIFFSEG.FREEDA.QUERY_TEMPLATES's default.
+FREEDA_QUERY_TEMPLATES = (
+    "itap of a {}.", "a bad photo of a {}.", "a origami {}.", "a photo of the large {}.",
+    "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
+)
+
+
 def add_diffseg_config(cfg: CN) -> CN:
     """Add the ``MODEL.DIFFSEG`` node to ``cfg`` (in place; a no-op if present)."""
     if "DIFFSEG" in cfg.MODEL:
@@ -203,10 +210,7 @@ def add_diffseg_config(cfg: CN) -> CN:
     _c.FREEDA.QUERY = "sentence"
     # Prompt templates of the class query and the global text embedding (the reference's
     # "sub_imagenet_template").
-    _c.FREEDA.QUERY_TEMPLATES = [
-        "itap of a {}.", "a bad photo of a {}.", "a origami {}.", "a photo of the large {}.",
-        "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
-    ]
+    _c.FREEDA.QUERY_TEMPLATES = list(FREEDA_QUERY_TEMPLATES)
     # Weight of the local (superpixel-prototype) score; the global CLIP score gets 1 minus it.
     _c.FREEDA.LOCAL_WEIGHT = 0.8
     # The local score is the sigmoid of the cosine similarity (the reference); False (ours) = the cosine.

@@ -48,3 +48,34 @@ def test_the_lazy_evaluation_loop_evaluates_the_micro_diffsegmenter(tmp_path, mo
     results = lazy_train_net.main(["--config-file", get_config_file("lazy/diffsegmenter_micro.py"), "--eval-only",
                                    f"dataloader.evaluator.output_dir={tmp_path}"])
     assert 0.0 < results["sem_seg"]["mIoU"] <= 100.0
+
+
+def test_the_micro_freeda_lazy_config_is_the_yacs_one(tmp_path):
+    """Both read one micro bank (6 captions, built here with the micro config as a user builds it)."""
+    import os
+    import subprocess
+    import sys
+
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.modeling import build_model
+
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red circle and a blue square\na green triangle\na yellow cross and a red square\n"
+                        "a blue circle\na green square and a yellow triangle\na red cross\n")
+    bank = tmp_path / "bank"
+    proc = subprocess.run([sys.executable, os.path.join(root, "tools", "build_freeda_bank.py"), "--config-file",
+                           get_config_file("micro/freeda.yaml"), "--captions", str(captions), "--output", str(bank),
+                           "--no-progress"], capture_output=True, text=True, cwd=root, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lazy = LazyConfig.load(get_config_file("lazy/freeda_micro.py"))
+    lazy.model.bank.folder = str(bank)
+    model = instantiate(lazy.model).eval()
+    reference = build_model(get_diffseg_cfg("micro/freeda.yaml", ["MODEL.DIFFSEG.FREEDA.BANK", str(bank)])).eval()
+    assert type(model) is type(reference) and model.state_dict().keys() == reference.state_dict().keys()
+    for key in ("top_k", "query_templates", "short_side", "window", "stride", "dino_size", "superpixel", "pipeline"):
+        assert getattr(model, key) == getattr(reference, key), key
+    x = [{"image": _scene(), "vocabulary": VOCAB}]
+    with torch.no_grad():
+        assert torch.equal(model(x)[0]["sem_seg"], reference(x)[0]["sem_seg"])

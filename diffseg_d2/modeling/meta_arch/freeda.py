@@ -20,7 +20,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
-from ...config import check_config
+from ...config import FREEDA_QUERY_TEMPLATES, check_config
 from ...freeda.bank import PrototypeBank, check_bank_models, index_on_device, model_fingerprint
 from ...freeda.released import load_bank
 from ...freeda.superpixels import (
@@ -60,7 +60,7 @@ class FreeDA(OpenVocabularySegmenter):
         top_k: int = 350,
         min_key_similarity: float = -1.0,
         query: str = "sentence",
-        query_templates: Sequence[str] = ("a photo of a {}.",),
+        query_templates: Sequence[str] = FREEDA_QUERY_TEMPLATES,
         local_weight: float = 0.8,
         local_sigmoid: bool = True,
         background_score: float = 0.4,
