@@ -20,6 +20,10 @@ def main(argv=None):
                         help="class names separated by commas, synonyms of one class by semicolons "
                              "('person,sofa;couch'), or @FILE with one class per line")
     args = parser.parse_args(argv)
+
+    cfg = get_cfg()
+    add_diffseg_config(cfg)  # coexists with any other add_*_config of your project
+    merge_config_file(cfg, args.config_file)  # read as data: a yaml tag that would run code is refused
     # The request is checked before the model loads: a one-line message, no traceback.
     try:
         names = vocabulary_from_command_line(args.vocab)
@@ -28,10 +32,6 @@ def main(argv=None):
         parser.exit(1, f"{parser.prog}: error: {e}\n")
     if background_index(names) is None:
         names = [BACKGROUND] + names
-
-    cfg = get_cfg()
-    add_diffseg_config(cfg)  # coexists with any other add_*_config of your project
-    merge_config_file(cfg, args.config_file)  # read as data: a yaml tag that would run code is refused
     cfg.MODEL.DIFFSEG.VOCABULARY = names
     cfg.DATASETS.TEST = ()
     predictor = DefaultPredictor(cfg)
