@@ -70,6 +70,6 @@ setup(
         "web": ["gradio>=4", "selenium>=4.10"],
         # Tools for running the test-suite and the benchmark.
         "test": ["pytest>=7"],
-        "benchmark": ["psutil>=5.9"],
+        "benchmark": ["psutil>=5.9", "matplotlib>=3.5"],  # matplotlib: tools/reproduce_papers.py's plots
     },
 )
