@@ -101,6 +101,9 @@ def test_the_page_segments_an_uploaded_scene_in_a_browser(tmp_path):
         wait = WebDriverWait(driver, 300)
         wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#image-file input[type=file]")))
         driver.find_element(By.CSS_SELECTOR, "#image-file input[type=file]").send_keys(str(upload))
+        # The picture is shown as soon as it is chosen, before anything is segmented.
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#preview img"))
+        assert not driver.find_elements(By.CSS_SELECTOR, "#overlay img")
         box = driver.find_element(By.CSS_SELECTOR, "#vocab textarea, #vocab input")
         box.clear()
         box.send_keys("circle, square, triangle, cross")

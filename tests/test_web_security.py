@@ -202,6 +202,21 @@ def test_the_web_app_refuses_a_huge_image_with_a_message(tmp_path, no_decoding, 
     assert not no_decoding
 
 
+def test_the_preview_decodes_no_huge_image(tmp_path, no_decoding):
+    path = _zeros_png(tmp_path / "big.png", 8000, 8000, 1)
+    assert web_demo.preview(str(path)) is None and web_demo.preview(None) is None
+    assert not no_decoding
+
+
+def test_the_preview_is_the_image_shrunk_for_the_page(tmp_path):
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.full((300, 1200, 3), 9, np.uint8)).save(wide)
+    shown = web_demo.preview(str(wide))
+    assert shown.shape == (128, web_demo.PREVIEW_SIDE, 3) and int(shown.max()) == 9
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    assert web_demo.preview(str(tmp_path / "junk.png")) is None
+
+
 def test_the_demo_skips_a_huge_image_with_the_same_message(tmp_path, caplog, monkeypatch):
     spec = importlib.util.spec_from_file_location("demo_tool_for_web_security", ROOT / "tools" / "demo.py")
     demo = importlib.util.module_from_spec(spec)

@@ -60,6 +60,8 @@ DEFAULT_CONFIGS = ["configs/micro/diffsegmenter.yaml", "configs/micro/daam.yaml"
 DEFAULT_VOCAB = "circle, square, triangle, cross"
 # Larger uploads are shrunk to this long side first (the models read IMAGE_SIZE anyway).
 MAX_SIDE = 1024
+# Long side of the picture shown under the file input before segmenting.
+PREVIEW_SIDE = 512
 # Limits for what a visitor may send. An image is refused from its header past this many pixels
 # (a 6000 x 4000 photo fits), before decoding: a few-KB PNG can declare hundreds of megapixels.
 MAX_UPLOAD_PIXELS = 25_000_000
@@ -201,6 +203,18 @@ def segment(segmenters: Segmenters, config_file: str, image_path, vocab: str, ou
     return render_overlay(rgb, label, names), "\n".join(lines) + "\n\n" + note, label_path
 
 
+def preview(image_path, max_pixels: Optional[int] = MAX_UPLOAD_PIXELS) -> Optional[np.ndarray]:
+    """The chosen image as it will be segmented (shrunk for the page), or None (no file, or one the request
+    would refuse: ``segment`` then says why). Read under the same limits as ``segment``."""
+    if not image_path:
+        return None
+    try:
+        rgb = read_image_rgb(str(image_path), max_pixels=max_pixels)
+    except ValueError:  # ImageTooLargeError included
+        return None
+    return shrink_to_long_side(rgb, PREVIEW_SIDE)
+
+
 def example_images(folder: Path) -> List[str]:
     """The bundled sample photo and four micro-world val scenes (magnified 4x), written once into
     ``folder``: the page refers to no file of the repository."""
@@ -285,6 +299,7 @@ def build_app(config_files: Sequence[str], opts: Sequence[str] = (), work_dir: O
                 config = gr.Dropdown(offered, value=offered[0], label="Config (method and weights)",
                                      elem_id="config")
                 image = gr.File(label="Image", file_types=["image"], type="filepath", elem_id="image-file")
+                shown = gr.Image(label="The image", type="numpy", interactive=False, elem_id="preview", height=260)
                 vocab = gr.Textbox(value=DEFAULT_VOCAB, label="Vocabulary (commas between classes, "
                                    "semicolons between synonyms)", elem_id="vocab", max_length=MAX_VOCABULARY_CHARS)
                 button = gr.Button("Segment", variant="primary", elem_id="segment")
@@ -293,6 +308,7 @@ def build_app(config_files: Sequence[str], opts: Sequence[str] = (), work_dir: O
                 overlay = gr.Image(label="Image | labels", type="numpy", elem_id="overlay")
                 result = gr.Markdown(elem_id="result")
                 label_file = gr.File(label="Label PNG", elem_id="label-file")
+        image.change(preview, inputs=[image], outputs=[shown], api_name=False)
         button.click(run, inputs=[config, image, vocab], outputs=[overlay, result, label_file], api_name="segment")
     spare.update(str(p) for p in web.gradio_temp_dir.rglob("*") if p.is_file())
     web.blocks = app
