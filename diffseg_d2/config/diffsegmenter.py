@@ -63,7 +63,8 @@ def add_diffsegmenter_keys(k: Keys) -> None:
     # over ALL keys of the joint sequence, mean over heads and the word's selected tokens). Empty: every block.
     k("TRANSFORMER.BLOCKS", [])
     # Blocks whose image-to-image attention (rows normalised over all keys, mean over heads and blocks)
-    # refines the maps, as SELF_ATTN_FACTOR's does on a UNet; applied in row blocks, never an N x N matrix.
+    # refines the maps, as SELF_ATTN_FACTOR's does on a UNet; applied by the fused attention kernel, never an
+    # N x N matrix.
     k("TRANSFORMER.REFINE_BLOCKS", [])
     # Which tokens of the text sequence the class word is read from: "t5" or, on SD3, "clip".
     k("TRANSFORMER.TEXT_SEGMENT", "t5")

@@ -80,7 +80,7 @@ class JointAttentionStore:
 
     def refine(self, maps: torch.Tensor) -> torch.Tensor:
         """``S c`` with S the image-to-image attention of the kept blocks (mean over them and heads,
-        rows normalised over all keys), applied in row blocks: (K, N_img) -> (K, N_img). With
+        rows normalised over all keys), applied through the fused attention kernel: (K, N_img) -> (K, N_img). With
         ``per_element`` each class is refined by its own pass's S, else by element 0's."""
         if not self._kept:
             raise RuntimeError("No block's queries and keys were kept: give refine_blocks.")

@@ -1,50 +1,47 @@
 """Exact attention read-outs of joint (text + image) attention, streamed: never a (heads, N, N) matrix.
 
 In a diffusion transformer (SD3's MMDiT, FLUX) text and image tokens attend in one sequence, so an
-image query's probability on a text key is normalised over ALL keys, text and image. The
-probability is ``exp(q . k * scale - lse(q))`` with ``lse(q)`` the log-sum-exp of the query's
-logits over every key. These functions form a query's logits against all keys one block of query
-rows at a time (``(rows, S)`` per head, a few MB), take the log-sum-exp, and keep only what the
-read-out needs, reduced at once:
+image query's probability on a text key is normalised over ALL keys, text and image. Both read-outs
+that concern the image queries are products of that softmax with a thin matrix, which PyTorch's fused
+scaled-dot-product attention computes in tiles (online softmax; on CPU its flash kernel, on CUDA
+flash / memory-efficient attention) without ever forming the (rows, keys) probabilities:
 
 * :func:`image_to_text`: per class, the image queries' probability on the class word's text keys
-  (mean over the word's tokens, then over heads): ``(B, K, N_img)``;
-* :func:`text_to_image`: the class word's text queries' probability on each image key (same
-  reductions): ``(B, K, N_img)``;
+  (mean over the word's tokens, then over heads) = softmax(Q K^T) E with E the one-hot columns of
+  those keys: ``(K, N_img)``;
 * :func:`image_self_apply`: ``S c`` for maps ``c`` over the image, ``S`` the image-to-image part of the
-  joint attention (rows normalised over all keys), mean over heads: the self-attention refinement.
+  joint attention (rows normalised over all keys), mean over heads = softmax(Q K^T) [c; 0]: the
+  self-attention refinement;
+* :func:`text_to_image`: the class word's text queries' probability on each image key (same
+  reductions): only those few query rows' logits are formed.
 
 Queries and keys come in as ``(B, H, S, D)`` with the image and text tokens at the index ranges
-``image`` and ``text`` of the sequence. Scores are computed in float32 whatever the compute dtype.
+``image`` and ``text`` of the sequence. Everything is computed in float32 whatever the compute dtype;
+the thin matrix is fed to the kernel in slices as wide as the head dimension (the shape every fused
+kernel takes).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["image_to_text", "image_self_apply", "text_to_image"]
 
-# Largest (rows, S) float32 logits block formed at once, per head.
-CHUNK_BYTES = 16 * 2**20
 
-
-def _rows(seq_len: int, chunk_bytes: Optional[int]) -> int:
-    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes  # read at call time (tests lower it)
-    return max(1, chunk_bytes // (4 * max(seq_len, 1)))
-
-
-def _row_log_probs(query: torch.Tensor, key: torch.Tensor, b: int, rows: slice, scale: float, chunk_bytes: int):
-    """For batch element ``b``, each head and each block of the query rows ``rows``: ``(start, stop,
-    log-probabilities (stop - start, S))``, the block's logits against ALL keys less their
-    log-sum-exp. One ``(rows, S)`` float32 block exists at a time."""
-    block = _rows(key.shape[2], chunk_bytes)
-    for h in range(query.shape[1]):
-        key_t = key[b, h].transpose(0, 1)
-        for start in range(rows.start, rows.stop, block):
-            stop = min(rows.stop, start + block)
-            logits = torch.matmul(query[b, h, start:stop], key_t).float().mul_(scale)
-            yield start, stop, logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+def _attend(query: torch.Tensor, key: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """``softmax(query key^T * scale) @ values`` of one batch element, per head: query (H, n, D), key (H, S, D),
+    values (S, m) shared by the heads -> (H, n, m) float32, through the fused attention kernel."""
+    H, _, D = query.shape
+    q, k = query.float()[None], key.float()[None]
+    out = []
+    for start in range(0, values.shape[1], D):
+        v = values[:, start:start + D].float()
+        width = v.shape[1]
+        v = F.pad(v, (0, D - width))[None, None].expand(1, H, -1, -1)
+        out.append(F.scaled_dot_product_attention(q, k, v, scale=scale)[0, ..., :width])
+    return torch.cat(out, dim=-1)
 
 
 def _class_columns(text: slice, token_index: torch.Tensor) -> torch.Tensor:
@@ -64,8 +61,7 @@ def _class_batches(per_element: bool, B: int, K: int):
 
 
 def image_to_text(query: torch.Tensor, key: torch.Tensor, image: slice, text: slice, token_index: torch.Tensor,
-                  token_weight: torch.Tensor, scale: float, chunk_bytes: Optional[int] = None,
-                  per_element: bool = False) -> torch.Tensor:
+                  token_weight: torch.Tensor, scale: float, per_element: bool = False) -> torch.Tensor:
     """Each class's map over the image: the image queries' softmax probability (over ALL keys) on the
     class word's text keys, mean over the word's tokens and over heads.
 
@@ -81,17 +77,19 @@ def image_to_text(query: torch.Tensor, key: torch.Tensor, image: slice, text: sl
     Returns:
         (K, N_img) float32.
     """
-    B, H = query.shape[:2]
+    B, H, S, _ = key.shape
     K = token_index.shape[0]
     columns = _class_columns(text, token_index.to(query.device))  # (K, T)
     weight = token_weight.to(query.device, torch.float32)
     out = torch.zeros(K, image.stop - image.start, dtype=torch.float32, device=query.device)
     for b, cls in _class_batches(per_element, B, K):
         cols, w = columns[cls], weight[cls]  # (k, T)
-        for start, stop, log_probs in _row_log_probs(query, key, b, image, scale, chunk_bytes):
-            probs = log_probs[:, cols].exp_()  # (rows, k, T)
-            out[cls, start - image.start:stop - image.start] += (probs * w).sum(-1).transpose(0, 1)
-    return out / H
+        k, T = cols.shape
+        one_hot = torch.zeros(S, k * T, dtype=torch.float32, device=query.device)
+        one_hot[cols.reshape(-1), torch.arange(k * T, device=query.device)] = 1.0
+        probs = _attend(query[b, :, image], key[b], one_hot, scale)  # (H, N_img, k*T)
+        out[cls] = (probs.view(H, -1, k, T) * w).sum(-1).mean(0).transpose(0, 1)
+    return out
 
 
 def text_to_image(query: torch.Tensor, key: torch.Tensor, image: slice, text: slice, token_index: torch.Tensor,
@@ -115,9 +113,9 @@ def text_to_image(query: torch.Tensor, key: torch.Tensor, image: slice, text: sl
 
 
 def image_self_apply(query: torch.Tensor, key: torch.Tensor, image: slice, maps: torch.Tensor, scale: float,
-                     chunk_bytes: Optional[int] = None, per_element: bool = False) -> torch.Tensor:
+                     per_element: bool = False) -> torch.Tensor:
     """``S c``: the image-to-image part of the joint attention (rows normalised over ALL keys, mean over
-    heads) applied to ``maps`` (K, N_img), one block of query rows at a time.
+    heads) applied to ``maps`` (K, N_img): the softmax times ``c`` over the image keys and 0 over the text.
 
     Args:
         query, key: (B, H, S, D).
@@ -127,14 +125,13 @@ def image_self_apply(query: torch.Tensor, key: torch.Tensor, image: slice, maps:
     Returns:
         (K, N_img) float32.
     """
-    H = query.shape[1]
-    c = maps.to(query.device, torch.float32).transpose(0, 1)  # (N_img, K)
-    out = torch.zeros(image.stop - image.start, c.shape[1], dtype=torch.float32, device=query.device)
-    for b, cls in _class_batches(per_element, query.shape[0], c.shape[1]):
-        for start, stop, log_probs in _row_log_probs(query, key, b, image, scale, chunk_bytes):
-            # (rows, N_img) @ (N_img, k)
-            out[start - image.start:stop - image.start, cls] += log_probs[:, image].exp_() @ c[:, cls]
-    return (out / H).transpose(0, 1)
+    S, K = key.shape[2], maps.shape[0]
+    values = torch.zeros(S, K, dtype=torch.float32, device=query.device)
+    values[image] = maps.to(query.device, torch.float32).transpose(0, 1)
+    out = torch.zeros(K, image.stop - image.start, dtype=torch.float32, device=query.device)
+    for b, cls in _class_batches(per_element, query.shape[0], K):
+        out[cls] = _attend(query[b, :, image], key[b], values[:, cls], scale).mean(0).transpose(0, 1)
+    return out
 
 
 def joint_layout(image_first: bool, image_len: int, text_len: int) -> Tuple[slice, slice]:

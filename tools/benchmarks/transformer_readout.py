@@ -12,10 +12,10 @@ per vocabulary, not per image. Each configuration is its own process; one warm-u
 
 * plain: one transformer call;
 * ours, maps: the same call recording every block's image-to-text probabilities of 20 class words
-  (``record_joint_attention``: logits of a few query rows against ALL keys at a time, their log-sum-exp,
-  the class columns kept), then the mean over blocks;
+  (``record_joint_attention``: the softmax over ALL keys times the class keys' one-hot columns, through
+  the fused attention kernel), then the mean over blocks;
 * ours, maps + refinement: also keeps the first block's queries and keys and applies its image-to-image
-  attention to the 20 maps in row blocks (DiffSegmenter's refinement);
+  attention to the 20 maps (the softmax times the maps, the same kernel; DiffSegmenter's refinement);
 * materialised: what attention-map tools do: per block the whole (1, heads, S, S) softmax is formed and
   the image-to-text part kept (then the same reduction).
 """
@@ -39,7 +39,7 @@ TARGET_TIME = 1.3  # read-out time <= this x the plain pass's
 KINDS = {
     "plain": "plain: 1 transformer call",
     "ours-maps": "ours: exact streamed read-out, image-to-text maps of 20 classes from every block",
-    "ours-refine": "ours: the same + image-to-image refinement from the first block (row blocks)",
+    "ours-refine": "ours: the same + image-to-image refinement from the first block",
     "materialised": "materialised: (1, heads, S, S) softmax formed per block, image-to-text part kept",
 }
 TITLES = {
