@@ -133,7 +133,7 @@ def measure(spec: dict) -> dict:
     meter = harness.PeakMemory(spec["device"])
     meter.start()
     times = harness.timed_calls(call, spec["repeats"], spec["device"])
-    return {"times": times, "build_s": build_s, "blocks": list(blocks), "layers": len(layers),
+    return {"times": times, "build_s": build_s, "blocks": list(blocks), "layers": len(layers), "dtype": "float32",
             "other_load": load.fraction(), "tokens": (IMAGE_SIZE // 16) ** 2 + text, **meter.result()}
 
 
