@@ -16,6 +16,8 @@
 #   bench-odise   python tools/benchmark.py --preset odise on CUDA (one repeat)
 #   faiss-gpu     the bank's index searched on the GPU (extra freeda-gpu) against the CPU search: same ids;
 #                 not in the default list (it needs faiss's GPU build): GPU_CHECK_STEPS="faiss-gpu"
+#   bench-sd3, bench-flux    the diffusion transformers' read-out presets at full size (every block of
+#                 SD3-medium / FLUX.1-dev); not in the default list: GPU_CHECK_STEPS="bench-sd3 bench-flux"
 #   bench-sd21, bench-sdxl   the sd21 / sdxl presets on CUDA (1 and 20 classes, 2 repeats); not in the
 #                 default list, whose 10 minutes they would exceed: GPU_CHECK_STEPS="bench-sd21 bench-sdxl"
 #   tests-rest    the rest of the fast suite (pytest -m "not slow and not device"), in what time is left
@@ -38,6 +40,8 @@ BUDGET_DTYPES=60        # 2 dtypes x (tiny DiffSegmenter, tiny ODISE backbone + 
 BUDGET_BENCH_SD15=150   # 7 worker processes, each building SD 1.5 (+ BLIP large) with random weights
 BUDGET_BENCH_ODISE=200  # 6 worker processes, each building SD 1.5 + CLIP ViT-L/14-336 with random weights
 BUDGET_FAISS_GPU=60     # a 200k-key flat and IVF index, 150 queries, k = 350, on CPU and GPU
+BUDGET_BENCH_SD3=180    # 4 worker processes building the 2B SD3-medium transformer, 1024 px
+BUDGET_BENCH_FLUX=420   # 4 worker processes building all 57 FLUX.1-dev blocks (12B, float32)
 BUDGET_BENCH_SD21=240   # 5 worker processes building SD 2.1 (768 px) with random weights
 BUDGET_BENCH_SDXL=420   # 5 worker processes building SDXL base (1024 px, 2.6B UNet) with random weights
 BUDGET_TOTAL=570        # tests-rest gets what the steps before it left of this, at most the next line
@@ -273,6 +277,15 @@ for name, cpu in (("flat", flat), ("ivf", ivf)):
 PY
 }
 
+step_bench_sd3() {
+    bench sd3 --transformer-blocks 24 --repeats 2
+}
+
+step_bench_flux() {
+    # Every block of FLUX.1 dev in float32: 12B parameters, ~48 GB, so an 80 GB GPU.
+    bench flux --transformer-blocks 19,38 --repeats 2
+}
+
 step_bench_sd21() {
     bench sd21 --classes 1,20 --repeats 2 --budget-min 3
 }
@@ -335,6 +348,8 @@ for step in $STEPS; do
         bench-odise) run_step bench-odise "$BUDGET_BENCH_ODISE" || true ;;
         faiss-gpu) run_step faiss-gpu "$BUDGET_FAISS_GPU" || true ;;
         bench-sd21) run_step bench-sd21 "$BUDGET_BENCH_SD21" || true ;;
+        bench-sd3) run_step bench-sd3 "$BUDGET_BENCH_SD3" || true ;;
+        bench-flux) run_step bench-flux "$BUDGET_BENCH_FLUX" || true ;;
         bench-sdxl) run_step bench-sdxl "$BUDGET_BENCH_SDXL" || true ;;
         tests-rest)
             left=$((BUDGET_TOTAL - (SECONDS - STARTED)))

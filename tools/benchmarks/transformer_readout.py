@@ -106,6 +106,9 @@ def measure(spec: dict) -> dict:
     start = time.perf_counter()
     blocks = tuple(spec["blocks"])
     transformer, inputs, text = build(spec["preset"], blocks)
+    device = spec["device"]
+    transformer.to(device)
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
     build_s = time.perf_counter() - start
     logger.info("%s: transformer built in %.1f s, measuring", spec["name"], build_s)
     layers = list(joint_attention_layers(transformer))
