@@ -152,7 +152,7 @@ def test_demo_takes_overrides_trailing_or_after_opts():
         demo.parse_args(base + ["not_a_key", "1"])
 
 
-def test_bank_builder_refuses_gpus_the_machine_lacks_in_one_line(tmp_path, capsys):
+def test_bank_builder_refuses_gpus_the_machine_lacks_in_one_line(tmp_path, capsys, monkeypatch):
     import torch
 
     import build_freeda_bank
@@ -160,15 +160,21 @@ def test_bank_builder_refuses_gpus_the_machine_lacks_in_one_line(tmp_path, capsy
     captions = tmp_path / "captions.txt"
     captions.write_text("a dog on a sofa\n")
     args = ["--config-file", "configs/tiny/freeda.yaml", "--captions", str(captions), "--output", str(tmp_path / "bank")]
-    have = torch.cuda.device_count()
-    assert build_freeda_bank.cli(args + ["--num-gpus", str(have + 2), "MODEL.DEVICE", "cpu"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("build_freeda_bank: error: --num-gpus") and "\n" not in err and "use --num-gpus" in err
-    if not torch.cuda.is_available():
+    launched = []
+    monkeypatch.setattr(build_freeda_bank, "launch", lambda *a, **k: launched.append(a))
+    if not torch.cuda.is_available():  # this machine: MODEL.DEVICE cuda is refused before any process starts
         assert build_freeda_bank.cli(args + ["--num-gpus", "8", "MODEL.DEVICE", "cuda"]) == 2
         err = capsys.readouterr().err.strip()
         assert "no usable CUDA GPU" in err and "\n" not in err
-    assert not (tmp_path / "bank").exists()
+    # A machine with one GPU asked for eight processes on CUDA.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert build_freeda_bank.cli(args + ["--num-gpus", "8", "MODEL.DEVICE", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("build_freeda_bank: error: --num-gpus 8") and "has 1 CUDA device" in err and "\n" not in err
+    assert not launched and not (tmp_path / "bank").exists()
+    # On the CPU, --num-gpus N means N CPU processes: launched.
+    assert build_freeda_bank.cli(args + ["--num-gpus", "2", "MODEL.DEVICE", "cpu"]) == 0 and len(launched) == 1
 
 
 def test_the_missing_weights_advice_knows_whether_the_hub_is_offline(monkeypatch):

@@ -75,16 +75,16 @@ def main(args) -> None:
 
 
 def check_processes(args) -> None:
-    """Refuse, in one line and before any process starts, a device or a number of GPUs this machine lacks."""
+    """Refuse, in one line and before any process starts, a device or a number of GPUs this machine lacks.
+    On the CPU, --num-gpus N starts N CPU processes (joined by gloo), as detectron2's launch does."""
     from diffseg_d2.config import check_device
 
     device = get_diffseg_cfg(args.config_file, args.opts).MODEL.DEVICE
     check_device(device)
-    if args.num_gpus > 1:
-        have = torch.cuda.device_count() if torch.device(device).type == "cuda" else 0
-        if args.num_gpus > have:
-            raise ValueError(f"--num-gpus {args.num_gpus} starts one process per GPU, but MODEL.DEVICE = {device!r} "
-                             f"gives {have} CUDA device(s) here; use --num-gpus {max(have, 1)}.")
+    if args.num_gpus > 1 and torch.device(device).type == "cuda" and args.num_gpus > torch.cuda.device_count():
+        have = torch.cuda.device_count()
+        raise ValueError(f"--num-gpus {args.num_gpus} starts one process per GPU, but this machine has {have} CUDA "
+                         f"device(s); use --num-gpus {have} (or MODEL.DEVICE cpu for CPU processes).")
 
 
 def cli(argv=None) -> int:
