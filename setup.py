@@ -69,7 +69,8 @@ setup(
         # The browser app (tools/web_demo.py) and its browser test (selenium drives chromium).
         "web": ["gradio>=4", "selenium>=4.10"],
         # Tools for running the test-suite and the benchmark.
-        "test": ["pytest>=7"],
+        # setuptools >= 70.1 builds wheels itself: tests/test_packaging.py builds ours without isolation.
+        "test": ["pytest>=7", "setuptools>=70.1"],
         "benchmark": ["psutil>=5.9", "matplotlib>=3.5"],  # matplotlib: tools/reproduce_papers.py's plots
     },
 )
