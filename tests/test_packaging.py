@@ -34,19 +34,20 @@ def test_the_wheel_in_another_environment_segments_with_its_own_configs(tmp_path
     torch, detectron2 and the rest (this checkout's environment, reached through a path file, whose own
     .pth files, this checkout's editable install among them, are not read), and segment a micro-world scene
     with DefaultPredictor from a folder outside the clone, by config name."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of the clone on the path
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
-                    ROOT], check=True, cwd=tmp_path, timeout=600)
+                    ROOT], check=True, cwd=tmp_path, timeout=600, env=env)
     (wheel,) = wheels.glob("diffseg_d2-*.whl")
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300, env=env)
     python = venv / "bin" / "python"
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, capture_output=True, text=True).stdout.strip()
+                          check=True, capture_output=True, text=True, env=env).stdout.strip()
     with open(os.path.join(site, "existing_project.pth"), "w") as f:
         f.write(sysconfig.get_paths()["purelib"] + "\n")
     subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], check=True,
-                   timeout=300)
+                   timeout=300, env=env, cwd=tmp_path)
     script = textwrap.dedent(f"""
         import numpy as np, torch
         import diffseg_d2
@@ -61,7 +62,6 @@ def test_the_wheel_in_another_environment_segments_with_its_own_configs(tmp_path
         assert scores.shape == (5, 64, 64) and torch.isfinite(scores).all()
         print("segmented", tuple(scores.shape), diffseg_d2.__file__)
     """)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     proc = subprocess.run([str(python), "-c", script], capture_output=True, text=True, cwd=outside, env=env, timeout=600)
