@@ -27,6 +27,20 @@ def _model(weights, *opts):
                             "MODEL.DIFFSEG.TRANSFORMER.REFINE_BLOCKS", f"['{BLOCK[weights]}']", *opts)).eval()
 
 
+def _spy_records(monkeypatch) -> list:
+    """Every ``JointAttentionStore.record`` call from now on, as ``(query, key, image, text, store)`` (copies of
+    the tensors); the recording itself runs unchanged."""
+    seen = []
+    record = JointAttentionStore.record
+
+    def spy(self, name, query, key, image, text):
+        seen.append((query.clone(), key.clone(), image, text, self))
+        return record(self, name, query, key, image, text)
+
+    monkeypatch.setattr(JointAttentionStore, "record", spy)
+    return seen
+
+
 def _image(seed=0, shape=(3, 64, 64)):
     return torch.from_numpy(np.random.default_rng(seed).integers(0, 255, shape, dtype=np.uint8))
 
@@ -56,20 +70,13 @@ def test_class_maps_are_each_class_pass_attention_materialised(weights, monkeypa
     then multiplied by the image-to-image part of the same pass's attention. Two chunks (2 + 1 classes)
     check that each class is read and refined from its own batch element."""
     model = _model(weights, "MODEL.DIFFSEG.CLASS_CHUNK_SIZE", "2", "MODEL.DIFFSEG.TOKEN_SELECTION", "mean")
-    seen = []
-    record = JointAttentionStore.record
-
-    def spy(self, name, query, key, image, text):
-        seen.append((query.clone(), key.clone(), image, text))
-        return record(self, name, query, key, image, text)
-
-    monkeypatch.setattr(JointAttentionStore, "record", spy)
+    seen = _spy_records(monkeypatch)
     with torch.no_grad():
         maps = model.class_maps(_image(), NAMES, [0, 1, 2])
     assert len(seen) == 2  # one record per chunk's pass: the block is read once per call
     prompts, _ = model._vocabulary_prompts(tuple(NAMES))
     expected = []
-    for query, key, image, text in seen:
+    for query, key, image, text, _ in seen:
         probs = (query @ key.transpose(-1, -2) * query.shape[-1] ** -0.5).softmax(-1)  # (B, H, S, S)
         for b in range(query.shape[0]):
             k = len(expected)
@@ -100,13 +107,10 @@ def test_sd3_reads_the_clip_segment_when_asked():
 
 def test_shared_conditioning_reads_every_class_from_one_prompt(monkeypatch):
     model = _model("tiny-flux", "MODEL.DIFFSEG.CONDITIONING", "shared")
-    batches = []
-    record = JointAttentionStore.record
-    monkeypatch.setattr(JointAttentionStore, "record",
-                        lambda self, name, q, k, image, text: (batches.append(q.shape[0]), record(self, name, q, k, image, text)))
+    seen = _spy_records(monkeypatch)
     with torch.no_grad():
         maps = model.class_maps(_image(), NAMES, [0, 1, 2])
-    assert batches == [1] and maps.shape == (3, 8, 8)
+    assert [q.shape[0] for q, *_ in seen] == [1] and maps.shape == (3, 8, 8)
     assert not torch.allclose(maps[0], maps[1])
 
 
@@ -132,14 +136,7 @@ def test_daam_sums_every_blocks_attention_over_its_timesteps(weights, monkeypatc
 
     cfg = _cfg(weights, "MODEL.META_ARCHITECTURE", "DAAM", "MODEL.DIFFSEG.DAAM.TIMESTEPS", "[700, 300]")
     model = build_model(cfg).eval()
-    seen = []
-    record = JointAttentionStore.record
-
-    def spy(self, name, query, key, image, text):
-        seen.append((query.clone(), key.clone(), image, text))
-        return record(self, name, query, key, image, text)
-
-    monkeypatch.setattr(JointAttentionStore, "record", spy)
+    seen = _spy_records(monkeypatch)
     with torch.no_grad():
         maps = model.class_maps(_image(), NAMES, [0, 1, 2])
     layers = len(model.transformer_blocks)
@@ -147,7 +144,7 @@ def test_daam_sums_every_blocks_attention_over_its_timesteps(weights, monkeypatc
     prompts, _ = model._vocabulary_prompts(tuple(NAMES))
     assert len(set(prompts.prompts)) == 1 and all(n in prompts.prompts[0] for n in NAMES)
     expected = 0
-    for query, key, image, text in seen:
+    for query, key, image, text, _ in seen:
         probs = (query @ key.transpose(-1, -2) * query.shape[-1] ** -0.5).softmax(-1)[0]
         cols = prompts.token_index + text.start  # (K, T)
         expected = expected + (probs[:, image][:, :, cols] * prompts.token_weight).sum(-1).mean(0).T / layers
@@ -164,17 +161,14 @@ def test_freeda_bank_builder_localises_nouns_on_each_transformer_family(weights,
         "MODEL.DIFFSEG.SD.WEIGHTS", weights, "MODEL.DIFFSEG.FREEDA.BUILD.NOUNS", "list",
         "MODEL.DIFFSEG.FREEDA.BUILD.NOUN_LIST", "configs/tiny/freeda_nouns.txt", "MODEL.DIFFSEG.FREEDA.BUILD.STEPS", "2",
         "MODEL.DIFFSEG.FREEDA.BUILD.IMAGE_SIZE", "128"])).eval()
-    batches = []
-    record = JointAttentionStore.record
-    monkeypatch.setattr(JointAttentionStore, "record",
-                        lambda self, name, q, k, image, text: (batches.append((q.shape[0], self.per_element)),
-                                                                record(self, name, q, k, image, text)))
+    seen = _spy_records(monkeypatch)
     rows = builder.caption_prototypes(0, "a dog on a sofa")
     assert rows.nouns == ["dog", "sofa"] and rows.image.shape == (3, 128, 128)
     assert torch.isfinite(rows.prototypes).all() and torch.isfinite(rows.keys).all()
     # SD3 guides with classifier-free guidance (a batch of 2, read from element 0); FLUX dev reads its guidance.
     blocks = len(builder.transformer_blocks)
-    assert batches == [(2 if weights == "tiny-sd3" else 1, False)] * (2 * blocks)
+    assert [(q.shape[0], store.per_element) for q, _, _, _, store in seen] == \
+        [(2 if weights == "tiny-sd3" else 1, False)] * (2 * blocks)
     ids, kept, positions = builder._noun_tokens("a dog on a sofa", ["dog", "sofa", "whale"])
     assert kept == ["dog", "sofa"]
     t5 = builder.diffusion.text_layout.segments["t5"]

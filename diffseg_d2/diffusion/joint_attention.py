@@ -23,7 +23,7 @@ import torch
 from .instrumentation import SharedInstrumentation, shared_instrumentation, wrap_attention_processors
 from .readouts import image_self_apply, image_to_text, joint_layout, text_to_image
 
-__all__ = ["JointAttentionStore", "joint_attention_layers", "record_joint_attention"]
+__all__ = ["JointAttentionStore", "checked_blocks", "joint_attention_layers", "record_joint_attention"]
 
 DIRECTIONS = ("image_to_text", "text_to_image")
 
@@ -115,6 +115,17 @@ def joint_attention_layers(transformer) -> Dict[str, bool]:
         if image_first is not None and name.endswith(".attn.processor"):
             out[name[: -len(".attn.processor")]] = image_first
     return out
+
+
+def checked_blocks(transformer, blocks: Sequence[str], config_key: str, title: str) -> List[str]:
+    """``blocks`` of a config key, each a joint-attention block of ``transformer`` (all of them when none is
+    named), or a ValueError naming the key and the blocks the model has."""
+    layers = list(joint_attention_layers(transformer))
+    missing = [b for b in blocks if b not in layers]
+    if missing:
+        raise ValueError(f"{config_key} names {missing}, which the {title} transformer does not have; its "
+                         f"joint-attention blocks are {layers}.")
+    return list(blocks) or layers
 
 
 def _heads_first(x: torch.Tensor, attn) -> torch.Tensor:

@@ -31,12 +31,12 @@ from ..diffusion import (
     FrozenDiffusionTransformer,
     JointAttentionStore,
     available_factors,
-    joint_attention_layers,
     minmax_per_map,
     record_attention,
     record_joint_attention,
     summed_cross_maps,
 )
+from ..diffusion.joint_attention import checked_blocks
 from ..diffusion.prompts import token_mean_table
 from ..diffusion.substrate import FrozenDiffusion
 from .bank import (
@@ -108,11 +108,8 @@ class PrototypeBankBuilder(nn.Module):
         self.is_transformer = isinstance(diffusion, FrozenDiffusionTransformer)
         factors, blocks = [], []
         if self.is_transformer:
-            layers = list(joint_attention_layers(diffusion.transformer))
-            blocks = list(transformer_blocks) or layers
-            if any(b not in layers for b in blocks):
-                raise ValueError(f"MODEL.DIFFSEG.TRANSFORMER.BLOCKS = {list(transformer_blocks)}, but the "
-                                 f"{diffusion.family.title} transformer's joint-attention blocks are {layers}.")
+            blocks = checked_blocks(diffusion.transformer, transformer_blocks, "MODEL.DIFFSEG.TRANSFORMER.BLOCKS",
+                                    diffusion.family.title)
             multiple = diffusion.latent_factor * diffusion.patch
         else:
             have = available_factors(diffusion.unet, "cross")

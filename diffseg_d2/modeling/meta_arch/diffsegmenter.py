@@ -30,14 +30,13 @@ from ...diffusion import (
     JointAttentionStore,
     TOKEN_SELECTIONS,
     available_factors,
-    joint_attention_layers,
     load_diffusion,
     minmax_per_map,
     record_attention,
     record_joint_attention,
 )
 from ...diffusion.concept_attention import ConceptAttentionStore, double_stream_blocks, record_concept_attention
-from ...diffusion.joint_attention import DIRECTIONS
+from ...diffusion.joint_attention import DIRECTIONS, checked_blocks
 from ...diffusion.substrate import FrozenDiffusion
 from ...pretrained.blip import BlipCaptioner
 from ...pretrained.clip import OpenCLIP
@@ -422,7 +421,6 @@ class DiffSegmenter(OpenVocabularySegmenter):
     @staticmethod
     def _check_transformer_reads(diffusion, blocks, refine_blocks, text_segment, direction, refinement, readout):
         """The blocks to read on a diffusion transformer (all when none are named), checked."""
-        layers = list(joint_attention_layers(diffusion.transformer))
         if readout not in ("attention", "concept"):
             raise ValueError(f"MODEL.DIFFSEG.TRANSFORMER.READOUT must be 'attention' or 'concept', not {readout!r}.")
         if readout == "concept":
@@ -435,12 +433,10 @@ class DiffSegmenter(OpenVocabularySegmenter):
             if any(b not in double for b in blocks):
                 raise ValueError(f"MODEL.DIFFSEG.TRANSFORMER.BLOCKS = {list(blocks)}: READOUT concept reads FLUX's "
                                  f"double-stream blocks, {double}.")
-        blocks = list(blocks) or layers
-        for key, wanted in (("BLOCKS", blocks), ("REFINE_BLOCKS", list(refine_blocks))):
-            missing = [b for b in wanted if b not in layers]
-            if missing:
-                raise ValueError(f"MODEL.DIFFSEG.TRANSFORMER.{key} names {missing}, which the {diffusion.family.title} "
-                                 f"transformer does not have; its joint-attention blocks are {layers}.")
+        key, title = "MODEL.DIFFSEG.TRANSFORMER.", diffusion.family.title
+        blocks = checked_blocks(diffusion.transformer, blocks, key + "BLOCKS", title)
+        if refine_blocks:  # none named: no refinement (not every block)
+            checked_blocks(diffusion.transformer, refine_blocks, key + "REFINE_BLOCKS", title)
         if refinement != "own" and refine_blocks:
             raise ValueError("MODEL.DIFFSEG.REFINEMENT averaged is read on UNets only; on a diffusion transformer "
                              "each class is refined by its own pass (REFINEMENT own).")
