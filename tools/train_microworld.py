@@ -4,6 +4,8 @@
     python tools/train_microworld.py diffusion --output diffseg_d2/microworld/weights/diffusion
     python tools/train_microworld.py diffusion --output /tmp/plain --align-weight 0     # without the auxiliary signal
     python tools/train_microworld.py diffusion --output /tmp/quick --vae-steps 20 --steps 20   # a quick check
+    python tools/train_microworld.py --threads 1 transformer --output diffseg_d2/microworld/weights/diffusion_sd3
+    python tools/train_microworld.py --threads 1 transformer --output diffseg_d2/microworld/weights/diffusion_sd3_plain --align-weight 0
     python tools/train_microworld.py --threads 1 clip  --output diffseg_d2/microworld/weights/clip
     python tools/train_microworld.py --threads 1 dense --output diffseg_d2/microworld/weights/dense
 
@@ -30,6 +32,14 @@ def main(argv=None):
     d.add_argument("--align-weight", type=float, default=None,
                    help="weight of the cross-attention/object-mask alignment loss (0 = denoising loss only)")
     d.add_argument("--resume", action="store_true", help="continue from <output>/train_state.pt")
+    t = sub.add_parser("transformer", help="text-to-image diffusion transformer (SD3 family; reuses the micro VAE)")
+    t.add_argument("--output", required=True, help="folder of the diffusers pipeline to write")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--batch", type=int, default=None)
+    t.add_argument("--align-weight", type=float, default=None,
+                   help="weight of the joint-attention/object-mask alignment loss (0 = flow-matching loss only)")
+    t.add_argument("--resume", action="store_true", help="continue from <output>/train_state.pt")
     for name, what in (("clip", "micro CLIP (image and text towers), contrastive on scenes and captions"),
                        ("dense", "dense image encoder standing in for DINOv2 (timm ViT)")):
         m = sub.add_parser(name, help=what)
@@ -52,6 +62,14 @@ def main(argv=None):
             if getattr(args, key) is not None:
                 setattr(settings, key, getattr(args, key))
         out = train_micro_diffusion(args.output, settings, resume=args.resume, command=command)
+    elif args.model == "transformer":
+        from diffseg_d2.microworld.train_transformer import TransformerTrainingSettings, train_micro_transformer
+
+        settings = TransformerTrainingSettings(seed=args.seed)
+        for key in ("steps", "batch", "align_weight"):
+            if getattr(args, key) is not None:
+                setattr(settings, key, getattr(args, key))
+        out = train_micro_transformer(args.output, settings, resume=args.resume, command=command)
     elif args.model == "clip":
         from diffseg_d2.microworld.train_clip import ClipTrainingSettings, train_micro_clip
 

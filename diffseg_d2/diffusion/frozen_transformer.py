@@ -40,7 +40,7 @@ from ..pretrained.tokens import find_subsequence
 from .prompts import ClassPrompts, build_class_prompts, build_joint_prompt
 from .substrate import FrozenDiffusion, PromptEmbeds
 
-__all__ = ["FrozenDiffusionTransformer", "PromptIds", "TextLayout"]
+__all__ = ["FrozenDiffusionTransformer", "PromptIds", "TextLayout", "encode_prompt_ids", "tokenize_prompts"]
 
 
 @dataclass(frozen=True)
@@ -128,8 +128,7 @@ class FrozenDiffusionTransformer(FrozenDiffusion):
 
     @property
     def text_layout(self) -> TextLayout:
-        clip = int(self.clip_tokenizers[0].model_max_length) if self.family.clip_hidden_layer is not None else 0
-        t5 = self.family.t5_length
+        clip, t5 = self.family.text_lengths(self.clip_tokenizers, self.t5_tokenizer)
         segments = {"clip": slice(0, clip)} if clip else {}
         segments["t5"] = slice(clip, clip + t5)
         return TextLayout(clip + t5, segments, self.family.image_first)
@@ -190,24 +189,14 @@ class FrozenDiffusionTransformer(FrozenDiffusion):
         return noisy.to(dtype=latents.dtype)
 
     # ------------------------------------------------------------------------------------------ text
+    @property
+    def t5_length(self) -> int:
+        """T5 tokens in the text sequence (``family.text_lengths``)."""
+        return self.family.text_lengths(self.clip_tokenizers, self.t5_tokenizer)[1]
+
     def tokenize(self, prompts: Sequence[str], truncate: bool = False) -> PromptIds:
         """Token ids of every text encoder, padded to their lengths. Raises if a prompt is too long."""
-        prompts = list(prompts)
-        clip = []
-        for tokenizer in self.clip_tokenizers:
-            length = int(tokenizer.model_max_length)
-            ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=truncate,
-                            return_tensors="pt").input_ids
-            if ids.shape[1] > length:
-                raise ValueError(f"prompts longer than the CLIP text encoder's context of {length} tokens")
-            clip.append(ids)
-        length = self.family.t5_length
-        t5 = self.t5_tokenizer(prompts, padding="max_length", max_length=length, truncation=truncate,
-                               return_tensors="pt").input_ids
-        if t5.shape[1] > length:
-            raise ValueError(f"prompts longer than the {self.family.title} T5 context of {length} tokens")
-        in_sequence = self.family.clip_hidden_layer is not None
-        return PromptIds(torch.cat([clip[0], t5], dim=1) if in_sequence else t5, tuple(clip))
+        return tokenize_prompts(self.family, self.clip_tokenizers, self.t5_tokenizer, prompts, truncate)
 
     def word_positions(self, ids: PromptIds, row: int, word: str) -> Dict[str, List[int]]:
         """Positions within the text tokens (of ``text_layout``) of the first occurrence of ``word`` in prompt
@@ -247,7 +236,7 @@ class FrozenDiffusionTransformer(FrozenDiffusion):
         if segment not in layout.segments:
             raise ValueError(f"MODEL.DIFFSEG.TRANSFORMER.TEXT_SEGMENT = {segment!r}: the {self.family.title} text "
                              f"sequence has the segments {list(layout.segments)}.")
-        t5 = build(self.t5_tokenizer, self.family.t5_length)
+        t5 = build(self.t5_tokenizer, self.t5_length)
         clips = [build(tokenizer, int(tokenizer.model_max_length)) for tokenizer in self.clip_tokenizers]
         parts = ([clips[0]] if "clip" in layout.segments else []) + [t5]
         sequence = torch.cat([p.input_ids for p in parts], dim=1)
@@ -269,22 +258,10 @@ class FrozenDiffusionTransformer(FrozenDiffusion):
                 prompt's at the same position: ``empty + weight * (z - empty)`` (Compel's ``word++``).
             weight: that factor (1 = no change).
         """
-        states, pooled = [], []
-        layer = self.family.clip_hidden_layer
-        for encoder, clip_ids in zip(self.clip_encoders, ids.clip):
-            out = encoder(clip_ids.to(self.device), output_hidden_states=layer is not None)
-            pooled.append(getattr(out, self.family.pooled_output))
-            if layer is not None:
-                states.append(out.hidden_states[layer])
-        t5_ids = ids.sequence[:, self.text_layout.segments["t5"]]
-        tokens = self.t5_encoder(t5_ids.to(self.device))[0]
-        if states:
-            clip = torch.cat(states, dim=-1)
-            clip = nn.functional.pad(clip, (0, tokens.shape[-1] - clip.shape[-1]))
-            tokens = torch.cat([clip.to(tokens.dtype), tokens], dim=-2)
+        tokens, pooled = encode_prompt_ids(self.family, self.clip_encoders, self.t5_encoder, ids, self.device)
         tokens = require_finite(tokens, f"the text encoders ({SD_WEIGHTS_KEY})")
         tokens = self.emphasize(tokens, emphasis, weight)
-        return PromptEmbeds(tokens.to(self.dtype), torch.cat(pooled, dim=-1).to(self.dtype))
+        return PromptEmbeds(tokens.to(self.dtype), pooled.to(self.dtype))
 
     @torch.no_grad()
     def concept_embeddings(self, words: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -399,6 +376,47 @@ class FrozenDiffusionTransformer(FrozenDiffusion):
                 velocity = free + guidance_scale * (cond - free)
             latents = scheduler.step(velocity, t, latents).prev_sample
         return self.decode_latents(latents)
+
+
+def tokenize_prompts(family, clip_tokenizers, t5_tokenizer, prompts: Sequence[str], truncate: bool = False) -> PromptIds:
+    """Token ids of ``prompts`` in every text encoder of ``family``, padded to the lengths of the text
+    sequence (``family.text_lengths``). Raises if a prompt is too long (unless ``truncate``)."""
+    prompts = list(prompts)
+    clip = []
+    for tokenizer in clip_tokenizers:
+        length = int(tokenizer.model_max_length)
+        ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=truncate,
+                        return_tensors="pt").input_ids
+        if ids.shape[1] > length:
+            raise ValueError(f"prompts longer than the CLIP text encoder's context of {length} tokens")
+        clip.append(ids)
+    length = family.text_lengths(clip_tokenizers, t5_tokenizer)[1]
+    t5 = t5_tokenizer(prompts, padding="max_length", max_length=length, truncation=truncate,
+                      return_tensors="pt").input_ids
+    if t5.shape[1] > length:
+        raise ValueError(f"prompts longer than the {family.title} T5 context of {length} tokens")
+    in_sequence = family.clip_hidden_layer is not None
+    return PromptIds(torch.cat([clip[0], t5], dim=1) if in_sequence else t5, tuple(clip))
+
+
+def encode_prompt_ids(family, clip_encoders, t5_encoder, ids: PromptIds, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The text sequence and pooled condition of tokenised prompts as the family's pipeline ``encode_prompt``
+    computes them (see ``FrozenDiffusionTransformer.encode_text``), under the caller's autograd mode (the
+    micro-world trainer trains the encoders through it): tokens (B, L_text, D_T5), pooled (B, P)."""
+    states, pooled = [], []
+    layer = family.clip_hidden_layer
+    for encoder, clip_ids in zip(clip_encoders, ids.clip):
+        out = encoder(clip_ids.to(device), output_hidden_states=layer is not None)
+        pooled.append(getattr(out, family.pooled_output))
+        if layer is not None:
+            states.append(out.hidden_states[layer])
+    t5_ids = ids.sequence[:, ids.clip[0].shape[1]:] if states else ids.sequence  # SD3: the CLIP ids come first
+    tokens = t5_encoder(t5_ids.to(device))[0]
+    if states:
+        clip = torch.cat(states, dim=-1)
+        clip = nn.functional.pad(clip, (0, tokens.shape[-1] - clip.shape[-1]))
+        tokens = torch.cat([clip.to(tokens.dtype), tokens], dim=-2)
+    return tokens, torch.cat(pooled, dim=-1)
 
 
 @contextlib.contextmanager

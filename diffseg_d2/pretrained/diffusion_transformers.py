@@ -43,10 +43,10 @@ from .stable_diffusion import (
     write_clip_tokenizer,
     supported_families,
 )
-from .weights import MICRO, TINY, WeightsLocation, resolve_weights
+from .weights import MICRO, TINY, MissingWeightsError, WeightsLocation, resolve_weights
 
 __all__ = ["DiffusionTransformerParts", "TRANSFORMER_FAMILIES", "TINY_TRANSFORMER_PRESETS", "TransformerFamily",
-           "RELEASED_TRANSFORMERS", "family_of_transformer_folder", "load_diffusion_transformer", "names_transformer_family",
+           "RELEASED_TRANSFORMERS", "MICRO_TRANSFORMER_PRESETS", "family_of_transformer_folder", "load_diffusion_transformer", "names_transformer_family",
            "resolve_transformer_weights"]
 
 
@@ -67,7 +67,8 @@ class TransformerFamily:
         pooled_output: the CLIP output that is the pooled condition: ``text_embeds`` (projected end-of-text
             embedding) or ``pooler_output`` (unprojected).
         t5_encoder: the folder of its T5 encoder; its tokenizer's folder is named as for CLIP.
-        t5_length: T5 tokens in the text sequence (the pipeline's ``max_sequence_length`` default).
+        t5_length: T5 tokens in the text sequence (the pipeline's ``max_sequence_length`` default), at most
+            the T5 tokenizer's ``model_max_length`` (see ``text_lengths``).
         image_first: whether the joint attention sequence puts the image tokens before the text tokens.
         packing: latent cells per side that the pipeline packs into one token before the transformer
             (FLUX: 2, with rotary position ids for image and text tokens); 1 when the transformer
@@ -99,6 +100,14 @@ class TransformerFamily:
     def tokenizer_of(encoder_folder: str) -> str:
         """The tokenizer folder of a text encoder folder (``text_encoder_2`` -> ``tokenizer_2``)."""
         return encoder_folder.replace("text_encoder", "tokenizer")
+
+    def text_lengths(self, clip_tokenizers, t5_tokenizer) -> Tuple[int, int]:
+        """(CLIP, T5) tokens of the text sequence for these tokenizers: the first CLIP tokenizer's
+        ``model_max_length`` (0 when no CLIP states are in the sequence), and ``t5_length`` capped at the T5
+        tokenizer's ``model_max_length``. The released models' tokenizers take 512 T5 tokens, so their
+        sequences are the pipelines' defaults; the micro-world model's tokenizers are shorter."""
+        clip = int(clip_tokenizers[0].model_max_length) if self.clip_hidden_layer is not None else 0
+        return clip, min(self.t5_length, int(t5_tokenizer.model_max_length))
 
     @property
     def required_files(self) -> Tuple[str, ...]:
@@ -242,6 +251,18 @@ def _t5_tokenizer(transformers):
     return cls(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
+def t5_word_tokenizer(transformers, words, model_max_length: int):
+    """A T5 tokenizer (as ``_t5_tokenizer``) whose unigram vocabulary is given: one piece per word of ``words``
+    (log-probability -1) and one per character of them (-10), so a known word is one token and anything
+    else is spelt out. For the micro-world model, whose words are few and known."""
+    words = sorted(set(words))
+    chars = sorted({c for w in words for c in w} | {",", "."})
+    pieces = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -10.0)] + [(f"\u2581{w}", -1.0) for w in words]
+              + [(c, -10.0) for c in chars])
+    cls = getattr(transformers, "T5TokenizerFast", None) or transformers.T5Tokenizer
+    return cls(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+
+
 def random_diffusion_transformer(architecture: str, clip_tokenizers, t5_tokenizer) -> DiffusionTransformerParts:
     """Transformer, VAE, text encoders and flow-matching scheduler of ``architecture`` (a key of
     ``TRANSFORMER_ARCHITECTURES``) with random weights, sized for the given tokenizers (float32, CPU)."""
@@ -290,10 +311,27 @@ TINY_TRANSFORMER_PRESETS = {
 }
 
 
+# The micro-world diffusion transformers (diffseg_d2/microworld/train_transformer.py), shipped with the package:
+# name -> (folder under diffseg_d2/microworld/weights/, the trainer's options that made it).
+MICRO_TRANSFORMER_PRESETS = {
+    "micro-sd3": ("diffusion_sd3", ""),
+    "micro-sd3-plain": ("diffusion_sd3_plain", " --align-weight 0"),  # without the attention-alignment loss
+}
+
+
 def resolve_transformer_weights(weights: str) -> WeightsLocation:
-    """Where ``MODEL.DIFFSEG.SD.WEIGHTS`` points for a diffusion transformer (a hub id, a local folder or a
-    tiny preset, built into the cache on first use)."""
+    """Where ``MODEL.DIFFSEG.SD.WEIGHTS`` points for a diffusion transformer (a hub id, a local folder, a
+    micro-world preset, or a tiny preset, built into the cache on first use)."""
     weights = (weights or "").strip()
+    if weights in MICRO_TRANSFORMER_PRESETS:
+        name, options = MICRO_TRANSFORMER_PRESETS[weights]
+        folder = Path(__file__).resolve().parent.parent / "microworld" / "weights" / name
+        if not folder.is_dir():
+            raise MissingWeightsError(
+                f"{SD_WEIGHTS_KEY} = '{weights}': the micro-world weights are not in {folder}. They ship with the "
+                f"repository; to rebuild them run `python tools/train_microworld.py --threads 1 transformer "
+                f"--output {folder}{options}`.")
+        weights = str(folder)
     if weights in TINY_TRANSFORMER_PRESETS:
         folder, architecture = TINY_TRANSFORMER_PRESETS[weights]
         builder = functools.partial(build_tiny_diffusion_transformer, architecture=architecture)
@@ -312,7 +350,7 @@ def names_transformer_family(weights: str, revision: Optional[str] = None) -> bo
             names every supported family, UNet and transformer).
     """
     weights = (weights or "").strip()
-    if weights in TINY_TRANSFORMER_PRESETS:
+    if weights in TINY_TRANSFORMER_PRESETS or weights in MICRO_TRANSFORMER_PRESETS:
         return True
     if not weights or weights.startswith("random:") or weights in (TINY, MICRO, *TINY_SD_PRESETS):
         return False

@@ -297,10 +297,10 @@ def random_stable_diffusion(architecture: str, tokenizer, seed: int = RANDOM_SEE
                                 family=family)
 
 
-def write_clip_tokenizer(transformers, folder: Path, pad_token: Optional[str] = None):
+def write_clip_tokenizer(transformers, folder: Path, pad_token: Optional[str] = None, model_max_length: int = 77):
     """SD's tokenizer folder (vocab.json, merges.txt, tokenizer_config.json), read back through from_pretrained."""
     write_clip_tokenizer_files(folder)
-    config = {"model_max_length": 77, **({"pad_token": pad_token} if pad_token else {})}
+    config = {"model_max_length": model_max_length, **({"pad_token": pad_token} if pad_token else {})}
     (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     return transformers.CLIPTokenizer.from_pretrained(str(folder))
 
