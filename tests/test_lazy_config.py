@@ -79,3 +79,54 @@ def test_the_micro_freeda_lazy_config_is_the_yacs_one(tmp_path):
     x = [{"image": _scene(), "vocabulary": VOCAB}]
     with torch.no_grad():
         assert torch.equal(model(x)[0]["sem_seg"], reference(x)[0]["sem_seg"])
+
+
+def _same_model(lazy_model, reference):
+    """Same class and state-dict (keys and shapes); with the reference's weights copied in, same outputs."""
+    assert type(lazy_model) is type(reference)
+    mine, theirs = lazy_model.state_dict(), reference.state_dict()
+    assert {k: v.shape for k, v in mine.items()} == {k: v.shape for k, v in theirs.items()}
+    lazy_model.load_state_dict(theirs)
+
+
+def test_the_micro_odise_lazy_config_is_the_yacs_one():
+    """One CLIP instance serves the captioner, the classifier and the ensemble, as in the yacs build."""
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.modeling import build_model
+
+    lazy = LazyConfig.load(get_config_file("lazy/odise_micro.py"))
+    model = instantiate(lazy.model).eval()
+    reference = build_model(get_diffseg_cfg("micro/odise.yaml")).eval()
+    _same_model(model, reference)
+    assert model.clip is model.backbone.captioner.clip
+    assert model.train_classes == reference.train_classes and model.vocabulary == reference.vocabulary
+    for key in ("ensemble", "ensemble_alpha", "ensemble_beta", "ensemble_clip", "variant", "object_mask_threshold"):
+        assert getattr(model, key) == getattr(reference, key), key
+    x = [{"image": _scene()}]
+    with torch.no_grad():
+        out, expected = model(x)[0], reference(x)[0]
+    assert torch.equal(out["sem_seg"], expected["sem_seg"])
+    assert torch.equal(out["panoptic_seg"][0], expected["panoptic_seg"][0])
+    assert lazy.dataloader.evaluator.dataset_name == "diffseg_microworld_panoptic_val"
+
+
+def test_the_diffusion_backbone_under_detectrons_own_panoptic_fpn_lazy_config_is_the_yacs_one():
+    import os
+
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.modeling import build_model
+
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+    lazy = LazyConfig.load(get_config_file("lazy/panoptic_fpn_diffusion_tiny.py"))
+    model = instantiate(lazy.model).eval()
+    reference = build_model(get_diffseg_cfg(os.path.join(root, "projects", "diffusion_panoptic_fpn", "configs",
+                                                          "tiny.yaml"))).eval()
+    _same_model(model, reference)
+    assert type(model.backbone.bottom_up).__name__ == "DiffusionUNetBackbone"
+    image = torch.nn.functional.interpolate(_scene()[None].float(), size=(128, 160), mode="nearest")[0]
+    x = [{"image": image, "height": 128, "width": 160}]
+    with torch.no_grad():
+        out, expected = model(x)[0], reference(x)[0]
+    assert torch.equal(out["sem_seg"], expected["sem_seg"])
+    assert torch.equal(out["panoptic_seg"][0], expected["panoptic_seg"][0])
+    assert torch.equal(out["instances"].pred_boxes.tensor, expected["instances"].pred_boxes.tensor)

@@ -145,10 +145,16 @@ def test_frozen_parts_get_no_gradient_stay_in_eval_and_out_of_checkpoints(backbo
     assert sum(v.numel() for v in bb.state_dict().values()) < 0.05 * sum(p.numel() for p in frozen)
 
 
-def test_backbone_refuses_sides_that_are_not_padded(backbone_pair):
+def test_backbone_pads_sides_that_are_not_multiples_of_its_divisibility_and_crops_the_features(backbone_pair):
+    """As under detectron2's FPN, which pads to 32: the features of the zero-padded input, cropped."""
     plain, _ = backbone_pair
-    with pytest.raises(ValueError, match="must be multiples of 64"):
-        plain(torch.zeros(1, 3, 96, 128))
+    x = torch.rand(1, 3, 96, 160) * 2 - 1
+    with torch.no_grad():
+        out = plain(x)
+        padded = plain(torch.nn.functional.pad(x, (0, 32, 0, 32)))  # 128 x 192
+    for level, stride in plain._out_feature_strides.items():
+        assert out[level].shape[-2:] == (96 // stride, 160 // stride)
+        assert torch.equal(out[level], padded[level][..., : 96 // stride, : 160 // stride])
 
 
 # ------------------------------------------------------------------ meta-architecture

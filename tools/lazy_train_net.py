@@ -6,7 +6,8 @@
         model.image_size=128 model_device=cuda
 
 The file defines ``model``, ``dataloader.test`` and ``dataloader.evaluator`` (and ``model_device``, the device
-the model runs on); overrides are detectron2's ``key=value`` form. A LazyConfig file is Python and runs when
+the model runs on, and ``model_weights``, a trained checkpoint loaded as MODEL.WEIGHTS is: safe formats only,
+every key matched); overrides are detectron2's ``key=value`` form. A LazyConfig file is Python and runs when
 it is loaded: load your own files and the shipped ones (configs/lazy/), never one handed to you; the yacs
 configs (configs/*/*.yaml) are read as data only. Training from a LazyConfig is not offered yet: the trained
 method (ODISE) trains through tools/train_net.py.
@@ -37,6 +38,10 @@ def main(argv=None) -> dict:
     if not args.eval_only:
         raise SystemExit("lazy_train_net.py: only --eval-only is offered; train ODISE with tools/train_net.py.")
     model = instantiate(cfg.model).to(cfg.get("model_device", "cpu")).eval()
+    if cfg.get("model_weights"):
+        from diffseg_d2.engine import StrictCheckpointer
+
+        StrictCheckpointer(model).load(cfg.model_weights)
     results = inference_on_dataset(model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator))
     print_csv_format(results)
     return results

@@ -95,6 +95,12 @@ def _projection_name(level: str, tap) -> str:
     return f"{level}_{tap.name.replace('.', '_')}"
 
 
+def level_shapes(out_features: Sequence[str], out_channels: int) -> Dict[str, ShapeSpec]:
+    """The backbone's ``output_shape()`` for these ``out_features`` and ``out_channels``, known before it is
+    built (what a LazyConfig gives the heads that read it)."""
+    return {f: ShapeSpec(channels=int(out_channels), stride=LEVEL_STRIDES[f]) for f in sorted(out_features, key=LEVEL_STRIDES.get)}
+
+
 def _group_norm(channels: int) -> nn.GroupNorm:
     # detectron2's "GN" (32 groups) where the width allows it, as in the reference for SD's widths.
     return nn.GroupNorm(math.gcd(32, channels), channels)
@@ -107,6 +113,9 @@ class DiffusionUNetBackbone(Backbone):
     Args:
         diffusion: the frozen SD parts.
         captioner: the implicit captioner, or None to condition on the empty prompt.
+        captioner_clip: instead of ``captioner``, the CLIP model of an implicit captioner built here for
+            ``diffusion`` (``ImplicitCaptioner.for_diffusion``, with the time embedding): how a LazyConfig
+            gives the captioner without building the diffusion model twice.
         taps: ``{"unet" | "vae_encoder" | "vae_decoder": [layer indices]}`` (the reference's numbering).
         out_features: subset of ``res2..res5`` to return.
         out_channels: channels of every output level.
@@ -122,7 +131,8 @@ class DiffusionUNetBackbone(Backbone):
         self,
         *,
         diffusion: FrozenStableDiffusion,
-        captioner: Optional[ImplicitCaptioner],
+        captioner: Optional[ImplicitCaptioner] = None,
+        captioner_clip: Optional[OpenCLIP] = None,
         taps: Dict[str, Sequence[int]],
         out_features: Sequence[str] = ("res2", "res3", "res4", "res5"),
         out_channels: int = 512,
@@ -138,6 +148,10 @@ class DiffusionUNetBackbone(Backbone):
         unknown = [f for f in out_features if f not in LEVEL_STRIDES]
         if unknown or not out_features:
             raise ValueError(f"{_KEY}.OUT_FEATURES {list(out_features)}: choose among {list(LEVEL_STRIDES)}.")
+        if captioner_clip is not None:
+            if captioner is not None:
+                raise ValueError("Give the implicit captioner or the CLIP model it reads (captioner_clip), not both.")
+            captioner = ImplicitCaptioner.for_diffusion(captioner_clip, diffusion)
         self.diffusion = diffusion
         self.captioner = captioner
         self.taps = feature_taps(diffusion, taps)
@@ -196,10 +210,7 @@ class DiffusionUNetBackbone(Backbone):
         captioner = None
         if c.ODISE.CAPTIONER.ENABLED:
             clip = OpenCLIP.from_weights(c.CLIP.WEIGHTS, c.CLIP.TEMPLATES)
-            time_dim = int(diffusion.unet.time_embedding.linear_2.out_features) if c.ODISE.CAPTIONER.TIME_EMBEDDING else None
-            captioner = ImplicitCaptioner(
-                clip, diffusion.context_length, int(diffusion.unet.config.cross_attention_dim), time_dim
-            )
+            captioner = ImplicitCaptioner.for_diffusion(clip, diffusion, c.ODISE.CAPTIONER.TIME_EMBEDDING)
         return dict(
             diffusion=diffusion,
             captioner=captioner,
@@ -225,10 +236,7 @@ class DiffusionUNetBackbone(Backbone):
         return None if self.captioner is None else self.captioner.clip
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
-        return {
-            f: ShapeSpec(channels=self._out_feature_channels[f], stride=self._out_feature_strides[f])
-            for f in self._out_features
-        }
+        return level_shapes(self._out_features, next(iter(self._out_feature_channels.values())))
 
     def released_projection_order(self) -> List[str]:
         """Our projection of each tap in the reference's order (VAE encoder, UNet, VAE decoder
@@ -245,16 +253,21 @@ class DiffusionUNetBackbone(Backbone):
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """
         Args:
-            x: (B, 3, H, W) RGB in [-1, 1]; H and W multiples of ``size_divisibility``.
+            x: (B, 3, H, W) RGB in [-1, 1]. Sides that are not multiples of ``size_divisibility`` (a stock
+                architecture pads to its own multiple: FPN's is 32) are zero-padded at the bottom and right
+                (detectron2's padding value) and the features cropped back.
 
         Returns:
-            {level: (B, OUT_CHANNELS, H / stride, W / stride)} for each of ``out_features``.
+            {level: (B, OUT_CHANNELS, ceil(H / stride), ceil(W / stride))} for each of ``out_features``.
         """
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"DiffusionUNetBackbone expects (B, 3, H, W) RGB input, got {tuple(x.shape)}.")
         B, _, H, W = x.shape
-        if H % self.size_divisibility or W % self.size_divisibility:
-            raise ValueError(f"Input sides {H}x{W} must be multiples of {self.size_divisibility} (pad them).")
+        pad_h, pad_w = -H % self.size_divisibility, -W % self.size_divisibility
+        if pad_h or pad_w:
+            features = self(F.pad(x, (0, pad_w, 0, pad_h)))
+            return {f: v[..., : -(-H // self._out_feature_strides[f]), : -(-W // self._out_feature_strides[f])]
+                    for f, v in features.items()}
         side = min(self.window, H, W)
         stride = self.window_stride or side
         boxes = [

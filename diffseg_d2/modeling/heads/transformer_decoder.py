@@ -203,6 +203,7 @@ class MaskedAttentionDecoder(nn.Module):
             nn.LayerNorm(hidden_dim), MLP(in_dim=hidden_dim, hidden_dim=hidden_dim, out_dim=embed_dim, num_layers=3)
         )
         self.class_head = nn.Linear(hidden_dim, 2) if class_agnostic else None
+        self.embed_dim = int(embed_dim)
 
     def predict(
         self, queries: torch.Tensor, mask_features: torch.Tensor, attn_size: Tuple[int, int]

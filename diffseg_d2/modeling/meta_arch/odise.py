@@ -111,10 +111,10 @@ class ODISE(OpenVocabularyMixin, nn.Module):
         backbone: Backbone,
         pixel_decoder: nn.Module,
         decoder: nn.Module,
-        classifier: OpenVocabClassifier,
+        classifier: Optional[OpenVocabClassifier] = None,
         criterion: nn.Module,
         grounding_weight: float = 0.0,
-        clip: OpenCLIP,
+        clip: Optional[OpenCLIP] = None,
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
         input_format: str = "RGB",
@@ -158,6 +158,13 @@ class ODISE(OpenVocabularyMixin, nn.Module):
         for name, template in (("TEST.ENSEMBLE_TEMPLATE", ensemble_template), ("LOSS.GROUNDING_TEMPLATE", grounding_template)):
             if "{}" not in template:
                 raise ValueError(f"{_KEY}.{name} must contain '{{}}', got {template!r}.")
+        if clip is None:  # the captioner's, shared
+            clip = getattr(backbone, "clip", None)
+            if clip is None:
+                raise ValueError("ODISE needs a CLIP model: give `clip`, or a backbone with the implicit captioner "
+                                 "(whose CLIP it then shares).")
+        if classifier is None:
+            classifier = OpenVocabClassifier.for_clip(clip, decoder.embed_dim, no_object=variant == "label")
         self.backbone = backbone
         self.pixel_decoder = pixel_decoder
         self.decoder = decoder
@@ -248,9 +255,7 @@ class ODISE(OpenVocabularyMixin, nn.Module):
             backbone=backbone,
             pixel_decoder=pixel_decoder,
             decoder=decoder,
-            classifier=OpenVocabClassifier(
-                clip.embed_dim, h.MASK_DIM, None if o.VARIANT == "caption" else clip.encode_texts([""])[0].cpu()
-            ),
+            classifier=OpenVocabClassifier.for_clip(clip, h.MASK_DIM, no_object=o.VARIANT != "caption"),
             criterion=criterion,
             grounding_weight=loss.GROUNDING_WEIGHT,
             clip=clip,

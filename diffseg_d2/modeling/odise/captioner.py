@@ -29,6 +29,14 @@ class ImplicitCaptioner(nn.Module):
             time-embedding path.
     """
 
+    @classmethod
+    def for_diffusion(cls, clip: OpenCLIP, diffusion, time_embedding: bool = True) -> "ImplicitCaptioner":
+        """The captioner of a UNet substrate: as many tokens as its text context, its cross-attention width,
+        and (``time_embedding``) its time-embedding width."""
+        unet = diffusion.unet
+        time_dim = int(unet.time_embedding.linear_2.out_features) if time_embedding else None
+        return cls(clip, diffusion.context_length, int(unet.config.cross_attention_dim), time_dim)
+
     def __init__(self, clip: OpenCLIP, context_length: int, text_dim: int, time_embed_dim: Optional[int] = None):
         super().__init__()
         self.clip = clip

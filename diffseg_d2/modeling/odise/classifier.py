@@ -36,6 +36,13 @@ class OpenVocabClassifier(nn.Module):
         self.null_embed = None if null_text is None else nn.Parameter(null_text.detach().clone().float())
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
 
+    @classmethod
+    def for_clip(cls, clip, embed_dim: int, no_object: bool = True) -> "OpenVocabClassifier":
+        """The classifier reading ``clip``'s text embeddings: its "no object" embedding starts at CLIP's
+        embedding of the empty text, or there is none (``no_object`` False: the caption-trained variant,
+        whose class-agnostic head says what is an object)."""
+        return cls(clip.embed_dim, embed_dim, clip.encode_texts([""])[0].cpu() if no_object else None)
+
     def scale(self) -> torch.Tensor:
         # Capped at 100 as CLIP's own scale, so logits cannot blow up early in training.
         return self.logit_scale.exp().clamp(max=100.0)
