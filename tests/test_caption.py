@@ -43,17 +43,18 @@ def test_captioner_loads_from_a_folder_and_writes_words_of_its_vocabulary(blip_f
 
 
 def _spy_prompts(monkeypatch):
-    from diffseg_d2.diffusion import frozen_sd  # the UNet substrate builds DiffSegmenter's class prompts
+    # the cross-attention families' substrate builds DiffSegmenter's class prompts
+    from diffseg_d2.diffusion import cross_attention_substrate as substrate
 
     seen = []
-    original = frozen_sd.build_class_prompts
+    original = substrate.build_class_prompts
 
     def spy(*args, **kwargs):
         prompts = original(*args, **kwargs)
         seen.extend(prompts.prompts)
         return prompts
 
-    monkeypatch.setattr(frozen_sd, "build_class_prompts", spy)
+    monkeypatch.setattr(substrate, "build_class_prompts", spy)
     return seen
 
 

@@ -66,11 +66,11 @@ def test_heat_maps_are_daams_by_hand(daam, monkeypatch):
     names = ["square", "dining table"]
     d = daam.diffusion
     calls, inputs = [], {}
-    original = d.unet_forward
+    original = d.denoise  # the denoiser call every family's substrate has
 
-    def counting(latents, step, context):
+    def counting(latents, step, context, **kwargs):
         calls.append(int(step))
-        return original(latents, step, context)
+        return original(latents, step, context, **kwargs)
 
     handles = []
     for name, module in d.unet.named_modules():
@@ -79,7 +79,7 @@ def test_heat_maps_are_daams_by_hand(daam, monkeypatch):
                 inputs.setdefault(name, []).append((args[0] if args else kwargs["hidden_states"],
                                                     kwargs.get("encoder_hidden_states")))
             handles.append(module.register_forward_pre_hook(keep, with_kwargs=True))
-    monkeypatch.setattr(d, "unet_forward", counting)
+    monkeypatch.setattr(d, "denoise", counting)
     try:
         maps = daam.class_maps(_image(), names, [0, 1])
     finally:

@@ -245,9 +245,9 @@ def test_flux_schnell_and_other_pipelines_are_told_apart(tmp_path, _session_cach
     folder = tmp_path / "pixart"
     shutil.copytree(resolve_transformer_weights("tiny-flux").path, folder)
     index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "PixArtSigmaPipeline"}))
-    with pytest.raises(UnsupportedFamilyError,
-                       match=r"holds a PixArtSigmaPipeline.*Stable Diffusion XL.*Stable Diffusion 3.*FLUX\.1 \[dev\]"):
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "PixArtAlphaPipeline"}))
+    with pytest.raises(UnsupportedFamilyError, match=r"holds a PixArtAlphaPipeline.*Stable Diffusion XL.*Stable Diffusion 3"
+                                                     r".*FLUX\.1 \[dev\].*PixArt-Σ \(PixArtSigmaPipeline\)"):
         load_diffusion_transformer(str(folder))
     (folder / "model_index.json").write_text(json.dumps(index))
     shutil.rmtree(folder / "text_encoder_2")

@@ -1,11 +1,12 @@
-"""The diffusion substrate shared by every method: the substrate interface and its UNet families
-(``substrate``, ``frozen_sd``), prompts, attention and feature recording.
+"""The diffusion substrate shared by every method: the substrate interface and its families
+(``substrate``; ``frozen_sd``, ``frozen_pixart``, ``frozen_transformer``), prompts, attention and feature recording.
 
 Nothing here imports diffusers or transformers at import time.
 """
 from .attention import (
     AttentionRecorder,
     AttentionStore,
+    attention_blocks,
     attention_layers,
     available_factors,
     minmax_per_map,
@@ -15,6 +16,8 @@ from .attention import (
 )
 from .features import FeatureTap, decoder_inputs, feature_taps, record_inputs, tap_modules, tappable_layers
 from ..pretrained.stable_diffusion import StableDiffusionParts, load_stable_diffusion
+from .cross_attention_substrate import CrossAttentionDiffusion
+from .frozen_pixart import FrozenPixArt
 from .frozen_sd import FrozenStableDiffusion
 from .frozen_transformer import FrozenDiffusionTransformer
 from .joint_attention import JointAttentionStore, joint_attention_layers, record_joint_attention
@@ -25,14 +28,17 @@ __all__ = [
     "AttentionRecorder",
     "AttentionStore",
     "ClassPrompts",
+    "CrossAttentionDiffusion",
     "FeatureTap",
     "FrozenDiffusionTransformer",
+    "FrozenPixArt",
     "FrozenStableDiffusion",
     "JointAttentionStore",
     "joint_attention_layers",
     "record_joint_attention",
     "PromptEmbeds",
     "StableDiffusionParts",
+    "attention_blocks",
     "attention_layers",
     "available_factors",
     "TOKEN_SELECTIONS",

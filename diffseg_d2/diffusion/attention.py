@@ -16,7 +16,15 @@ needs straight into the ``AttentionStore``:
 Nothing is kept per layer or per head. Cross-attention can be read in two ways:
 against the layer's own keys (each batch element is one class prompt), or, with
 ``store.readout_context`` set, against the keys of all class prompts at once
-while the UNet itself runs on one carrier prompt (``shared`` conditioning).
+while the UNet itself runs on one carrier prompt (``shared`` conditioning). A
+cross-attention under a key mask (PixArt-Σ's T5 padding) is read with the mask's
+bias added to the logits, as the layer computes them: the probabilities are the
+softmax over the unmasked keys.
+
+The same recording serves a cross-attention diffusion transformer (PixArt-Σ): its
+``transformer_blocks.N`` each hold a self-attention ``attn1`` and a cross-attention
+``attn2`` on one token grid, chosen by block (``cross_blocks`` / ``self_blocks``)
+rather than by latent factor.
 """
 from __future__ import annotations
 
@@ -29,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .instrumentation import SharedInstrumentation, shared_instrumentation, wrap_attention_processors
-from .substrate import tokens_of
+from .substrate import mask_of, tokens_of
 
 # Largest transient tensor (bytes) a recorder materialises at once. It bounds the extra memory
 # and, kept under the C allocator's mmap threshold (32 MB by default), lets every chunk reuse
@@ -37,24 +45,28 @@ from .substrate import tokens_of
 _CHUNK_BYTES = 16 * 2**20
 
 
-def attention_layers(unet) -> Dict[str, Tuple[str, int]]:
-    """Map each attention processor name to ``(kind, factor)``.
+def attention_layers(model) -> Dict[str, Tuple[str, int]]:
+    """Map each attention processor name of a UNet or of a cross-attention diffusion transformer
+    (PixArt-Σ) to ``(kind, factor)``.
 
     ``kind`` is ``"self"`` (``attn1``) or ``"cross"`` (``attn2``); ``factor`` is the
     layer's downsampling relative to the latent (1, 2, 4, ...): down block ``i``
     works at ``2**i``, the mid block at the coarsest level, up block ``j`` at
-    ``2**(n-1-j)``.
+    ``2**(n-1-j)``; a transformer's blocks (``transformer_blocks.N``) all work at
+    its patch size.
     """
-    n_down, n_up = len(unet.down_blocks), len(unet.up_blocks)
+    n_down, n_up = len(getattr(model, "down_blocks", ())), len(getattr(model, "up_blocks", ()))
     layers = {}
-    for name in unet.attn_processors:
+    for name in model.attn_processors:
         parts = name.split(".")
         if parts[0] == "down_blocks":
-            level = int(parts[1])
+            factor = 2 ** int(parts[1])
         elif parts[0] == "mid_block":
-            level = n_down - 1
+            factor = 2 ** (n_down - 1)
         elif parts[0] == "up_blocks":
-            level = n_up - 1 - int(parts[1])
+            factor = 2 ** (n_up - 1 - int(parts[1]))
+        elif parts[0] == "transformer_blocks":
+            factor = int(model.config.patch_size)
         else:
             continue
         if ".attn1." in name:
@@ -63,8 +75,19 @@ def attention_layers(unet) -> Dict[str, Tuple[str, int]]:
             kind = "cross"
         else:
             continue
-        layers[name] = (kind, 2**level)
+        layers[name] = (kind, factor)
     return layers
+
+
+def _block_of(name: str) -> str:
+    """The block of an attention processor name: ``transformer_blocks.3.attn2.processor`` -> ``transformer_blocks.3``."""
+    return name.rsplit(".", 2)[0]
+
+
+def attention_blocks(model, kind: str) -> list:
+    """The blocks (processor names without ``.attn1.processor`` / ``.attn2.processor``) that hold an
+    attention layer of ``kind`` ("self" or "cross"), in the model's order."""
+    return [_block_of(name) for name, (k, _) in attention_layers(model).items() if k == kind]
 
 
 def available_factors(unet, kind: str) -> list:
@@ -114,6 +137,8 @@ class AttentionStore:
         self.token_weight = token_weight
         # The per-token states whose keys are read (a PromptEmbeds' tokens, or the tensor itself).
         self.readout_context = tokens_of(readout_context) if readout_context is not None else None
+        # Their key mask (B, L) bool, None when every key is read (a PromptEmbeds' mask).
+        self.readout_mask = mask_of(readout_context)
         self.own_self_attention = bool(own_self_attention)
         self.per_layer_heads = bool(per_layer_heads)
         self.num_classes = token_index.shape[0]
@@ -267,12 +292,30 @@ def daam_heat_maps(store: AttentionStore, size: Tuple[int, int]) -> torch.Tensor
     return (tokens.view(K, T, *size) * weight[..., None, None]).sum(1)
 
 
+def attention_probabilities(query: torch.Tensor, key: torch.Tensor, scale: float,
+                            bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``softmax(Q K^T * scale + bias)`` over the keys, in float32 (the maps are small, and half-precision
+    runs on CUDA keep their accuracy): query (..., N, d), key (..., L, d), bias broadcastable to
+    (..., N, L) (a key mask's additive bias, as the layer adds it) or None -> (..., N, L)."""
+    logits = torch.matmul(query, key.transpose(-1, -2)).float().mul_(scale)
+    if bias is not None:
+        logits += bias.float()
+    return logits.softmax(dim=-1)
+
+
+def mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive bias of a (B, L) key mask (True = attend), (B, 1, L): 0 on kept keys, -10000 on masked
+    ones, in ``dtype``: what diffusers' transformers (PixArt's ``encoder_attention_mask``) make of a mask."""
+    return ((1 - mask.to(dtype)) * -10000.0)[:, None, :]
+
+
 def class_token_maps(
     query: torch.Tensor,
     key: torch.Tensor,
     token_index: torch.Tensor,
     token_weight: torch.Tensor,
     scale: float,
+    bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Head-averaged attention on each class's word tokens.
 
@@ -282,19 +325,21 @@ def class_token_maps(
             1-query: one prompt that holds every class's words, whose softmax is computed once.
         token_index, token_weight: ``(K, T)``.
         scale: softmax temperature of the layer (``1/sqrt(d)``).
+        bias: None, or the key mask's additive bias ``(K or 1, H or 1, 1 or N, L)`` (one row per
+            prompt of ``key``), added to the logits before the softmax as the layer adds it.
 
     Returns:
-        ``(K, N)``: for every query position, the softmax(QK^T * scale) mass on
+        ``(K, N)``: for every query position, the softmax(QK^T * scale + bias) mass on
         the class word (mean over its sub-word tokens), averaged over heads.
     """
     K = token_index.shape[0]
     _, H, L, _ = key.shape
     N = query.shape[2]
 
-    def softmax(q, k):  # in float32: the maps are small, and half-precision runs (CUDA) keep their accuracy
-        return torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale).softmax(dim=-1)
+    def rows(b, start, stop):
+        return None if b is None else (b if b.shape[0] == 1 else b[start:stop])
 
-    joint = softmax(query, key) if key.shape[0] == 1 and query.shape[0] == 1 else None  # (1, H, N, L)
+    joint = attention_probabilities(query, key, scale, bias) if key.shape[0] == 1 and query.shape[0] == 1 else None
     per_class = H * N * L * 4  # float32 probabilities
     step = max(1, _CHUNK_BYTES // max(per_class, 1))
     out = []
@@ -303,7 +348,8 @@ def class_token_maps(
         if joint is not None:
             probs = joint.expand(stop - start, -1, -1, -1)
         else:
-            probs = softmax(query if query.shape[0] == 1 else query[start:stop], key[start:stop])  # (k, H, N, L)
+            q = query if query.shape[0] == 1 else query[start:stop]
+            probs = attention_probabilities(q, key[start:stop], scale, rows(bias, start, stop))  # (k, H, N, L)
         idx = token_index[start:stop].to(probs.device)
         picked = probs.gather(-1, idx[:, None, None, :].expand(-1, H, N, -1))  # (k, H, N, T)
         w = token_weight[start:stop].to(device=probs.device)
@@ -368,7 +414,7 @@ class AttentionRecorder:
                 mask = mask.view(batch, heads, -1, mask.shape[-1])
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scale)
             if self.kind == "cross":
-                self._read_cross(attn, query, key)
+                self._read_cross(attn, query, key, mask)
             else:
                 raise NotImplementedError("recording masked self-attention is not supported")
 
@@ -381,7 +427,9 @@ class AttentionRecorder:
             out = out + residual
         return out / attn.rescale_output_factor
 
-    def _read_cross(self, attn, query: torch.Tensor, key: torch.Tensor) -> None:
+    def _read_cross(self, attn, query: torch.Tensor, key: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+        """Read the class maps of one cross-attention call: query (B, H, N, d), the layer's keys (B, H, L, d)
+        and the bias of its key mask (B, H, N or 1, L), or None."""
         store = self.store
         if store.readout_context is not None:
             context = store.readout_context.to(device=query.device, dtype=query.dtype)
@@ -391,19 +439,21 @@ class AttentionRecorder:
             k = k.view(k.shape[0], -1, attn.heads, k.shape[-1] // attn.heads).transpose(1, 2)
             if attn.norm_k is not None:
                 k = attn.norm_k(k)
+            # The read prompts' own mask, made into a bias as the model makes the layer's.
+            bias = None if store.readout_mask is None else mask_bias(store.readout_mask.to(query.device), query.dtype)[:, None]
             rows = slice(0, store.num_classes)
             query = query[:1]  # the carrier batch holds one image
         else:
             k = key
             rows = store.batch_classes
         if not store.per_layer_heads:
-            maps = class_token_maps(query, k, store.token_index[rows], store.token_weight[rows], attn.scale)
+            maps = class_token_maps(query, k, store.token_index[rows], store.token_weight[rows], attn.scale, bias)
             store.add_cross(self.factor, rows, maps)
             return
         # DAAM's per-head maps, from the same single softmax that gives the head-averaged class maps.
         if store.readout_context is not None or query.shape[0] != 1:
             raise ValueError("per-layer head maps are read from one pass on one prompt naming every class.")
-        probs = torch.matmul(query[0], k[0].transpose(-1, -2)).float().mul_(attn.scale).softmax(dim=-1)  # (H, N, L)
+        probs = attention_probabilities(query[0], k[0], attn.scale, None if bias is None else bias[0])  # (H, N, L)
         K, T = store.token_index.shape
         picked = probs[:, :, store.token_index.reshape(-1).to(probs.device)]  # (H, N, K*T)
         w = store.token_weight.to(device=probs.device, dtype=torch.float32)
@@ -445,7 +495,7 @@ class _RecordingProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         recording = self.instrumentation.current()
-        if recording is not None and (self.kind, self.factor) in recording.layers:
+        if recording is not None and self.name in recording.layers:
             recorder = AttentionRecorder(recording.store, self.kind, self.factor, self.name)
             return recorder(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
@@ -454,7 +504,7 @@ class _RecordingProcessor:
 @dataclass(frozen=True)
 class _Recording:
     store: AttentionStore
-    layers: FrozenSet[Tuple[str, int]]  # (kind, factor) pairs to record
+    layers: FrozenSet[str]  # processor names of the layers to record
 
 
 def _install_recording_processors(unet, instrumentation: SharedInstrumentation) -> Callable[[], None]:
@@ -470,12 +520,16 @@ def record_attention(
     store: AttentionStore,
     cross_factors: Sequence[int] = (),
     self_factors: Sequence[int] = (),
+    *,
+    cross_blocks: Sequence[str] = (),
+    self_blocks: Sequence[str] = (),
 ) -> Iterator[AttentionStore]:
-    """Record the chosen layers of ``unet`` into ``store`` during this thread's UNet calls inside
-    the ``with`` block.
+    """Record the chosen layers of ``unet`` (a UNet, or a cross-attention diffusion transformer) into
+    ``store`` during this thread's calls of it inside the ``with`` block.
 
-    Only layers at ``cross_factors`` (cross-attention) and ``self_factors`` (self-attention) are
-    recorded; the rest compute as their own processors do. Calls of the same UNet from other
+    Only layers at ``cross_factors`` (cross-attention) and ``self_factors`` (self-attention), and
+    those of the blocks ``cross_blocks`` / ``self_blocks`` (names from ``attention_blocks``), are
+    recorded; the rest compute as their own processors do. Calls of the same model from other
     threads, recording or not, are not seen by ``store``, so one model may serve concurrent
     calls. The original processors are back once no call records any more, also after an
     exception.
@@ -487,7 +541,15 @@ def record_attention(
                 f"The UNet has no {kind}-attention at latent factors {missing}; "
                 f"it has them at {available_factors(unet, kind)}."
             )
-    layers = frozenset([("cross", int(f)) for f in cross_factors] + [("self", int(f)) for f in self_factors])
+    for kind, wanted in (("cross", cross_blocks), ("self", self_blocks)):
+        missing = [b for b in wanted if b not in attention_blocks(unet, kind)]
+        if missing:
+            raise ValueError(f"The model has no {kind}-attention in the blocks {missing}; "
+                             f"it has it in {attention_blocks(unet, kind)}.")
+    factors = {"cross": {int(f) for f in cross_factors}, "self": {int(f) for f in self_factors}}
+    blocks = {"cross": set(cross_blocks), "self": set(self_blocks)}
+    layers = frozenset(name for name, (kind, factor) in attention_layers(unet).items()
+                       if factor in factors[kind] or _block_of(name) in blocks[kind])
     instrumentation = shared_instrumentation(unet, "attention-recording", _install_recording_processors)
     with instrumentation.active(_Recording(store, layers)):
         yield store

@@ -2,8 +2,9 @@
 
 ``FrozenStableDiffusion`` wraps the components that
 ``diffseg_d2.pretrained.stable_diffusion.load_stable_diffusion`` loads and implements the
-substrate operations (``diffseg_d2.diffusion.substrate``): VAE encoding of images, noising at a
-timestep, prompt tokenisation and encoding, and the UNet call. Where the families differ (one or
+substrate operations (``diffseg_d2.diffusion.substrate``): prompt encoding and the UNet call; VAE
+encoding, noising at a timestep, tokenisation, class prompts and generation are the cross-attention
+families' (``CrossAttentionDiffusion``). Where the families differ (one or
 two text encoders, which hidden state, pooled text and size conditions, a zero unconditional
 prompt) it reads the family's data (``parts.family``); the methods never see the difference.
 Its parameters never train and it stays in eval mode.
@@ -11,19 +12,17 @@ Its parameters never train and it stays in eval mode.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 
 from ..numerics import require_finite
-from ..optional_imports import require
 from ..pretrained.stable_diffusion import SD_WEIGHTS_KEY, StableDiffusionParts
-from ..pretrained.tokens import find_subsequence
+from .cross_attention_substrate import CrossAttentionDiffusion
 from .instrumentation import shared_instrumentation
-from .prompts import ClassPrompts, build_class_prompts, build_joint_prompt
-from .substrate import FrozenDiffusion, PromptEmbeds
+from .substrate import PromptEmbeds
 
-class FrozenStableDiffusion(FrozenDiffusion):
+class FrozenStableDiffusion(CrossAttentionDiffusion):
     """Frozen SD components with the few operations the methods need.
 
     Args:
@@ -57,54 +56,6 @@ class FrozenStableDiffusion(FrozenDiffusion):
     @property
     def context_length(self) -> int:
         return int(self.tokenizer.model_max_length)
-
-    def add_noise(
-        self, latents: torch.Tensor, step: int, generator: torch.Generator, *, same_for_batch: bool = False
-    ) -> torch.Tensor:
-        """Noise latents to timestep ``step`` of the scheduler's training schedule (same shape).
-
-        Args:
-            same_for_batch: draw one noise map and add it to every batch element, so an
-                element's result does not depend on its place in the batch.
-        """
-        shape = (1, *latents.shape[1:]) if same_for_batch else latents.shape
-        noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
-        noise = noise.expand(latents.shape)
-        timesteps = torch.full((latents.shape[0],), int(step), dtype=torch.long)
-        noisy = self.scheduler.add_noise(latents.float().cpu(), noise.cpu(), timesteps)
-        return noisy.to(device=latents.device, dtype=latents.dtype)
-
-    def tokenize(self, prompts: Sequence[str], truncate: bool = False) -> torch.Tensor:
-        """Token ids padded to the context length: (B, L). Raises if a prompt is too long."""
-        out = self.tokenizer(
-            list(prompts), padding="max_length", max_length=self.context_length,
-            truncation=truncate, return_tensors="pt",
-        )
-        ids = out.input_ids
-        if ids.shape[1] > self.context_length:
-            raise ValueError(f"prompts longer than the text encoder's context of {self.context_length} tokens")
-        return ids
-
-    #: the encoder parts of the text a class word can be read from: one CLIP tokenisation
-    text_segments = ("clip",)
-
-    def class_prompts(self, names: Sequence[str], template: str, suffix: str = "", *, continuations=None,
-                      selection: str = "mean", ing_rule: bool = False, segment: Optional[str] = None) -> ClassPrompts:
-        """One prompt per class and where each class word's tokens sit (``build_class_prompts``).
-        ``segment`` (a diffusion transformer's choice of text encoder) is not read: one tokenisation."""
-        return build_class_prompts(self.tokenizer, names, template, suffix, continuations=continuations,
-                                   selection=selection, ing_rule=ing_rule)
-
-    def joint_prompt(self, names: Sequence[str], template: str, segment: Optional[str] = None) -> ClassPrompts:
-        """ONE prompt naming every class (``build_joint_prompt``); ``segment`` as in ``class_prompts``."""
-        return build_joint_prompt(self.tokenizer, names, template)
-
-    def word_positions(self, ids: torch.Tensor, row: int, word: str) -> Dict[str, List[int]]:
-        """Positions of the first occurrence of ``word``'s tokens in prompt ``row`` of ``ids`` (of ``tokenize``),
-        as ``{"clip": positions}``; empty when it does not occur (the transformers' form)."""
-        word_ids = self.tokenizer(word, add_special_tokens=False).input_ids
-        start = find_subsequence(ids[row].tolist(), word_ids)
-        return {"clip": list(range(start, start + len(word_ids)))} if start >= 0 else {}
 
     def denoise(self, latents: torch.Tensor, step: int, context, *, grad: bool = False) -> torch.Tensor:
         """The substrate's one denoiser pass (``unet_forward``), under the name every family shares."""
@@ -187,52 +138,6 @@ class FrozenStableDiffusion(FrozenDiffusion):
                 stack.enter_context(_time_offsets(self.unet).active(time_offset.to(self.dtype)))
             out = self.unet(latents.to(self.dtype), t, encoder_hidden_states=context.tokens.to(self.dtype), **extra).sample
         return require_finite(out, f"the UNet ({SD_WEIGHTS_KEY})")
-
-    @torch.no_grad()
-    def generate(
-        self,
-        context: torch.Tensor,
-        *,
-        image_size: int,
-        steps: int,
-        guidance_scale: float,
-        generator: torch.Generator,
-    ) -> torch.Tensor:
-        """Text-to-image with DDIM and classifier-free guidance.
-
-        Each UNet call runs the batch ``[conditional, unconditional]`` in that
-        order, so an attention read-out that takes batch element 0 (see
-        ``AttentionStore.readout_context``) sees the prompted half.
-
-        Args:
-            context: (1, L, D) encoded prompt.
-            image_size: side of the square image, a multiple of the latent factor.
-            steps: DDIM steps.
-            guidance_scale: classifier-free guidance weight (1 = no guidance).
-            generator: source of the initial noise (seeded by the caller).
-
-        Returns:
-            (1, 3, image_size, image_size) RGB in [0, 255].
-        """
-        diffusers = require("diffusers", "diffusers", "Generating images")
-        if context.shape[0] != 1:
-            raise ValueError(f"generate() takes one prompt at a time, got a batch of {context.shape[0]}.")
-        # A private scheduler: set_timesteps changes its state.
-        scheduler = diffusers.DDIMScheduler.from_config(self.scheduler.config)
-        scheduler.set_timesteps(int(steps))
-        side = int(image_size) // self.latent_factor
-        shape = (1, self.unet.config.in_channels, side, side)
-        latents = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
-        latents = latents.to(self.device) * scheduler.init_noise_sigma
-        uncond = self.unconditional_context()
-        both = PromptEmbeds.cat([context.to(self.dtype), uncond.to(self.dtype)])
-        for t in scheduler.timesteps:
-            x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            noise = self.unet_forward(x, int(t), both)
-            cond, free = noise.float().chunk(2)
-            guided = free + guidance_scale * (cond - free)
-            latents = scheduler.step(guided, t, latents).prev_sample
-        return self.decode_latents(latents)
 
     def unconditional_context(self) -> PromptEmbeds:
         """The unconditional half of classifier-free guidance: the encoded empty prompt, or zeros for

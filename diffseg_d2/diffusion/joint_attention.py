@@ -117,14 +117,19 @@ def joint_attention_layers(transformer) -> Dict[str, bool]:
     return out
 
 
-def checked_blocks(transformer, blocks: Sequence[str], config_key: str, title: str) -> List[str]:
-    """``blocks`` of a config key, each a joint-attention block of ``transformer`` (all of them when none is
-    named), or a ValueError naming the key and the blocks the model has."""
-    layers = list(joint_attention_layers(transformer))
+def checked_blocks(transformer, blocks: Sequence[str], config_key: str, title: str,
+                   layers: Optional[Sequence[str]] = None, kind: str = "joint-attention") -> List[str]:
+    """``blocks`` of a config key, each a block of ``transformer`` that has the attention read (all of them
+    when none is named), or a ValueError naming the key and the blocks the model has.
+
+    Args:
+        layers: the model's blocks of that attention (None: its joint-attention blocks); ``kind`` names it.
+    """
+    layers = list(joint_attention_layers(transformer) if layers is None else layers)
     missing = [b for b in blocks if b not in layers]
     if missing:
         raise ValueError(f"{config_key} names {missing}, which the {title} transformer does not have; its "
-                         f"joint-attention blocks are {layers}.")
+                         f"{kind} blocks are {layers}.")
     return list(blocks) or layers
 
 

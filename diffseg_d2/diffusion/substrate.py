@@ -12,9 +12,10 @@ A substrate is a frozen text-to-image diffusion model with the few operations th
 * ``generate(context, ...)``: text-to-image, for FreeDA's bank.
 
 ``FrozenStableDiffusion`` implements it for the UNet families (SD 1.x, SD 2.x, SDXL),
-``FrozenDiffusionTransformer`` for the diffusion transformers (SD3 / SD3.5, FLUX.1); what differs
-within each is data (``UNetFamily``, ``TransformerFamily``), picked from the weights (a folder's
-``model_index.json``, a hub id's, or a preset). ``load_diffusion`` is the one place a config's
+``FrozenPixArt`` for PixArt-Σ (both cross-attention models on a discrete schedule, sharing
+``CrossAttentionDiffusion``), ``FrozenDiffusionTransformer`` for the joint-attention transformers (SD3 /
+SD3.5, FLUX.1); what differs within each is data (``UNetFamily``, ``PixArtFamily``, ``TransformerFamily``),
+picked from the weights (a folder's ``model_index.json``, a hub id's, or a preset). ``load_diffusion`` is the one place a config's
 weights become a substrate. Both also build class prompts (``class_prompts``, ``joint_prompt``:
 where each class word's tokens sit in the text the denoiser reads) and run ``denoise``.
 """
@@ -146,12 +147,16 @@ class PromptEmbeds:
         tokens: (B, L, D) per-token states; the cross-attention keys and values are made from them
             (for SDXL, both text encoders' states side by side).
         pooled: (B, P) the family's pooled text embeddings (SDXL's ``text_embeds``), or None.
+        mask: (B, L) bool, the tokens the denoiser attends to (PixArt-Σ: T5's attention mask, padding
+            False), or None when every token is attended to.
 
-    Indexing, ``expand``, ``cat`` and ``to`` act on the batch of both, as on a tensor's first dimension.
+    Indexing, ``expand``, ``cat`` and ``to`` act on the batch of all three, as on a tensor's first dimension
+    (``to`` moves the mask but keeps it bool).
     """
 
     tokens: torch.Tensor
     pooled: Optional[torch.Tensor] = None
+    mask: Optional[torch.Tensor] = None
 
     @property
     def shape(self) -> torch.Size:
@@ -171,7 +176,8 @@ class PromptEmbeds:
     def __getitem__(self, index: Union[int, slice, Sequence[int], torch.Tensor]) -> "PromptEmbeds":
         if isinstance(index, int):
             index = slice(index, index + 1)  # keep the batch dimension
-        return PromptEmbeds(self.tokens[index], None if self.pooled is None else self.pooled[index])
+        return PromptEmbeds(self.tokens[index], None if self.pooled is None else self.pooled[index],
+                            None if self.mask is None else self.mask[index])
 
     def expand(self, n: int, *keep: int) -> "PromptEmbeds":
         """The batch of one prompt repeated ``n`` times (views, no copy); as ``Tensor.expand(n, -1, -1)``."""
@@ -179,23 +185,27 @@ class PromptEmbeds:
             raise ValueError("PromptEmbeds.expand changes the batch size only: pass -1 for the other dimensions.")
         if self.tokens.shape[0] != 1:
             raise ValueError(f"expand() repeats a batch of one prompt, not of {self.tokens.shape[0]}.")
-        return PromptEmbeds(self.tokens.expand(n, -1, -1), None if self.pooled is None else self.pooled.expand(n, -1))
+        return PromptEmbeds(self.tokens.expand(n, -1, -1), None if self.pooled is None else self.pooled.expand(n, -1),
+                            None if self.mask is None else self.mask.expand(n, -1))
 
     def to(self, *args, **kwargs) -> "PromptEmbeds":
-        return PromptEmbeds(self.tokens.to(*args, **kwargs),
-                            None if self.pooled is None else self.pooled.to(*args, **kwargs))
+        tokens = self.tokens.to(*args, **kwargs)
+        return PromptEmbeds(tokens, None if self.pooled is None else self.pooled.to(*args, **kwargs),
+                            None if self.mask is None else self.mask.to(tokens.device))
 
     def with_tokens(self, tokens: torch.Tensor) -> "PromptEmbeds":
         """The same prompts with other per-token states (e.g. ODISE's captioner added to them)."""
-        return PromptEmbeds(tokens, self.pooled)
+        return PromptEmbeds(tokens, self.pooled, self.mask)
 
     @staticmethod
     def cat(items: Sequence["PromptEmbeds"]) -> "PromptEmbeds":
-        pooled = [p.pooled for p in items]
-        if any(p is None for p in pooled) and not all(p is None for p in pooled):
-            raise ValueError("Cannot join prompts of families with and without pooled embeddings.")
-        return PromptEmbeds(torch.cat([p.tokens for p in items]),
-                            None if pooled[0] is None else torch.cat(pooled))
+        joined = {}
+        for field, what in (("pooled", "pooled embeddings"), ("mask", "attention masks")):
+            parts = [getattr(p, field) for p in items]
+            if any(p is None for p in parts) and not all(p is None for p in parts):
+                raise ValueError(f"Cannot join prompts of families with and without {what}.")
+            joined[field] = None if parts[0] is None else torch.cat(parts)
+        return PromptEmbeds(torch.cat([p.tokens for p in items]), **joined)
 
 
 def tokens_of(context: Union[PromptEmbeds, torch.Tensor]) -> torch.Tensor:
@@ -203,21 +213,49 @@ def tokens_of(context: Union[PromptEmbeds, torch.Tensor]) -> torch.Tensor:
     return context.tokens if isinstance(context, PromptEmbeds) else context
 
 
-def load_diffusion(weights: str, revision: Optional[str] = None, dtype: str = "float32"):
-    """The frozen substrate of ``MODEL.DIFFSEG.SD.WEIGHTS``: its family is read from the weights (a
-    diffusion transformer's folder or preset gives a ``FrozenDiffusionTransformer``, anything else a
-    ``FrozenStableDiffusion``).
+def mask_of(context: Union[PromptEmbeds, torch.Tensor]) -> Optional[torch.Tensor]:
+    """The (B, L) bool attention mask of ``context``, None when every token is attended to."""
+    return context.mask if isinstance(context, PromptEmbeds) else None
+
+
+def substrate_kind(weights: str, revision: Optional[str] = None) -> str:
+    """Which substrate ``MODEL.DIFFSEG.SD.WEIGHTS`` loads as, read from the weights without loading them:
+    "joint" (a joint-attention transformer: SD3 / SD3.5, FLUX.1), "pixart" (PixArt-Σ) or "unet" (anything
+    else; the UNet loader reports weights it cannot read).
 
     Raises:
         UnsupportedFamilyError: the weights are a model of a family not supported (the message names
             the supported ones).
     """
-    from ..pretrained.diffusion_transformers import load_diffusion_transformer, names_transformer_family
+    from ..pretrained.diffusion_transformers import names_transformer_family
+    from ..pretrained.pixart import names_pixart_family
 
     if names_transformer_family(weights, revision or None):
+        return "joint"
+    if names_pixart_family(weights, revision or None):
+        return "pixart"
+    return "unet"
+
+
+def load_diffusion(weights: str, revision: Optional[str] = None, dtype: str = "float32"):
+    """The frozen substrate of ``MODEL.DIFFSEG.SD.WEIGHTS``, of the kind ``substrate_kind`` reads from the
+    weights: a ``FrozenDiffusionTransformer``, a ``FrozenPixArt`` or a ``FrozenStableDiffusion``.
+
+    Raises:
+        UnsupportedFamilyError: the weights are a model of a family not supported (the message names
+            the supported ones).
+    """
+    kind = substrate_kind(weights, revision)
+    if kind == "joint":
+        from ..pretrained.diffusion_transformers import load_diffusion_transformer
         from .frozen_transformer import FrozenDiffusionTransformer
 
         return FrozenDiffusionTransformer(load_diffusion_transformer(weights, revision or None), dtype=dtype)
+    if kind == "pixart":
+        from ..pretrained.pixart import load_pixart
+        from .frozen_pixart import FrozenPixArt
+
+        return FrozenPixArt(load_pixart(weights, revision or None), dtype=dtype)
     from ..pretrained.stable_diffusion import load_stable_diffusion
     from .frozen_sd import FrozenStableDiffusion
 

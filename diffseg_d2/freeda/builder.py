@@ -30,6 +30,7 @@ from ..diffusion import (
     AttentionStore,
     FrozenDiffusionTransformer,
     JointAttentionStore,
+    attention_blocks,
     available_factors,
     minmax_per_map,
     record_attention,
@@ -93,8 +94,9 @@ class PrototypeBankBuilder(nn.Module):
         guidance_scale: classifier-free guidance weight.
         seed: caption ``i`` is generated with seed ``seed + i``.
         cross_attn_factors: latent factors whose cross-attention is summed (empty = all); UNets.
-        transformer_blocks: on a diffusion transformer, the joint-attention blocks whose image-to-text
-            attention is averaged (empty = all; ``MODEL.DIFFSEG.TRANSFORMER.BLOCKS``).
+        transformer_blocks: on a diffusion transformer, the blocks whose image-to-text attention is
+            averaged (empty = all; ``MODEL.DIFFSEG.TRANSFORMER.BLOCKS``): the joint-attention blocks of SD3 /
+            FLUX, the cross-attention blocks of PixArt-Σ (summed as a UNet's layers are).
         mask_threshold: binarisation threshold of the normalised noun maps.
         shard_size: captions per shard.
         keep_images: also save images and masks under ``<bank>/inspect/``.
@@ -110,6 +112,12 @@ class PrototypeBankBuilder(nn.Module):
         if self.is_transformer:
             blocks = checked_blocks(diffusion.transformer, transformer_blocks, "MODEL.DIFFSEG.TRANSFORMER.BLOCKS",
                                     diffusion.family.title)
+            multiple = diffusion.latent_factor * diffusion.patch
+        elif getattr(diffusion, "layers_by_block", False):  # a cross-attention transformer: one token grid
+            model = diffusion.denoiser
+            blocks = checked_blocks(model, transformer_blocks, "MODEL.DIFFSEG.TRANSFORMER.BLOCKS", diffusion.family.title,
+                                    attention_blocks(model, "cross"), "cross-attention")
+            factors = [diffusion.patch]
             multiple = diffusion.latent_factor * diffusion.patch
         else:
             have = available_factors(diffusion.unet, "cross")
@@ -181,7 +189,7 @@ class PrototypeBankBuilder(nn.Module):
             "build": {
                 "image_size": self.image_size, "steps": self.steps, "guidance_scale": self.guidance_scale,
                 "seed": self.seed, "cross_attn_factors": self.cross_attn_factors,
-                **({"transformer_blocks": self.transformer_blocks} if self.is_transformer else {}),
+                **({"transformer_blocks": self.transformer_blocks} if self.transformer_blocks else {}),
                 "mask_threshold": self.mask_threshold, "shard_size": self.shard_size,
             },
             "nouns": {"source": nouns.pop("source"),
@@ -245,8 +253,10 @@ class PrototypeBankBuilder(nn.Module):
             store = JointAttentionStore(token_index, token_weight)
             recording = record_joint_attention(d.transformer, store, self.transformer_blocks, d.text_layout.length)
         else:
-            store = AttentionStore((side, side), token_index, token_weight, readout_context=context)
-            recording = record_attention(d.unet, store, self.cross_attn_factors, ())
+            store = AttentionStore((side, side), token_index, token_weight, readout_context=d.cross_attention_states(context))
+            layers = (dict(cross_blocks=self.transformer_blocks) if self.transformer_blocks else
+                      dict(cross_factors=self.cross_attn_factors))
+            recording = record_attention(d.denoiser, store, **layers)
         with self._stage("generation"), recording:
             image = d.generate(context, image_size=self.image_size, steps=self.steps,
                                guidance_scale=self.guidance_scale, generator=generator)

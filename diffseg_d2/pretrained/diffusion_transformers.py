@@ -34,7 +34,6 @@ from .frozen import load_pretrained, random_init
 from .stable_diffusion import (
     SD_WEIGHTS_KEY,
     TINY_SD_PRESETS,
-    UNET_FAMILIES,
     UnsupportedFamilyError,
     check_family_folder,
     read_weights_json,
@@ -42,6 +41,7 @@ from .stable_diffusion import (
     random_vae,
     write_clip_tokenizer,
     supported_families,
+    supported_pipelines,
 )
 from .weights import MICRO, TINY, MissingWeightsError, WeightsLocation, resolve_weights
 
@@ -134,10 +134,6 @@ TRANSFORMER_FAMILIES: Dict[str, TransformerFamily] = {
 }
 
 
-def supported_transformer_families() -> str:
-    return "; ".join(f"{f.title} ({f.pipeline})" for f in TRANSFORMER_FAMILIES.values())
-
-
 def family_of_transformer_folder(model_index: Optional[dict], transformer_config: Optional[dict],
                                  where: str) -> TransformerFamily:
     """The family of a diffusers folder from its ``model_index.json`` and its transformer's config
@@ -154,7 +150,7 @@ def family_of_transformer_folder(model_index: Optional[dict], transformer_config
         return TRANSFORMER_FAMILIES["flux-dev" if guided else "flux-schnell"]
     raise UnsupportedFamilyError(
         f"{where} holds a {pipeline or 'folder without a model_index.json'}; {SD_WEIGHTS_KEY} must name a model of "
-        f"a supported family: {supported_families()}; {supported_transformer_families()}."
+        f"a supported family: {supported_families()}."
     )
 
 
@@ -363,10 +359,10 @@ def names_transformer_family(weights: str, revision: Optional[str] = None) -> bo
     pipeline = (model_index or {}).get("_class_name")
     if pipeline in {f.pipeline for f in TRANSFORMER_FAMILIES.values()}:
         return True
-    if pipeline is not None and pipeline not in {f.pipeline for f in UNET_FAMILIES.values()}:
+    if pipeline is not None and pipeline not in supported_pipelines():
         raise UnsupportedFamilyError(
             f"{SD_WEIGHTS_KEY} = '{location.path}' holds a {pipeline}; it must name a model of a supported family: "
-            f"{supported_families()}; {supported_transformer_families()}.")
+            f"{supported_families()}.")
     return False
 
 

@@ -98,8 +98,23 @@ class UnsupportedFamilyError(ValueError):
     loader's OSError handling never turns it into "could not download")."""
 
 
+def _all_families() -> list:
+    """Every family record the package loads: the UNets', the diffusion transformers', PixArt's."""
+    # The other families' modules build on this one: imported when asked, not at import time.
+    from .diffusion_transformers import TRANSFORMER_FAMILIES
+    from .pixart import PIXART_FAMILIES
+
+    return [*UNET_FAMILIES.values(), *TRANSFORMER_FAMILIES.values(), *PIXART_FAMILIES.values()]
+
+
 def supported_families() -> str:
-    return "; ".join(f"{f.title} ({f.pipeline})" for f in UNET_FAMILIES.values())
+    """Every supported family with its diffusers pipeline class, for messages."""
+    return "; ".join(f"{f.title} ({f.pipeline})" for f in _all_families())
+
+
+def supported_pipelines() -> frozenset:
+    """The diffusers pipeline classes (``model_index.json``'s ``_class_name``) of every supported family."""
+    return frozenset(f.pipeline for f in _all_families())
 
 
 def family_of_folder(model_index: Optional[dict], text_encoder_config: Optional[dict], where: str) -> UNetFamily:

@@ -55,8 +55,8 @@ from ...diffusion import (
     tap_modules,
 )
 from ...diffusion.features import PARTS
+from ...diffusion.substrate import substrate_kind
 from ...pretrained.clip import OpenCLIP
-from ...pretrained.diffusion_transformers import names_transformer_family
 from ...pretrained.frozen import exclude_from_checkpoints
 from ...tiling import window_starts
 from ..odise.captioner import ImplicitCaptioner
@@ -204,7 +204,7 @@ class DiffusionUNetBackbone(Backbone):
         check_config(cfg)
         c = cfg.MODEL.DIFFSEG
         o = c.ODISE.BACKBONE
-        if names_transformer_family(c.SD.WEIGHTS, c.SD.REVISION):  # refused before its weights load
+        if substrate_kind(c.SD.WEIGHTS, c.SD.REVISION) != "unet":  # refused before its weights load
             raise ValueError(_NOT_A_UNET.format(title=f"'{c.SD.WEIGHTS}'"))
         diffusion = load_diffusion(c.SD.WEIGHTS, c.SD.REVISION, dtype=c.SD.DTYPE)
         captioner = None

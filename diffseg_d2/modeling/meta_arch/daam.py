@@ -18,7 +18,11 @@ leaves out: per-resolution weights and normalisation, self-attention refinement 
 the category filter. Classes become channels as in DiffSegmenter: per-class min-max
 maps, with "background" at the constant ``BACKGROUND_THRESHOLD`` (DAAM's threshold).
 
-On a diffusion transformer (SD3 / FLUX) the same aggregation reads the joint attention: each
+On PixArt-Σ, a cross-attention transformer, the UNet's aggregation reads the cross-attention of
+``MODEL.DIFFSEG.TRANSFORMER.BLOCKS`` (empty: all), every head of every block on its one token grid
+(nothing is upsampled before the mean; no block is left out as DAAM leaves out the mid block).
+
+On a joint-attention transformer (SD3 / FLUX) the same aggregation reads the joint attention: each
 class word's image-to-text probability (normalised over the whole joint sequence) of every head
 of every block (``MODEL.DIFFSEG.TRANSFORMER.BLOCKS``, empty: all), averaged, summed over the
 timesteps; all blocks share one token grid, so nothing is upsampled before the mean.
@@ -105,11 +109,11 @@ class DAAM(DiffSegmenter):
         # The UNet runs on the joint prompt itself, so each layer's own attention is read:
         # one softmax per layer, each class taken from its tokens.
         store = AttentionStore(latents.shape[-2:], prompts.token_index, prompts.token_weight, per_layer_heads=True)
-        with record_attention(d.unet, store, self.cross_attn_factors):
+        with record_attention(d.denoiser, store, **self.recorded_layers):
             for t in self.timesteps:
                 # The same noise sample at every timestep: points on one forward trajectory.
                 generator = torch.Generator().manual_seed(self.seed)
-                d.unet_forward(d.add_noise(latents, t, generator), t, context)
+                d.denoise(d.add_noise(latents, t, generator), t, context)
         return self._combine(store)
 
     def _transformer_daam(self, latents: torch.Tensor, context, prompts: ClassPrompts) -> torch.Tensor:

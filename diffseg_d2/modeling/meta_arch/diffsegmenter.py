@@ -7,8 +7,10 @@ cross-attention on its word tokens is its segmentation score, refined by the
 self-attention; a fixed background score decides where no class is.
 
 On a UNet (SD 1.x / 2.x / XL) the maps are read by latent resolution (the reference's
-factors and weights); on a diffusion transformer (SD3 / SD3.5, FLUX.1) from chosen
-joint-attention blocks, exactly and streamed (``diffusion.readouts``).
+factors and weights); on PixArt-Σ, a cross-attention transformer, from chosen blocks' cross- and
+self-attention by the same recording (its T5 padding masked out as the model masks it); on a
+joint-attention transformer (SD3 / SD3.5, FLUX.1) from chosen joint-attention blocks, exactly and
+streamed (``diffusion.readouts``).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from ...diffusion import (
     AttentionStore,
     ClassPrompts,
     FrozenDiffusionTransformer,
+    attention_blocks,
     JointAttentionStore,
     TOKEN_SELECTIONS,
     available_factors,
@@ -137,9 +140,10 @@ class DiffSegmenter(OpenVocabularySegmenter):
             refine: apply the self-attention refinement.
             transformer_blocks, refine_blocks, text_segment, attention_direction: on a diffusion
                 transformer (``MODEL.DIFFSEG.TRANSFORMER``), in place of the factors above: the
-                joint-attention blocks whose class maps are averaged (empty: all), the blocks whose
-                image-to-image attention refines them, the text encoder's tokens the class word is
-                read from ("t5"; SD3 also "clip"), and "image_to_text" or "text_to_image".
+                blocks whose class maps are averaged (empty: all; PixArt-Σ's cross-attention, the
+                others' joint attention), the blocks whose image-to-image attention refines them
+                (none: no refinement), the text encoder's tokens the class word is read from ("t5";
+                SD3 also "clip"), and "image_to_text" or "text_to_image" (joint attention only).
             transformer_readout: "attention" (the class words' attention probabilities) or "concept"
                 (FLUX: ConceptAttention's output-space maps, each class a concept token; ours).
             background_threshold: score of the background channel.
@@ -168,11 +172,15 @@ class DiffSegmenter(OpenVocabularySegmenter):
                 f"got {list(cross_attn_factors)} and {list(cross_attn_weights)}."
             )
         self.is_transformer = isinstance(diffusion, FrozenDiffusionTransformer)
-        if self.is_transformer:
+        by_block = getattr(diffusion, "layers_by_block", False)
+        if self.is_transformer or by_block:
             transformer_blocks, refine_blocks = self._check_transformer_reads(
                 diffusion, transformer_blocks, refine_blocks if refine else (), text_segment, attention_direction,
                 refinement, transformer_readout)
             multiple = diffusion.latent_factor * diffusion.patch
+            if by_block:  # one token grid: the recording's one factor, every block's map weighted alike
+                cross_attn_factors, cross_attn_weights = [diffusion.patch], [1.0]
+                self_attn_factor, refine = diffusion.patch, bool(refine_blocks)
         else:
             unet = diffusion.unet
             for key, kind, wanted in (
@@ -277,6 +285,14 @@ class DiffSegmenter(OpenVocabularySegmenter):
             "caption_conditioned": d.CAPTION.CONDITIONED,
             "input_format": cfg.INPUT.FORMAT,
         }
+
+    @property
+    def recorded_layers(self) -> Dict[str, Sequence]:
+        """The cross-attention recording's layers (``record_attention``'s arguments): by block on a
+        transformer of one token grid (PixArt-Σ), by latent factor on a UNet."""
+        if getattr(self.diffusion, "layers_by_block", False):
+            return dict(cross_blocks=self.transformer_blocks, self_blocks=self.refine_blocks if self.refine else ())
+        return dict(cross_factors=self.cross_attn_factors, self_factors=[self.self_attn_factor] if self.refine else [])
 
     # ------------------------------------------------------------------ vocabulary
     def _check_vocabulary(self, names: Sequence[str]) -> None:
@@ -390,13 +406,13 @@ class DiffSegmenter(OpenVocabularySegmenter):
         noisy = self.noisy_latents(image)
         if self.is_transformer:
             return self._transformer_maps(noisy, [names[r] for r in rows], context, token_index, token_weight)
-        self_factors = [self.self_attn_factor] if self.refine else []
 
         if self.conditioning == "shared":
-            store = AttentionStore(noisy.shape[-2:], token_index, token_weight, readout_context=context)
+            store = AttentionStore(noisy.shape[-2:], token_index, token_weight,
+                                   readout_context=d.cross_attention_states(context))
             carrier = self.carrier_template.format(", ".join(self.prompt_name(names[r]) for r in rows))
-            with record_attention(d.unet, store, self.cross_attn_factors, self_factors):
-                d.unet_forward(noisy, self.noise_step, self._carrier_context(carrier))
+            with record_attention(d.denoiser, store, **self.recorded_layers):
+                d.denoise(noisy, self.noise_step, self._carrier_context(carrier))
             return self._combine(store)
 
         chunks = [slice(s, min(len(rows), s + self.class_chunk_size)) for s in range(0, len(rows), self.class_chunk_size)]
@@ -406,15 +422,15 @@ class DiffSegmenter(OpenVocabularySegmenter):
             maps = []
             for chunk in chunks:
                 store = AttentionStore(noisy.shape[-2:], token_index[chunk], token_weight[chunk], own_self_attention=True)
-                with record_attention(d.unet, store, self.cross_attn_factors, self_factors):
-                    d.unet_forward(noisy.expand(chunk.stop - chunk.start, -1, -1, -1), self.noise_step, context[chunk])
+                with record_attention(d.denoiser, store, **self.recorded_layers):
+                    d.denoise(noisy.expand(chunk.stop - chunk.start, -1, -1, -1), self.noise_step, context[chunk])
                 maps.append(self._combine(store))
             return torch.cat(maps)
         store = AttentionStore(noisy.shape[-2:], token_index, token_weight)
-        with record_attention(d.unet, store, self.cross_attn_factors, self_factors):
+        with record_attention(d.denoiser, store, **self.recorded_layers):
             for chunk in chunks:
                 store.batch_classes = chunk
-                d.unet_forward(noisy.expand(chunk.stop - chunk.start, -1, -1, -1), self.noise_step, context[chunk])
+                d.denoise(noisy.expand(chunk.stop - chunk.start, -1, -1, -1), self.noise_step, context[chunk])
         return self._combine(store)
 
     # ------------------------------------------------------------------ diffusion transformers
@@ -423,6 +439,19 @@ class DiffSegmenter(OpenVocabularySegmenter):
         """The blocks to read on a diffusion transformer (all when none are named), checked."""
         if readout not in ("attention", "concept"):
             raise ValueError(f"MODEL.DIFFSEG.TRANSFORMER.READOUT must be 'attention' or 'concept', not {readout!r}.")
+        key, title = "MODEL.DIFFSEG.TRANSFORMER.", diffusion.family.title
+        if not isinstance(diffusion, FrozenDiffusionTransformer):  # a cross-attention transformer (PixArt-Σ)
+            if readout != "attention" or direction != "image_to_text":
+                raise ValueError(f"{title} reads its text through cross-attention (image queries, text keys): "
+                                 f"{key}READOUT must be 'attention' and {key}DIRECTION 'image_to_text'.")
+            if text_segment not in diffusion.text_segments:
+                raise ValueError(f"{key}TEXT_SEGMENT = {text_segment!r}: the {title} text is {list(diffusion.text_segments)}.")
+            model = diffusion.denoiser
+            cross = checked_blocks(model, blocks, key + "BLOCKS", title, attention_blocks(model, "cross"), "cross-attention")
+            if refine_blocks:
+                checked_blocks(model, refine_blocks, key + "REFINE_BLOCKS", title, attention_blocks(model, "self"),
+                               "self-attention")
+            return tuple(cross), tuple(refine_blocks)
         if readout == "concept":
             try:
                 double = list(double_stream_blocks(diffusion.transformer))
@@ -433,7 +462,6 @@ class DiffSegmenter(OpenVocabularySegmenter):
             if any(b not in double for b in blocks):
                 raise ValueError(f"MODEL.DIFFSEG.TRANSFORMER.BLOCKS = {list(blocks)}: READOUT concept reads FLUX's "
                                  f"double-stream blocks, {double}.")
-        key, title = "MODEL.DIFFSEG.TRANSFORMER.", diffusion.family.title
         blocks = checked_blocks(diffusion.transformer, blocks, key + "BLOCKS", title)
         if refine_blocks:  # none named: no refinement (not every block)
             checked_blocks(diffusion.transformer, refine_blocks, key + "REFINE_BLOCKS", title)
