@@ -253,3 +253,24 @@ def test_flux_schnell_and_other_pipelines_are_told_apart(tmp_path, _session_cach
     shutil.rmtree(folder / "text_encoder_2")
     with pytest.raises(MissingWeightsError, match=r"FLUX\.1 \[dev\] folder .* missing text_encoder_2/config\.json"):
         load_diffusion_transformer(str(folder))
+
+
+@pytest.mark.parametrize("architecture, transformer_params", [("sd3", 2_028_328_000), ("flux-dev", 11_901_408_320)])
+def test_random_presets_are_the_released_transformers_with_text_encoders_of_the_released_widths(
+        architecture, transformer_params, _session_cache):
+    """Built on the meta device (no memory): the released parameter counts (SD3-medium 2.03 B, FLUX.1-dev
+    11.9 B) and the widths the transformer reads from its text encoders."""
+    from diffseg_d2.pretrained.diffusion_transformers import (
+        RELEASED_TRANSFORMERS, load_diffusion_transformer, names_transformer_family)
+
+    assert names_transformer_family(f"random:{architecture}") and not names_transformer_family("random:sd15")
+    with torch.device("meta"):
+        parts = load_diffusion_transformer(f"random:{architecture}")
+    assert parts.family.name == architecture
+    assert sum(p.numel() for p in parts.transformer.parameters()) == transformer_params
+    config = parts.transformer.config
+    assert {k: config[k] for k in RELEASED_TRANSFORMERS[architecture]} == RELEASED_TRANSFORMERS[architecture]
+    assert parts.t5_encoder.config.d_model == config.joint_attention_dim == 4096
+    pooled = sum(c.config.projection_dim if architecture == "sd3" else c.config.hidden_size for c in parts.clip_encoders)
+    assert pooled == config.pooled_projection_dim
+    assert parts.vae.config.latent_channels == 16 and len(parts.vae.config.block_out_channels) == 4

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+import torch
+
 from ..optional_imports import require
 from .frozen import load_pretrained, random_init
 from .stable_diffusion import (
@@ -43,7 +45,7 @@ from .stable_diffusion import (
     supported_families,
     supported_pipelines,
 )
-from .weights import MICRO, TINY, MissingWeightsError, WeightsLocation, resolve_weights
+from .weights import MICRO, RANDOM_PREFIX, TINY, MissingWeightsError, WeightsLocation, random_architecture, resolve_weights
 
 __all__ = ["DiffusionTransformerParts", "TRANSFORMER_FAMILIES", "TINY_TRANSFORMER_PRESETS", "TransformerFamily",
            "RELEASED_TRANSFORMERS", "MICRO_TRANSFORMER_PRESETS", "family_of_transformer_folder", "load_diffusion_transformer", "names_transformer_family",
@@ -188,6 +190,29 @@ _TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num
 # so that SD3's zero padding of the CLIP states is exercised.
 _TINY_T5 = dict(d_model=80, d_kv=8, d_ff=64, num_layers=2, num_heads=2, relative_attention_num_buckets=8,
                 relative_attention_max_distance=32, feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+#: The released transformers' shapes (their diffusers configs): what the configs' block names must exist in,
+#: and what tools/benchmark.py's ``sd3`` / ``flux`` presets build with random weights.
+RELEASED_TRANSFORMERS = {
+    # stabilityai/stable-diffusion-3-medium-diffusers: 24 joint blocks of 24 heads x 64.
+    "sd3": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+                num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                pooled_projection_dim=2048, pos_embed_max_size=192),
+    # black-forest-labs/FLUX.1-dev: 19 double- and 38 single-stream blocks of 24 heads x 128.
+    "flux-dev": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                     num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                     axes_dims_rope=(16, 56, 56)),
+}
+
+
+_FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                       base_image_seq_len=256, max_image_seq_len=4096)
+# The released SD3 / FLUX VAE (16 latent channels, four levels of two layers).
+_RELEASED_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=1024, latent_channels=16,
+                     use_quant_conv=False, use_post_quant_conv=False)
+_CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=1, num_attention_heads=12, projection_dim=768)
+_CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=1, num_attention_heads=20, projection_dim=1280)
+_T5_XXL_ONE_LAYER = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=1, num_heads=64, feed_forward_proj="gated-gelu",
+                         is_encoder_decoder=False)
 TRANSFORMER_ARCHITECTURES = {
     # SD3's MMDiT in small: two joint blocks, 2 heads of 8, 2x2 patches of a 16-channel latent.
     "tiny-sd3": {
@@ -208,24 +233,31 @@ TRANSFORMER_ARCHITECTURES = {
                             joint_attention_dim=_TINY_T5["d_model"], pooled_projection_dim=_TINY_CLIP["hidden_size"],
                             guidance_embeds=True, axes_dims_rope=(2, 2, 4)),
         "vae": dict(_TINY_VAE, scaling_factor=0.3611, shift_factor=0.1159),
-        "scheduler": dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
-                          max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
+        "scheduler": _FLUX_SCHEDULER,
+    },
+    # random:sd3 / random:flux-dev: the released transformers and VAEs (their diffusers configs) with random
+    # weights, for speed and memory measurements. Their text encoders have the released OUTPUT widths
+    # (CLIP-L 768, CLIP-G 1280, T5-XXL 4096) but one layer each (T5-XXL alone is 4.7 B parameters): text is
+    # encoded once per vocabulary, so an image's cost is the transformer's and the VAE's.
+    "sd3": {
+        "family": "sd3",
+        "transformer": RELEASED_TRANSFORMERS["sd3"],
+        "vae": dict(_RELEASED_VAE, scaling_factor=1.5305, shift_factor=0.0609),
+        "scheduler": dict(num_train_timesteps=1000, shift=3.0),
+        "clip": [_CLIP_L, _CLIP_G],
+        "t5": _T5_XXL_ONE_LAYER,
+    },
+    "flux-dev": {
+        "family": "flux-dev",
+        "transformer": RELEASED_TRANSFORMERS["flux-dev"],
+        "vae": dict(_RELEASED_VAE, scaling_factor=0.3611, shift_factor=0.1159),
+        "scheduler": _FLUX_SCHEDULER,
+        "clip": [{k: v for k, v in _CLIP_L.items() if k != "projection_dim"}],
+        "t5": _T5_XXL_ONE_LAYER,
     },
 }
-
-
-#: The released transformers' shapes (their diffusers configs): what the configs' block names must exist in,
-#: and what tools/benchmark.py's ``sd3`` / ``flux`` presets build with random weights.
-RELEASED_TRANSFORMERS = {
-    # stabilityai/stable-diffusion-3-medium-diffusers: 24 joint blocks of 24 heads x 64.
-    "sd3": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-                num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                pooled_projection_dim=2048, pos_embed_max_size=192),
-    # black-forest-labs/FLUX.1-dev: 19 double- and 38 single-stream blocks of 24 heads x 128.
-    "flux-dev": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                     num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                     axes_dims_rope=(16, 56, 56)),
-}
+#: The architectures of ``random:<architecture>`` weights.
+RANDOM_TRANSFORMERS = ("sd3", "flux-dev")
 
 
 def _t5_tokenizer(transformers):
@@ -267,13 +299,15 @@ def random_diffusion_transformer(architecture: str, clip_tokenizers, t5_tokenize
     sizes = TRANSFORMER_ARCHITECTURES[architecture]
     family = TRANSFORMER_FAMILIES[sizes["family"]]
     projected = family.clip_class == "CLIPTextModelWithProjection"
-    clip = dict(_TINY_CLIP) if projected else {k: v for k, v in _TINY_CLIP.items() if k != "projection_dim"}
+    tiny_clip = dict(_TINY_CLIP) if projected else {k: v for k, v in _TINY_CLIP.items() if k != "projection_dim"}
+    clips = sizes.get("clip", [tiny_clip] * len(clip_tokenizers))
     with random_init():
         transformer = getattr(diffusers, family.transformer)(**sizes["transformer"])
         vae = random_vae(diffusers, sizes["vae"])
-        clip_encoders = tuple(clip_text_encoder(transformers, t, clip, with_projection=projected) for t in clip_tokenizers)
+        clip_encoders = tuple(clip_text_encoder(transformers, t, c, with_projection=projected)
+                              for t, c in zip(clip_tokenizers, clips))
         t5_config = transformers.T5Config(vocab_size=len(t5_tokenizer), pad_token_id=t5_tokenizer.pad_token_id,
-                                          eos_token_id=t5_tokenizer.eos_token_id, **_TINY_T5)
+                                          eos_token_id=t5_tokenizer.eos_token_id, **sizes.get("t5", _TINY_T5))
         t5_encoder = transformers.T5EncoderModel(t5_config)
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**sizes["scheduler"])
     return DiffusionTransformerParts(transformer, vae, scheduler, clip_encoders, tuple(clip_tokenizers),
@@ -348,7 +382,9 @@ def names_transformer_family(weights: str, revision: Optional[str] = None) -> bo
     weights = (weights or "").strip()
     if weights in TINY_TRANSFORMER_PRESETS or weights in MICRO_TRANSFORMER_PRESETS:
         return True
-    if not weights or weights.startswith("random:") or weights in (TINY, MICRO, *TINY_SD_PRESETS):
+    if weights.startswith(RANDOM_PREFIX):
+        return weights[len(RANDOM_PREFIX):] in RANDOM_TRANSFORMERS
+    if not weights or weights in (TINY, MICRO, *TINY_SD_PRESETS):
         return False
     try:
         location = resolve_weights(weights, config_key=SD_WEIGHTS_KEY)
@@ -372,7 +408,10 @@ def load_diffusion_transformer(weights: str, revision: Optional[str] = None,
     family the weights name (see the module docstring).
 
     Args:
-        weights: hub id, local diffusers folder, or a tiny preset (``"tiny-sd3"``, ``"tiny-flux"``).
+        weights: hub id, local diffusers folder, a tiny preset (``"tiny-sd3"``, ``"tiny-flux"``), a micro-world
+            preset (``"micro-sd3"``, ``"micro-sd3-plain"``) or ``"random:sd3"`` / ``"random:flux-dev"`` (the released
+            transformer and VAE with random weights, one-layer text encoders of the released widths:
+            ``TRANSFORMER_ARCHITECTURES``; they segment nothing).
         revision: hub revision; ignored for local folders.
         dtype: torch dtype the weights are loaded in (None: float32). Real FLUX / SD3 weights are several
             GB per part: loading them in bfloat16 halves the memory a float32 load needs on the way.
@@ -383,6 +422,21 @@ def load_diffusion_transformer(weights: str, revision: Optional[str] = None,
     """
     diffusers = require("diffusers", "diffusers", "Loading a diffusion transformer")
     transformers = require("transformers", "transformers", "Loading a diffusion transformer")
+    architecture = random_architecture(weights, config_key=SD_WEIGHTS_KEY, choices=RANDOM_TRANSFORMERS)
+    if architecture is not None:
+        # The family's tokenizers (the real CLIP BPE vocabulary), from its tiny preset's folder.
+        family = TRANSFORMER_FAMILIES[TRANSFORMER_ARCHITECTURES[architecture]["family"]]
+        with torch.device("cpu"):  # the tiny folder is built with real tensors, also for a build on the meta device
+            folder = resolve_transformer_weights("tiny-sd3" if family.name == "sd3" else "tiny-flux").path
+        clip_tokenizers = [transformers.CLIPTokenizer.from_pretrained(folder, subfolder=family.tokenizer_of(e))
+                           for e in family.clip_encoders]
+        t5_tokenizer_cls = getattr(transformers, "T5TokenizerFast", None) or transformers.T5Tokenizer
+        t5_tokenizer = t5_tokenizer_cls.from_pretrained(folder, subfolder=family.tokenizer_of(family.t5_encoder))
+        parts = random_diffusion_transformer(architecture, clip_tokenizers, t5_tokenizer)
+        if dtype is not None:
+            for module in (parts.transformer, parts.vae, *parts.clip_encoders, parts.t5_encoder):
+                module.to(dtype)
+        return parts
     location = resolve_transformer_weights(weights)
     kwargs = {} if location.is_local or not revision else {"revision": revision}
 
