@@ -1,19 +1,29 @@
 """ODISE with the micro-world models, as a LazyConfig: the model of configs/micro/odise.yaml (the frozen micro
 diffusion UNet as the backbone with its implicit captioner, the micro CLIP, a small Mask2Former-style head),
 evaluated with the micro-world panoptic val split. tests/test_lazy_config.py builds both and compares them.
-The head is trained by tools/train_net.py (configs/micro/odise.yaml); evaluate a trained one with
+Train the head and evaluate it (the training settings of configs/micro/odise.yaml; the yacs route is
+tools/train_net.py), or evaluate a trained one:
 
+    .venv/bin/python tools/lazy_train_net.py --config-file configs/lazy/odise_micro.py
     .venv/bin/python tools/lazy_train_net.py --config-file configs/lazy/odise_micro.py --eval-only \\
-        model_weights=output/micro_odise/model_final.pth
+        model_weights=output/lazy_micro_odise/model_final.pth
 
 One CLIP model serves the captioner, the classifier and the inference ensemble: the backbone builds the
 captioner around ``captioner_clip``, and ODISE takes the backbone's CLIP when ``clip`` is not given.
 """
+import torch
 from detectron2.config import LazyCall as L
-from detectron2.data import DatasetMapper, build_detection_test_loader, get_detection_dataset_dicts
+from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data.transforms import RandomFlip, ResizeShortestEdge
 from detectron2.evaluation import COCOPanopticEvaluator
+from detectron2.solver import WarmupParamScheduler
+from detectron2.solver.build import get_default_optimizer_params
+from fvcore.common.param_scheduler import LinearParamScheduler
+
+from diffseg_d2.data.panoptic_mapper import MaskFormerPanopticMapper
 
 from diffseg_d2.diffusion import load_diffusion
+from diffseg_d2.engine.trainer import full_model_clipped
 from diffseg_d2.modeling.backbone.diffusion_unet import DiffusionUNetBackbone, level_shapes
 from diffseg_d2.modeling.heads.criterion import SetCriterion
 from diffseg_d2.modeling.heads.matcher import HungarianMatcher
@@ -68,3 +78,22 @@ dataloader = dict(
     ),
     evaluator=L(COCOPanopticEvaluator)(dataset_name=DATASET, output_dir="./output/lazy_micro_odise"),
 )
+
+# Training the head (tools/lazy_train_net.py without --eval-only), as configs/micro/odise.yaml trains it.
+dataloader["train"] = L(build_detection_train_loader)(
+    dataset=L(get_detection_dataset_dicts)(names=TRAIN_DATASET),
+    mapper=L(MaskFormerPanopticMapper)(is_train=True, image_format="RGB", augmentations=[
+        L(ResizeShortestEdge)(short_edge_length=(64,), max_size=64, sample_style="choice"), L(RandomFlip)()]),
+    total_batch_size=8,
+    num_workers=0,
+)
+optimizer = L(full_model_clipped)(  # Base-ODISE.yaml's AdamW with the whole model's gradient norm clipped at 0.01
+    optimizer=torch.optim.AdamW,
+    params=L(get_default_optimizer_params)(weight_decay_norm=0.0, weight_decay_bias=0.0),
+    lr=5e-4, weight_decay=0.05, max_norm=0.01,
+)
+lr_multiplier = L(WarmupParamScheduler)(  # constant after a linear warm-up of 50 iterations from 0.067
+    # (fvcore's ConstantParamScheduler refuses the scheduler's last step, where = 1.0; a flat line does not)
+    scheduler=L(LinearParamScheduler)(start_value=1.0, end_value=1.0), warmup_length=50 / 3000, warmup_factor=0.067)
+train = dict(output_dir="./output/lazy_micro_odise", init_checkpoint="", max_iter=3000, amp=dict(enabled=False),
+             checkpointer=dict(period=500, max_to_keep=2), log_period=20)

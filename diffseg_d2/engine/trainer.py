@@ -50,6 +50,12 @@ def _clip_full_model_norm(optimizer: type, max_norm: float, norm_type: float) ->
     return FullModelClipped
 
 
+def full_model_clipped(optimizer: type, params, *, max_norm: float, norm_type: float = 2.0, **kwargs):
+    """An ``optimizer`` over ``params`` (``**kwargs`` its settings) that clips the norm of all its gradients
+    together before each step: ``SOLVER.CLIP_GRADIENTS`` "full_model", for LazyConfig files."""
+    return _clip_full_model_norm(optimizer, max_norm, norm_type)(params, **kwargs)
+
+
 class DiffSegTrainer(DefaultTrainer):
     def __init__(self, cfg):
         # DefaultTrainer.__init__'s steps in its order, with two changes: the model is wrapped by
