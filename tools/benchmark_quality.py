@@ -5,6 +5,8 @@
     python tools/benchmark_quality.py --write BENCHMARKS.md    # and into its section of BENCHMARKS.md
     python tools/benchmark_quality.py --count 50 --rows DAAM   # a quick look: fewer scenes, some rows
     python tools/benchmark_quality.py --split test             # the test split instead of val
+    python tools/benchmark_quality.py --rows "reference mode (the paper" "transformer" \
+        --section transformer --write BENCHMARKS.md              # some rows, in a section of their own
     python tools/benchmark_quality.py --objects-only --rows FreeDA  # background pixels ignored, as VOC20
     python tools/benchmark_quality.py --split train --count 100 --rows FreeDA \
         --opts MODEL.DIFFSEG.BACKGROUND_THRESHOLD 0.3          # choosing a setting: on train scenes only
@@ -50,6 +52,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 MICRO = os.path.join(ROOT, "configs", "micro")
 DIFFSEGMENTER = os.path.join(MICRO, "diffsegmenter.yaml")
+DIFFSEGMENTER_SD3 = os.path.join(MICRO, "diffsegmenter_sd3.yaml")
 SECTION = "tools/benchmark_quality.py microworld"
 FREEDA = os.path.join(MICRO, "freeda.yaml")
 FREEDA_OURS_ALL = [
@@ -154,6 +157,8 @@ DIFFSEG_REF = ("DiffSegmenter, reference mode (the paper configs' computation: o
                "filter keeps are prompted; no captioner)")
 FREEDA_REF = (f"FreeDA, reference mode (bank: {FREEDA_CAPTIONS} train captions, micro diffusion + dense encoder "
               "+ CLIP)")
+DIFFSEG_SD3_REF = ("DiffSegmenter, reference mode, micro diffusion TRANSFORMER (SD3 family, joint-attention "
+                   "read-outs; blocks and step chosen on train scenes)")
 ODISE_REF = "ODISE, reference mode (head trained on the panoptic train split; colour-shapes are open-vocabulary)"
 
 
@@ -185,6 +190,12 @@ ROWS = [
         OURS_ALL, against=DIFFSEG_REF),
     Row("DiffSegmenter, reference mode, model trained WITHOUT the alignment loss", DIFFSEGMENTER,
         ["MODEL.DIFFSEG.SD.WEIGHTS", PLAIN_WEIGHTS], against=DIFFSEG_REF),
+    # The same method on the micro diffusion transformer (configs/micro/diffsegmenter_sd3.yaml).
+    Row(DIFFSEG_SD3_REF, DIFFSEGMENTER_SD3, [], panoptic=True, against=DIFFSEG_REF),
+    Row("DiffSegmenter, micro transformer, joint attention only (no refinement)", DIFFSEGMENTER_SD3,
+        ["MODEL.DIFFSEG.REFINE", "False"], against=DIFFSEG_SD3_REF),
+    Row("DiffSegmenter, micro transformer trained WITHOUT the alignment loss", DIFFSEGMENTER_SD3,
+        ["MODEL.DIFFSEG.SD.WEIGHTS", "micro-sd3-plain"], against=DIFFSEG_SD3_REF),
     Row(FREEDA_REF, FREEDA, [], prepare=freeda_bank, panoptic=True),
     # Our departures, one at a time against reference mode.
     Row("FreeDA, ours: whole-image pipeline", FREEDA, ["MODEL.DIFFSEG.FREEDA.PIPELINE", "whole"], prepare=freeda_bank,
@@ -385,6 +396,9 @@ def main(argv=None):
     p.add_argument("--objects-only", action="store_true",
                    help="evaluate on the splits without a background class (its pixels ignored), no PQ")
     p.add_argument("--write", metavar="FILE", help="also replace this tool's section in FILE (e.g. BENCHMARKS.md)")
+    p.add_argument("--section", metavar="NAME", default="",
+                   help="with --write and --rows: write a section of its own, named 'microworld NAME' (e.g. "
+                        "'transformer'), instead of replacing the full table's")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
     rows_wanted = [r for r in ROWS if not args.rows or any(t.lower() in r.label.lower() for t in args.rows)]
@@ -406,7 +420,7 @@ def main(argv=None):
     if args.write:
         from diffseg_d2.evaluation.report import update_marked_section
 
-        name = SECTION + (" objects-only" if args.objects_only else "")
+        name = SECTION + (f" {args.section}" if args.section else "") + (" objects-only" if args.objects_only else "")
         update_marked_section(args.write, name if args.split == "val" else f"{name} {args.split}", section)
     return rows
 
