@@ -98,6 +98,18 @@ def _sd3():
                                  pooled_projection_dim=8, out_channels=4, pos_embed_max_size=16).eval()
 
 
+def _sd35():
+    """SD3.5's block structure: query / key RMS norms in every block, and blocks with a second attention
+    (``attn2``: the image tokens alone) beside the joint one."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                 num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                 pooled_projection_dim=8, out_channels=4, pos_embed_max_size=16,
+                                 qk_norm="rms_norm", dual_attention_layers=(0,)).eval()
+
+
 def _sd3_inputs(h, w, text=7):
     g = torch.Generator().manual_seed(1)
     return dict(hidden_states=torch.randn(1, 4, h, w, generator=g), encoder_hidden_states=torch.randn(1, text, 16, generator=g),
@@ -107,6 +119,7 @@ def _sd3_inputs(h, w, text=7):
 MODELS = {
     "flux": (_flux, _flux_inputs, "diffusers.models.transformers.transformer_flux.dispatch_attention_fn"),
     "sd3": (_sd3, _sd3_inputs, "torch.nn.functional.scaled_dot_product_attention"),
+    "sd3.5": (_sd35, _sd3_inputs, "torch.nn.functional.scaled_dot_product_attention"),
 }
 
 
@@ -136,16 +149,16 @@ def test_recorded_readouts_of_every_block_equal_the_materialised_softmax(kind, s
     probabilities; and the model's output is bit-identical with and without recording."""
     build, inputs, kernel = MODELS[kind]
     # FLUX: a grid of packed latent tokens; SD3: a latent that its 2x2 patches tile.
-    size = {("flux", "square"): (4, 4), ("flux", "non-square"): (3, 5),
-            ("sd3", "square"): (8, 8), ("sd3", "non-square"): (6, 10)}[kind, shape]
+    size = {("flux", "square"): (4, 4), ("flux", "non-square"): (3, 5)}.get(
+        (kind, shape), (8, 8) if shape == "square" else (6, 10))
     model = build()
     x = inputs(*size)
     layers = joint_attention_layers(model)
-    assert layers and (kind == "sd3") == all(layers.values())
+    assert layers and kind.startswith("sd3") == all(layers.values())
     if kind == "flux":
         assert any(n.startswith("single_transformer_blocks") for n in layers)
     text_len = x["encoder_hidden_states"].shape[1]
-    n_img = size[0] * size[1] // (4 if kind == "sd3" else 1)
+    n_img = size[0] * size[1] // (1 if kind == "flux" else 4)
     with torch.no_grad():
         plain = model(**x).sample
         stores = {}
@@ -158,6 +171,9 @@ def test_recorded_readouts_of_every_block_equal_the_materialised_softmax(kind, s
         captured = []
         _materialising(monkeypatch, kernel, captured)
         model(**x)
+    if kind == "sd3.5":  # its image-only attn2 ran too, and the joint layers normalise queries and keys
+        assert any(p.shape[-1] == n_img for p in captured) and model.transformer_blocks[0].attn.norm_q is not None
+    captured = [p for p in captured if p.shape[-1] == n_img + text_len]
     assert len(captured) == len(layers)
     for (name, image_first), probs in zip(layers.items(), captured):  # blocks run in this order
         image, text = joint_layout(image_first, n_img, text_len)
