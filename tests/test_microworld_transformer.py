@@ -37,7 +37,7 @@ def test_text_lengths_follow_the_tokenizers_but_never_exceed_the_pipeline_defaul
 
 
 def test_alignment_reader_leaves_the_output_unchanged_and_reads_each_words_text_attention():
-    from diffseg_d2.diffusion.joint_attention import _sd3_query_key
+    from diffseg_d2.diffusion.joint_attention import sd3_query_key
     from diffseg_d2.microworld.train_transformer import MICRO_SD3, AlignmentReader
 
     diffusers = pytest.importorskip("diffusers")
@@ -58,7 +58,7 @@ def test_alignment_reader_leaves_the_output_unchanged_and_reads_each_words_text_
     _, n, maps = reader.maps[0]
     assert n == 8 * 12 and maps.shape == (2, n) and maps.requires_grad
     # The first block's read-out, recomputed: image queries' softmax over the text keys, word tokens, heads.
-    q, k = _sd3_query_key(block, seen[0]["hidden_states"], seen[0]["encoder_hidden_states"])
+    q, k = sd3_query_key(block, seen[0]["hidden_states"], seen[0]["encoder_hidden_states"])
     probs = (q[1, :, :n] @ k[1, :, n:].transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1).mean(0)  # (N, 6)
     expected = torch.stack([(probs[:, 1] + probs[:, 2]) / 2, probs[:, 4]])
     torch.testing.assert_close(maps, expected, rtol=1e-5, atol=1e-6)

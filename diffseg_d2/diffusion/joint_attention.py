@@ -23,7 +23,7 @@ import torch
 from .instrumentation import SharedInstrumentation, shared_instrumentation, wrap_attention_processors
 from .readouts import image_self_apply, image_to_text, joint_layout, text_to_image
 
-__all__ = ["JointAttentionStore", "checked_blocks", "joint_attention_layers", "record_joint_attention"]
+__all__ = ["JointAttentionStore", "checked_blocks", "joint_attention_layers", "record_joint_attention", "sd3_query_key"]
 
 DIRECTIONS = ("image_to_text", "text_to_image")
 
@@ -138,7 +138,7 @@ def _heads_first(x: torch.Tensor, attn) -> torch.Tensor:
     return x.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
 
 
-def _sd3_query_key(attn, hidden_states, encoder_hidden_states):
+def sd3_query_key(attn, hidden_states, encoder_hidden_states):
     """SD3's JointAttnProcessor2_0 queries and keys: image then text, (B, H, S, D)."""
     query, key = _heads_first(attn.to_q(hidden_states), attn), _heads_first(attn.to_k(hidden_states), attn)
     if attn.norm_q is not None:
@@ -194,7 +194,7 @@ class _JointRecordingProcessor:
             if self.image_first:
                 if encoder_hidden_states is None:
                     return  # not a joint layer call
-                query, key = _sd3_query_key(attn, hidden_states, encoder_hidden_states)
+                query, key = sd3_query_key(attn, hidden_states, encoder_hidden_states)
                 text_len = encoder_hidden_states.shape[1]
             else:
                 query, key = _flux_query_key(attn, hidden_states, encoder_hidden_states, image_rotary_emb)

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ..diffusion.frozen_transformer import PromptIds, encode_prompt_ids, tokenize_prompts
-from ..diffusion.joint_attention import _sd3_query_key, joint_attention_layers
+from ..diffusion.joint_attention import joint_attention_layers, sd3_query_key
 from ..diffusion.prompts import find_subsequence, token_mean_table
 from ..optional_imports import require
 from ..pretrained.diffusion_transformers import TRANSFORMER_FAMILIES, t5_word_tokenizer
@@ -110,7 +110,7 @@ class AlignmentReader:
     def _wrap(self, original):
         def processor(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
             if encoder_hidden_states is not None and any(r is not None for r in self.requests):
-                query, key = _sd3_query_key(attn, hidden_states, encoder_hidden_states)
+                query, key = sd3_query_key(attn, hidden_states, encoder_hidden_states)
                 n = hidden_states.shape[1]
                 scale = query.shape[-1] ** -0.5
                 for b, request in enumerate(self.requests):
