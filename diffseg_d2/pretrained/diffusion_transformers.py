@@ -23,7 +23,6 @@ same code). Random weights segment nothing; their outputs carry no meaning.
 """
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,14 +37,16 @@ from .stable_diffusion import (
     TINY_SD_PRESETS,
     UnsupportedFamilyError,
     check_family_folder,
+    pipeline_named_by,
     read_weights_json,
+    resolve_pipeline_weights,
     clip_text_encoder,
     random_vae,
     write_clip_tokenizer,
     supported_families,
     supported_pipelines,
 )
-from .weights import MICRO, RANDOM_PREFIX, TINY, MissingWeightsError, WeightsLocation, random_architecture, resolve_weights
+from .weights import MICRO, RANDOM_PREFIX, TINY, MissingWeightsError, WeightsLocation, random_architecture
 
 __all__ = ["DiffusionTransformerParts", "TRANSFORMER_FAMILIES", "TINY_TRANSFORMER_PRESETS", "TransformerFamily",
            "RELEASED_TRANSFORMERS", "MICRO_TRANSFORMER_PRESETS", "family_of_transformer_folder", "load_diffusion_transformer", "names_transformer_family",
@@ -362,12 +363,7 @@ def resolve_transformer_weights(weights: str) -> WeightsLocation:
                 f"repository; to rebuild them run `python tools/train_microworld.py --threads 1 transformer "
                 f"--output {folder}{options}`.")
         weights = str(folder)
-    if weights in TINY_TRANSFORMER_PRESETS:
-        folder, architecture = TINY_TRANSFORMER_PRESETS[weights]
-        builder = functools.partial(build_tiny_diffusion_transformer, architecture=architecture)
-        return resolve_weights(TINY, config_key=SD_WEIGHTS_KEY, tiny=(folder, builder))
-    # The family's own files are checked once model_index.json has named it.
-    return resolve_weights(weights, config_key=SD_WEIGHTS_KEY, required_files=("model_index.json",))
+    return resolve_pipeline_weights(weights, TINY_TRANSFORMER_PRESETS, build_tiny_diffusion_transformer)
 
 
 def names_transformer_family(weights: str, revision: Optional[str] = None) -> bool:
@@ -386,18 +382,12 @@ def names_transformer_family(weights: str, revision: Optional[str] = None) -> bo
         return weights[len(RANDOM_PREFIX):] in RANDOM_TRANSFORMERS
     if not weights or weights in (TINY, MICRO, *TINY_SD_PRESETS):
         return False
-    try:
-        location = resolve_weights(weights, config_key=SD_WEIGHTS_KEY)
-        kwargs = {} if location.is_local or not revision else {"revision": revision}
-        model_index = read_weights_json(location, "model_index.json", kwargs)
-    except Exception:  # noqa: BLE001 - the UNet loader reports unreadable weights with the full message
-        return False
-    pipeline = (model_index or {}).get("_class_name")
+    pipeline, where = pipeline_named_by(weights, revision)
     if pipeline in {f.pipeline for f in TRANSFORMER_FAMILIES.values()}:
         return True
     if pipeline is not None and pipeline not in supported_pipelines():
         raise UnsupportedFamilyError(
-            f"{SD_WEIGHTS_KEY} = '{location.path}' holds a {pipeline}; it must name a model of a supported family: "
+            f"{SD_WEIGHTS_KEY} = '{where}' holds a {pipeline}; it must name a model of a supported family: "
             f"{supported_families()}.")
     return False
 

@@ -20,7 +20,6 @@ code. Random weights segment nothing; their outputs carry no meaning.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -31,11 +30,13 @@ from .stable_diffusion import (
     SD_WEIGHTS_KEY,
     UnsupportedFamilyError,
     check_family_folder,
+    pipeline_named_by,
     random_vae,
     read_weights_json,
+    resolve_pipeline_weights,
     supported_families,
 )
-from .weights import TINY, WeightsLocation, resolve_weights
+from .weights import WeightsLocation
 
 __all__ = ["PIXART_FAMILIES", "PixArtFamily", "PixArtParts", "TINY_PIXART_PRESETS", "family_of_pixart_folder",
            "load_pixart", "names_pixart_family"]
@@ -151,13 +152,7 @@ def build_tiny_pixart(folder: Path, architecture: str) -> None:
 def resolve_pixart_weights(weights: str) -> WeightsLocation:
     """Where ``MODEL.DIFFSEG.SD.WEIGHTS`` points for PixArt (a hub id, a local folder or the tiny preset,
     built into the cache on first use)."""
-    weights = (weights or "").strip()
-    if weights in TINY_PIXART_PRESETS:
-        folder, architecture = TINY_PIXART_PRESETS[weights]
-        builder = functools.partial(build_tiny_pixart, architecture=architecture)
-        return resolve_weights(TINY, config_key=SD_WEIGHTS_KEY, tiny=(folder, builder))
-    # The family's own files are checked once model_index.json has named it.
-    return resolve_weights(weights, config_key=SD_WEIGHTS_KEY, required_files=("model_index.json",))
+    return resolve_pipeline_weights(weights, TINY_PIXART_PRESETS, build_tiny_pixart)
 
 
 def names_pixart_family(weights: str, revision: Optional[str] = None) -> bool:
@@ -167,13 +162,7 @@ def names_pixart_family(weights: str, revision: Optional[str] = None) -> bool:
     weights = (weights or "").strip()
     if weights in TINY_PIXART_PRESETS:
         return True
-    try:
-        location = resolve_weights(weights, config_key=SD_WEIGHTS_KEY)
-        kwargs = {} if location.is_local or not revision else {"revision": revision}
-        model_index = read_weights_json(location, "model_index.json", kwargs)
-    except Exception:  # noqa: BLE001 - the other loaders report unreadable weights with the full message
-        return False
-    return (model_index or {}).get("_class_name") in {f.pipeline for f in PIXART_FAMILIES.values()}
+    return pipeline_named_by(weights, revision)[0] in {f.pipeline for f in PIXART_FAMILIES.values()}
 
 
 def load_pixart(weights: str, revision: Optional[str] = None, dtype=None) -> PixArtParts:

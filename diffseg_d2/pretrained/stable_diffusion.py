@@ -390,6 +390,32 @@ def read_weights_json(location: WeightsLocation, name: str, kwargs: dict) -> Opt
         return json.load(f)
 
 
+def resolve_pipeline_weights(weights: str, tiny_presets: Dict[str, Tuple[str, str]], build_tiny) -> WeightsLocation:
+    """Where ``MODEL.DIFFSEG.SD.WEIGHTS`` points for a family whose tiny presets are ``tiny_presets`` (name ->
+    (cache folder, architecture), built on first use by ``build_tiny(folder, architecture=...)``): that cache
+    folder, or a hub id / local folder holding a ``model_index.json`` (the family's own files are checked once
+    it has named the family)."""
+    weights = (weights or "").strip()
+    if weights in tiny_presets:
+        folder, architecture = tiny_presets[weights]
+        return resolve_weights(TINY, config_key=SD_WEIGHTS_KEY,
+                               tiny=(folder, functools.partial(build_tiny, architecture=architecture)))
+    return resolve_weights(weights, config_key=SD_WEIGHTS_KEY, required_files=("model_index.json",))
+
+
+def pipeline_named_by(weights: str, revision: Optional[str] = None) -> Tuple[Optional[str], str]:
+    """``(pipeline class, where)``: the ``_class_name`` that the ``model_index.json`` of a folder or hub id names
+    and the resolved path; ``(None, ...)`` when there is none or it cannot be read (the loaders report
+    unreadable weights with the full message)."""
+    try:
+        location = resolve_weights(weights, config_key=SD_WEIGHTS_KEY)
+        kwargs = {} if location.is_local or not revision else {"revision": revision}
+        model_index = read_weights_json(location, "model_index.json", kwargs)
+    except Exception:  # noqa: BLE001 - see the docstring
+        return None, str(weights)
+    return (model_index or {}).get("_class_name"), location.path
+
+
 def load_stable_diffusion(weights: str, revision: Optional[str] = None) -> StableDiffusionParts:
     """Load UNet, VAE, text encoder(s), tokenizer(s) and a DDIM scheduler (float32, CPU), of the family
     the weights name (see the module docstring).
