@@ -37,6 +37,7 @@ from .stable_diffusion import (
     TINY_SD_PRESETS,
     UnsupportedFamilyError,
     check_family_folder,
+    FolderParts,
     pipeline_named_by,
     read_weights_json,
     resolve_pipeline_weights,
@@ -46,6 +47,7 @@ from .stable_diffusion import (
     supported_families,
     supported_pipelines,
 )
+from .tokens import t5_tokenizer_class
 from .weights import MICRO, RANDOM_PREFIX, TINY, MissingWeightsError, WeightsLocation, random_architecture
 
 __all__ = ["DiffusionTransformerParts", "TRANSFORMER_FAMILIES", "TINY_TRANSFORMER_PRESETS", "TransformerFamily",
@@ -275,9 +277,13 @@ def _t5_tokenizer(transformers):
     ])
     tok.train_from_iterator(_T5_CORPUS, trainer)
     pieces = [tuple(p) for p in json.loads(tok.to_str())["model"]["vocab"]]
-    # T5TokenizerFast builds T5's normaliser-free pipeline around the pieces; no sentinel tokens.
-    cls = getattr(transformers, "T5TokenizerFast", None) or transformers.T5Tokenizer
-    return cls(vocab=pieces, extra_ids=0, model_max_length=512)
+    return _t5_from_pieces(transformers, pieces, model_max_length=512)
+
+
+def _t5_from_pieces(transformers, pieces, model_max_length: int):
+    """A T5 tokenizer over unigram ``pieces`` ((piece, log-probability), ``<pad>`` ``</s>`` ``<unk>`` first): the
+    fast class builds T5's normaliser-free pipeline around them; no sentinel tokens."""
+    return t5_tokenizer_class(transformers)(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
 
 
 def t5_word_tokenizer(transformers, words, model_max_length: int):
@@ -288,8 +294,7 @@ def t5_word_tokenizer(transformers, words, model_max_length: int):
     chars = sorted({c for w in words for c in w} | {",", "."})
     pieces = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -10.0)] + [(f"\u2581{w}", -1.0) for w in words]
               + [(c, -10.0) for c in chars])
-    cls = getattr(transformers, "T5TokenizerFast", None) or transformers.T5Tokenizer
-    return cls(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+    return _t5_from_pieces(transformers, pieces, model_max_length)
 
 
 def random_diffusion_transformer(architecture: str, clip_tokenizers, t5_tokenizer) -> DiffusionTransformerParts:
@@ -420,8 +425,7 @@ def load_diffusion_transformer(weights: str, revision: Optional[str] = None,
             folder = resolve_transformer_weights("tiny-sd3" if family.name == "sd3" else "tiny-flux").path
         clip_tokenizers = [transformers.CLIPTokenizer.from_pretrained(folder, subfolder=family.tokenizer_of(e))
                            for e in family.clip_encoders]
-        t5_tokenizer_cls = getattr(transformers, "T5TokenizerFast", None) or transformers.T5Tokenizer
-        t5_tokenizer = t5_tokenizer_cls.from_pretrained(folder, subfolder=family.tokenizer_of(family.t5_encoder))
+        t5_tokenizer = t5_tokenizer_class(transformers).from_pretrained(folder, subfolder=family.tokenizer_of(family.t5_encoder))
         parts = random_diffusion_transformer(architecture, clip_tokenizers, t5_tokenizer)
         if dtype is not None:
             for module in (parts.transformer, parts.vae, *parts.clip_encoders, parts.t5_encoder):
@@ -436,22 +440,16 @@ def load_diffusion_transformer(weights: str, revision: Optional[str] = None,
                                               f"{SD_WEIGHTS_KEY} = '{location.path}'")
         check_family_folder(location, family)
 
-        def part(cls, subfolder, **extra):
-            return cls.from_pretrained(location.path, subfolder=subfolder, **extra, **kwargs)
-
-        # diffusers names the load dtype torch_dtype, transformers 5 dtype.
-        weights_d = {"use_safetensors": True, **({"torch_dtype": dtype} if dtype is not None else {})}
-        weights_t = {"use_safetensors": True, **({"dtype": dtype} if dtype is not None else {})}
+        part = FolderParts(location, kwargs, dtype)
         clip_cls = getattr(transformers, family.clip_class)
-        t5_tokenizer_cls = getattr(transformers, "T5TokenizerFast", None) or transformers.T5Tokenizer
         return DiffusionTransformerParts(
-            transformer=part(getattr(diffusers, family.transformer), "transformer", **weights_d),
-            vae=part(diffusers.AutoencoderKL, "vae", **weights_d),
-            scheduler=part(diffusers.FlowMatchEulerDiscreteScheduler, "scheduler"),
-            clip_encoders=tuple(part(clip_cls, e, **weights_t) for e in family.clip_encoders),
-            clip_tokenizers=tuple(part(transformers.CLIPTokenizer, family.tokenizer_of(e)) for e in family.clip_encoders),
-            t5_encoder=part(transformers.T5EncoderModel, family.t5_encoder, **weights_t),
-            t5_tokenizer=part(t5_tokenizer_cls, family.tokenizer_of(family.t5_encoder)),
+            transformer=part.weights(getattr(diffusers, family.transformer), "transformer"),
+            vae=part.weights(diffusers.AutoencoderKL, "vae"),
+            scheduler=part.files(diffusers.FlowMatchEulerDiscreteScheduler, "scheduler"),
+            clip_encoders=tuple(part.weights(clip_cls, e) for e in family.clip_encoders),
+            clip_tokenizers=tuple(part.files(transformers.CLIPTokenizer, family.tokenizer_of(e)) for e in family.clip_encoders),
+            t5_encoder=part.weights(transformers.T5EncoderModel, family.t5_encoder),
+            t5_tokenizer=part.files(t5_tokenizer_class(transformers), family.tokenizer_of(family.t5_encoder)),
             family=family,
         )
 

@@ -29,6 +29,7 @@ from .frozen import load_pretrained, random_init
 from .stable_diffusion import (
     SD_WEIGHTS_KEY,
     UnsupportedFamilyError,
+    FolderParts,
     check_family_folder,
     pipeline_named_by,
     random_vae,
@@ -36,6 +37,7 @@ from .stable_diffusion import (
     resolve_pipeline_weights,
     supported_families,
 )
+from .tokens import t5_tokenizer_class
 from .weights import WeightsLocation
 
 __all__ = ["PIXART_FAMILIES", "PixArtFamily", "PixArtParts", "TINY_PIXART_PRESETS", "family_of_pixart_folder",
@@ -187,20 +189,14 @@ def load_pixart(weights: str, revision: Optional[str] = None, dtype=None) -> Pix
                                          f"{SD_WEIGHTS_KEY} = '{location.path}'")
         check_family_folder(location, family)
 
-        def part(cls, subfolder, **extra):
-            return cls.from_pretrained(location.path, subfolder=subfolder, **extra, **kwargs)
-
-        # diffusers names the load dtype torch_dtype, transformers 5 dtype.
-        weights_d = {"use_safetensors": True, **({"torch_dtype": dtype} if dtype is not None else {})}
-        weights_t = {"use_safetensors": True, **({"dtype": dtype} if dtype is not None else {})}
-        tokenizer_cls = getattr(transformers, "T5TokenizerFast", None) or transformers.T5Tokenizer
+        part = FolderParts(location, kwargs, dtype)
         return PixArtParts(
-            transformer=part(getattr(diffusers, family.transformer), "transformer", **weights_d),
-            vae=part(diffusers.AutoencoderKL, "vae", **weights_d),
-            text_encoder=part(transformers.T5EncoderModel, "text_encoder", **weights_t),
-            tokenizer=part(tokenizer_cls, "tokenizer"),
+            transformer=part.weights(getattr(diffusers, family.transformer), "transformer"),
+            vae=part.weights(diffusers.AutoencoderKL, "vae"),
+            text_encoder=part.weights(transformers.T5EncoderModel, "text_encoder"),
+            tokenizer=part.files(t5_tokenizer_class(transformers), "tokenizer"),
             # The noise schedule (betas, prediction type) is what matters; DDIM reads the same keys.
-            scheduler=part(diffusers.DDIMScheduler, "scheduler"),
+            scheduler=part.files(diffusers.DDIMScheduler, "scheduler"),
             family=family,
         )
 

@@ -390,6 +390,24 @@ def read_weights_json(location: WeightsLocation, name: str, kwargs: dict) -> Opt
         return json.load(f)
 
 
+class FolderParts:
+    """Reads the parts of one diffusers folder or hub id: ``weights(cls, subfolder)`` a model, from safetensors
+    only, in ``dtype`` (None: as the class loads it, float32); ``files(cls, subfolder)`` a tokenizer or a
+    scheduler config. ``kwargs``: what every read passes on (a hub revision)."""
+
+    def __init__(self, location: WeightsLocation, kwargs: dict, dtype=None):
+        self.location, self.kwargs, self.dtype = location, kwargs, dtype
+
+    def weights(self, cls, subfolder: str):
+        # diffusers names the load dtype torch_dtype, transformers 5 dtype.
+        name = "torch_dtype" if cls.__module__.startswith("diffusers") else "dtype"
+        extra = {} if self.dtype is None else {name: self.dtype}
+        return self.files(cls, subfolder, use_safetensors=True, **extra)
+
+    def files(self, cls, subfolder: str, **extra):
+        return cls.from_pretrained(self.location.path, subfolder=subfolder, **extra, **self.kwargs)
+
+
 def resolve_pipeline_weights(weights: str, tiny_presets: Dict[str, Tuple[str, str]], build_tiny) -> WeightsLocation:
     """Where ``MODEL.DIFFSEG.SD.WEIGHTS`` points for a family whose tiny presets are ``tiny_presets`` (name ->
     (cache folder, architecture), built on first use by ``build_tiny(folder, architecture=...)``): that cache
@@ -450,20 +468,18 @@ def load_stable_diffusion(weights: str, revision: Optional[str] = None) -> Stabl
                                   f"{SD_WEIGHTS_KEY} = '{location.path}'")
         check_family_folder(location, family)
 
-        def part(cls, subfolder, **extra):
-            return cls.from_pretrained(location.path, subfolder=subfolder, **extra, **kwargs)
-
+        part = FolderParts(location, kwargs)
         second = family.text_encoders[1:] and family.text_encoders[1]
         return StableDiffusionParts(
-            unet=part(diffusers.UNet2DConditionModel, "unet", use_safetensors=True),
-            vae=part(diffusers.AutoencoderKL, "vae", use_safetensors=True),
-            text_encoder=part(transformers.CLIPTextModel, "text_encoder", use_safetensors=True),
-            tokenizer=part(transformers.CLIPTokenizer, "tokenizer"),
+            unet=part.weights(diffusers.UNet2DConditionModel, "unet"),
+            vae=part.weights(diffusers.AutoencoderKL, "vae"),
+            text_encoder=part.weights(transformers.CLIPTextModel, "text_encoder"),
+            tokenizer=part.files(transformers.CLIPTokenizer, "tokenizer"),
             # SD 1.5 ships a PNDM scheduler config, SDXL an Euler one; the noise schedule (betas,
             # prediction type) is what matters here and DDIM reads the same keys.
-            scheduler=part(diffusers.DDIMScheduler, "scheduler"),
-            text_encoder_2=part(transformers.CLIPTextModelWithProjection, second, use_safetensors=True) if second else None,
-            tokenizer_2=part(transformers.CLIPTokenizer, "tokenizer_2") if second else None,
+            scheduler=part.files(diffusers.DDIMScheduler, "scheduler"),
+            text_encoder_2=part.weights(transformers.CLIPTextModelWithProjection, second) if second else None,
+            tokenizer_2=part.files(transformers.CLIPTokenizer, "tokenizer_2") if second else None,
             family=family,
         )
 

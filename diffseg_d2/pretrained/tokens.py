@@ -11,6 +11,11 @@ import torch
 from ..optional_imports import require
 
 
+def t5_tokenizer_class(transformers):
+    """The T5 tokenizer class to use: the fast one (the ``tokenizers`` library's), else the sentence-piece one."""
+    return getattr(transformers, "T5TokenizerFast", None) or transformers.T5Tokenizer
+
+
 def find_subsequence(seq: Sequence[int], sub: Sequence[int], start: int = 0) -> int:
     """Start of the first occurrence of ``sub`` in ``seq`` (token ids) at or after ``start``, or -1."""
     if not sub:
