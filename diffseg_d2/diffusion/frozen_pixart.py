@@ -12,7 +12,7 @@ families' (``CrossAttentionDiffusion``). The transformer's attention layers all 
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -102,14 +102,6 @@ class FrozenPixArt(CrossAttentionDiffusion):
         kw = dict(device=latents.device, dtype=self.dtype)
         return {"resolution": torch.tensor([[h, w]], **kw).expand(B, -1),
                 "aspect_ratio": torch.tensor([[h / w]], **kw).expand(B, -1)}
-
-    def check_latent_size(self, latent_size: Sequence[int]) -> None:
-        """Raise unless a (h, w) latent is tiled by the transformer's patches."""
-        h, w = (int(s) for s in latent_size[-2:])
-        if h % self.patch or w % self.patch:
-            raise ValueError(f"A {h}x{w} latent is not tiled by the {self.family.title} transformer's "
-                             f"{self.patch}x{self.patch} patches: image sides must be multiples of "
-                             f"{self.patch * self.latent_factor} pixels.")
 
     def denoise(self, latents: torch.Tensor, step: int, context: PromptEmbeds, *, grad: bool = False) -> torch.Tensor:
         """One transformer call at timestep ``step``: latents (B, C, h, w) (h, w multiples of ``patch``),

@@ -119,11 +119,8 @@ class FrozenDiffusionTransformer(FrozenDiffusion):
 
     def image_tokens(self, latent_size: Sequence[int]) -> int:
         """N_img, the image tokens of a (h, w) latent (h and w multiples of ``patch``)."""
+        self.check_latent_size(latent_size)
         h, w = (int(s) for s in latent_size[-2:])
-        if h % self.patch or w % self.patch:
-            raise ValueError(f"A {h}x{w} latent is not tiled by the {self.family.title} transformer's "
-                             f"{self.patch}x{self.patch} patches: image sides must be multiples of "
-                             f"{self.patch * self.latent_factor} pixels.")
         return (h // self.patch) * (w // self.patch)
 
     @property

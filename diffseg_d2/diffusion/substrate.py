@@ -82,6 +82,15 @@ class FrozenDiffusion(FrozenModel):
         """Pixels per latent cell along each side (8 for Stable Diffusion's VAEs)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    def check_latent_size(self, latent_size: Sequence[int]) -> None:
+        """Raise unless a (h, w) latent is tiled by a transformer's ``patch`` x ``patch`` patches (the
+        transformer substrates define ``patch``, latent cells per image token along each side)."""
+        h, w = (int(s) for s in latent_size[-2:])
+        if h % self.patch or w % self.patch:
+            raise ValueError(f"A {h}x{w} latent is not tiled by the {self.family.title} transformer's "
+                             f"{self.patch}x{self.patch} patches: image sides must be multiples of "
+                             f"{self.patch * self.latent_factor} pixels.")
+
     def check_timestep(self, step: int, config_key: str) -> None:
         """Raise unless ``step`` is a timestep of the scheduler's training schedule (0 .. T-1)."""
         total = int(self.scheduler.config.num_train_timesteps)
