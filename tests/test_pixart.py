@@ -318,3 +318,9 @@ def test_the_pixart_config_reads_blocks_the_released_size_has():
     assert set(d.TRANSFORMER.BLOCKS) <= set(blocks) and d.TRANSFORMER.REFINE_BLOCKS[0] in blocks
     assert d.IMAGE_SIZE == PIXART_FAMILIES["pixart-sigma"].native_size and d.IMAGE_SIZE % 16 == 0
     assert 0 <= d.NOISE_STEP < 1000
+
+
+def test_a_latent_the_patches_do_not_tile_is_refused_with_the_image_multiple(pixart):
+    channels, multiple = pixart.vae.config.latent_channels, pixart.patch * pixart.latent_factor
+    with pytest.raises(ValueError, match=rf"8x5 latent is not tiled .* multiples of {multiple} pixels"):
+        pixart.denoise(torch.zeros(1, channels, 8, 5), STEP, pixart.empty_prompt_context())

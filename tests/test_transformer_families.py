@@ -274,3 +274,12 @@ def test_random_presets_are_the_released_transformers_with_text_encoders_of_the_
     pooled = sum(c.config.projection_dim if architecture == "sd3" else c.config.hidden_size for c in parts.clip_encoders)
     assert pooled == config.pooled_projection_dim
     assert parts.vae.config.latent_channels == 16 and len(parts.vae.config.block_out_channels) == 4
+
+
+def test_a_latent_the_patches_do_not_tile_is_refused_with_the_image_multiple(family):
+    """SD3's 2x2 patches and FLUX's 2x2 packing: a 16 x 13 latent (an image side not a multiple of 16 px) is
+    an error naming the sides and the pixel multiple, before the transformer runs."""
+    _, substrate, _ = family
+    with pytest.raises(ValueError, match=r"16x13 latent is not tiled .* multiples of 16 pixels"):
+        substrate.denoise(torch.zeros(1, 16, 16, 13), STEP, substrate.empty_prompt_context())
+    assert substrate.image_tokens((16, 12)) == 8 * 6
