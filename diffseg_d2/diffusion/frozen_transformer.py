@@ -40,7 +40,8 @@ from ..pretrained.tokens import find_subsequence
 from .prompts import ClassPrompts, build_class_prompts, build_joint_prompt
 from .substrate import FrozenDiffusion, PromptEmbeds
 
-__all__ = ["FrozenDiffusionTransformer", "PromptIds", "TextLayout", "encode_prompt_ids", "tokenize_prompts"]
+__all__ = ["FrozenDiffusionTransformer", "PromptIds", "TextLayout", "encode_prompt_ids", "text_layout_of",
+           "tokenize_prompts", "word_positions_in"]
 
 
 @dataclass(frozen=True)
@@ -125,10 +126,7 @@ class FrozenDiffusionTransformer(FrozenDiffusion):
 
     @property
     def text_layout(self) -> TextLayout:
-        clip, t5 = self.family.text_lengths(self.clip_tokenizers, self.t5_tokenizer)
-        segments = {"clip": slice(0, clip)} if clip else {}
-        segments["t5"] = slice(clip, clip + t5)
-        return TextLayout(clip + t5, segments, self.family.image_first)
+        return text_layout_of(self.family, self.clip_tokenizers, self.t5_tokenizer)
 
     @property
     def context_length(self) -> int:
@@ -198,14 +196,7 @@ class FrozenDiffusionTransformer(FrozenDiffusion):
     def word_positions(self, ids: PromptIds, row: int, word: str) -> Dict[str, List[int]]:
         """Positions within the text tokens (of ``text_layout``) of the first occurrence of ``word`` in prompt
         ``row``, per segment ("clip", "t5"); a segment where it does not occur is left out."""
-        tokenizers = {"clip": self.clip_tokenizers[0], "t5": self.t5_tokenizer}
-        out = {}
-        for name, segment in self.text_layout.segments.items():
-            word_ids = tokenizers[name](word, add_special_tokens=False).input_ids
-            start = find_subsequence(ids.sequence[row, segment].tolist(), word_ids)
-            if start >= 0:
-                out[name] = list(range(segment.start + start, segment.start + start + len(word_ids)))
-        return out
+        return word_positions_in(ids, row, word, self.family, self.clip_tokenizers, self.t5_tokenizer)
 
     @property
     def text_segments(self) -> Tuple[str, ...]:
@@ -373,6 +364,27 @@ class FrozenDiffusionTransformer(FrozenDiffusion):
                 velocity = free + guidance_scale * (cond - free)
             latents = scheduler.step(velocity, t, latents).prev_sample
         return self.decode_latents(latents)
+
+
+def text_layout_of(family, clip_tokenizers, t5_tokenizer) -> TextLayout:
+    """Where each encoder's tokens sit in ``family``'s text sequence for these tokenizers (see the module docstring)."""
+    clip, t5 = family.text_lengths(clip_tokenizers, t5_tokenizer)
+    segments = {"clip": slice(0, clip)} if clip else {}
+    segments["t5"] = slice(clip, clip + t5)
+    return TextLayout(clip + t5, segments, family.image_first)
+
+
+def word_positions_in(ids: PromptIds, row: int, word: str, family, clip_tokenizers, t5_tokenizer) -> Dict[str, List[int]]:
+    """Positions within the text tokens of the first occurrence of ``word`` in prompt ``row`` of ``ids``, per
+    segment ("clip": the first CLIP tokenizer's ids, "t5"); a segment where it does not occur is left out."""
+    tokenizers = {"clip": clip_tokenizers[0], "t5": t5_tokenizer}
+    out = {}
+    for name, segment in text_layout_of(family, clip_tokenizers, t5_tokenizer).segments.items():
+        word_ids = tokenizers[name](word, add_special_tokens=False).input_ids
+        start = find_subsequence(ids.sequence[row, segment].tolist(), word_ids)
+        if start >= 0:
+            out[name] = list(range(segment.start + start, segment.start + start + len(word_ids)))
+    return out
 
 
 def tokenize_prompts(family, clip_tokenizers, t5_tokenizer, prompts: Sequence[str], truncate: bool = False) -> PromptIds:

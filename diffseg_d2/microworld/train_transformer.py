@@ -34,15 +34,15 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..diffusion.frozen_transformer import PromptIds, encode_prompt_ids, tokenize_prompts
+from ..diffusion.frozen_transformer import encode_prompt_ids, tokenize_prompts, word_positions_in
 from ..diffusion.joint_attention import joint_attention_layers, sd3_query_key
-from ..diffusion.prompts import find_subsequence, token_mean_table
+from ..diffusion.prompts import token_mean_table
 from ..optional_imports import require
 from ..pretrained.diffusion_transformers import TRANSFORMER_FAMILIES, t5_word_tokenizer
 from ..pretrained.stable_diffusion import clip_text_encoder, write_clip_tokenizer
@@ -125,22 +125,6 @@ class AlignmentReader:
         return processor
 
 
-def word_positions(ids: PromptIds, row: int, words: Sequence[str], clip_tokenizer, t5_tok) -> List[Optional[List[int]]]:
-    """Per word: its token positions in the text sequence, CLIP then T5 segment (None when absent)."""
-    clip_len = ids.clip[0].shape[1]
-    sequence = ids.sequence[row].tolist()
-    out = []
-    for word in words:
-        positions = []
-        for tokenizer, segment in ((clip_tokenizer, slice(0, clip_len)), (t5_tok, slice(clip_len, len(sequence)))):
-            sub = tokenizer(word, add_special_tokens=False).input_ids
-            at = find_subsequence(sequence[segment], sub)
-            if at >= 0:
-                positions.append(list(range(segment.start + at, segment.start + at + len(sub))))
-        out.append(positions or None)
-    return out
-
-
 def build_parts(folder: Path, seed: int, vae_folder: Path):
     """Tokenizers (written into ``folder``), encoders and transformer with seeded random weights, the trained VAE."""
     diffusers = require("diffusers", "diffusers", "Training the micro diffusion transformer")
@@ -213,11 +197,9 @@ def train_micro_transformer(output: Path, settings: TransformerTrainingSettings,
             reader.requests, reader.maps = [], []
             for i in range(len(scenes)):
                 word_masks = {} if drop[i] else mentions[i][1]
-                words = list(word_masks)
-                found = word_positions(ids, i, words, clip_toks[0], t5_tok)
                 tables, targets = [], []
-                for word, positions in zip(words, found):
-                    for segment in positions or ():
+                for word in word_masks:  # the word's tokens in each segment (CLIP, T5) are read apart
+                    for segment in word_positions_in(ids, i, word, family, clip_toks, t5_tok).values():
                         tables.append(segment)
                         targets.append(word_masks[word])
                 if not tables:
