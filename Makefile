@@ -1,6 +1,6 @@
 # Two commands set up everything on a fresh machine with Python 3.11:
 #   make demo   - segment micro-world scenes and the bundled sample photo with the micro models (output/demo/)
-#   make test   - run the test-suite (653 tests, about 11-12 min on 2 idle cores; make test-fast: the 610 not marked slow, about 3 min)
+#   make test   - run the test-suite (656 tests, about 12-13 min on 2 idle cores; make test-fast: the 613 not marked slow, about 3.5 min)
 # Both create (or reuse) the virtual environment .venv/ in the checkout and install into it:
 # torch + torchvision (the registry's standard builds), detectron2 (tools/install_detectron2.py,
 # which keeps one that is already installed) and diffseg_d2 itself in editable mode.
